@@ -1,0 +1,1 @@
+"""Offline tools that write LazyMoE stores: Hugging Face conversion, demo models."""

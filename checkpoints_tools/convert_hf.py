@@ -1,0 +1,242 @@
+r"""Converts a Hugging Face MoE checkpoint folder into a LazyMoE store.
+
+  python -m checkpoints_tools.convert_hf --src=HF_DIR --dst=STORE_DIR [--expert_dtype=bf16]
+
+Streams tensor by tensor: memory holds about one layer's dense params plus one expert. The
+store is built in a sibling folder and moved into place only once its manifest is written,
+so an interrupted conversion never leaves something that looks like a store.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import tensorstore as ts
+from absl import app, flags
+from safetensors import safe_open
+
+from checkpoints_tools import hf_layout
+from lazymoe_jax import config as config_lib
+from lazymoe_jax.errors import CheckpointError, LazyMoEError
+from lazymoe_jax.store import dense as dense_store
+from lazymoe_jax.store import format as fmt
+
+EXPERT_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32",
+                 "float32": "float32", "f16": "float16", "float16": "float16"}
+TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "json"))
+
+
+class SafetensorsFolder:
+  """All tensors of a checkpoint folder (one file, or shards with an index json), by name."""
+
+  def __init__(self, src: str):
+    index = os.path.join(src, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(src, "*.safetensors")))
+    if not files:
+      raise CheckpointError(f"{src} has no *.safetensors files; give a Hugging Face model folder "
+                            "saved in safetensors format.")
+    self.handles = {}
+    self.where: dict[str, str] = {}
+    for name in files:
+      path = os.path.join(src, name)
+      if not os.path.exists(path):
+        raise CheckpointError(f"shard {path} listed in model.safetensors.index.json is missing.")
+      try:
+        h = safe_open(path, framework="numpy")
+      except Exception as e:  # safetensors raises its own error type for bad headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+      self.handles[name] = h
+      for key in h.keys():
+        self.where[key] = name
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+
+  def dtype(self, key: str) -> str:
+    return self.handles[self.where[key]].get_slice(key).get_dtype()
+
+  def get(self, key: str) -> np.ndarray:
+    return self.handles[self.where[key]].get_tensor(key)
+
+
+def _plan(cfg: config_lib.MoEConfig):
+  """[(part name, {param: [hf names]}, {expert tensor: [hf templates]} or None)] per part."""
+  parts = [("globals", hf_layout.globals_names(cfg), None)]
+  for layer in range(cfg.num_hidden_layers):
+    experts = (hf_layout.expert_names(cfg, layer)
+               if cfg.mlp_layer_types[layer] == config_lib.MOE else None)
+    parts.append((f"layer_{layer:03d}", hf_layout.layer_names(cfg, layer), experts))
+  return parts
+
+
+def _validate(cfg, folder: SafetensorsFolder, plan) -> None:
+  """Every expected tensor present with the right shape, nothing unexpected. Reads no data."""
+  shapes = hf_layout.piece_shapes(cfg)
+  expected: dict[str, tuple[int, ...]] = {}
+  for _, dense, experts in plan:
+    for param, names in dense.items():
+      expected |= dict(zip(names, shapes[param]))
+    for param, templates in (experts or {}).items():
+      for e in range(cfg.num_experts):
+        expected |= dict(zip((t.format(e=e) for t in templates), shapes["expert_" + param]))
+  present = set(folder.where)
+  missing = sorted(set(expected) - present)
+  ignorable = {k for k in present if k.endswith(hf_layout.IGNORED_SUFFIXES)}
+  if cfg.tie_word_embeddings:
+    ignorable.add("lm_head.weight")  # some exporters write the tied head anyway
+  unexpected = sorted(present - set(expected) - ignorable)
+  if missing:
+    raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) that a {cfg.model_type} "
+                          f"model with this config.json needs, e.g. {missing[:5]}.")
+  if unexpected:
+    raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) that a {cfg.model_type} "
+                          f"model with this config.json does not use, e.g. {unexpected[:5]}; "
+                          "the config and the weights do not match.")
+  for name, shape in expected.items():
+    got = folder.shape(name)
+    if got != shape:
+      raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(shape)} from "
+                            "config.json.")
+
+
+def _gather(folder: SafetensorsFolder, names: list[str], dtype=None) -> np.ndarray:
+  pieces = [folder.get(n) for n in names]
+  out = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+  return np.ascontiguousarray(out if dtype is None else out.astype(dtype))
+
+
+def _tokenizer(src: str, dst: str, hf: dict, log: Callable[[str], None]) -> dict | None:
+  tok_cfg = {}
+  if os.path.exists(os.path.join(src, "tokenizer_config.json")):
+    with open(os.path.join(src, "tokenizer_config.json")) as f:
+      tok_cfg = json.load(f)
+  for name, kind in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+      add_bos = tok_cfg.get("add_bos_token", kind == "sentencepiece" and
+                            hf.get("bos_token_id") is not None)
+      return {"kind": kind, "file": name, "add_bos": bool(add_bos)}
+  log("WARNING: no tokenizer.model or tokenizer.json in the source folder; the store works on "
+      "token ids only.")
+  return None
+
+
+def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool = False,
+            log: Callable[[str], None] = print) -> dict:
+  """Converts HF folder `src` into a store at `dst`; returns the manifest."""
+  cfg_path = os.path.join(src, "config.json")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{cfg_path} not found: --src must be a Hugging Face model folder "
+                          "(config.json plus *.safetensors).")
+  with open(cfg_path) as f:
+    hf = json.load(f)
+  cfg = config_lib.from_hf(hf)
+  if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
+    raise CheckpointError(f"--expert_dtype={expert_dtype!r} is not supported now; choose one of "
+                          f"{sorted(EXPERT_DTYPES)} (int8/int4 arrive with the kernel work).")
+  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)) and not overwrite:
+    raise CheckpointError(f"destination {dst} exists and is not empty; pass --overwrite to "
+                          "replace it.")
+  folder = SafetensorsFolder(src)
+  plan = _plan(cfg)
+  _validate(cfg, folder, plan)
+
+  moe_layers = list(cfg.moe_layers)
+  first = hf_layout.expert_names(cfg, moe_layers[0])["w_gate_up"][0].format(e=0)
+  src_dtype = str(folder.get(first).dtype)
+  stored = EXPERT_DTYPES[expert_dtype] if expert_dtype else src_dtype
+  if stored not in EXPERT_DTYPES.values():
+    raise CheckpointError(f"expert tensors are {src_dtype}; supported: "
+                          f"{sorted(set(EXPERT_DTYPES.values()))}.")
+  np_dtype = fmt.numpy_dtype(stored)
+
+  dst = os.path.abspath(dst)
+  tmp = f"{dst}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(os.path.join(tmp, fmt.DENSE_DIR))
+  try:
+    shapes = fmt.expert_shapes(cfg)
+    arrays, tensors = {}, {}
+    for name, (rows, cols) in shapes.items():
+      shape = (len(moe_layers), cfg.num_experts, rows, cols)
+      path = os.path.join(fmt.EXPERTS_DIR, name)
+      arrays[name] = ts.open(fmt.zarr3_spec(os.path.join(tmp, path), shape, stored),
+                             create=True).result()
+      tensors[name] = {"path": path, "shape": list(shape), "dtype": stored, "encoding": stored}
+    crc = {name: [] for name in shapes}
+    t0, nbytes = time.perf_counter(), 0
+    for part, dense, experts in plan:
+      tree = {param: _gather(folder, names) for param, names in dense.items()}
+      dense_store.save_part(tmp, part, tree)
+      nbytes += sum(a.nbytes for a in tree.values())
+      if experts is None:
+        continue
+      row = len(crc["w_gate_up"])
+      for name in shapes:
+        crc[name].append([])
+      for e in range(cfg.num_experts):
+        for name, templates in experts.items():
+          data = _gather(folder, [t.format(e=e) for t in templates], np_dtype)
+          arrays[name][row, e].write(data).result()
+          crc[name][row].append(zlib.crc32(data))
+          nbytes += data.nbytes
+      log(f"{part}: {cfg.num_experts} experts written, {nbytes / 2**20:.1f} MiB so far, "
+          f"{time.perf_counter() - t0:.1f} s")
+    manifest = {
+        "format": fmt.FORMAT, "version": fmt.VERSION,
+        "config": cfg.to_dict(), "hf_config": hf,
+        "dense": {"dir": fmt.DENSE_DIR, "parts": [p for p, _, _ in plan]},
+        "experts": {"layers": moe_layers, "tensors": tensors, "checksum": "crc32", "crc32": crc},
+        "tokenizer": _tokenizer(src, tmp, hf, log),
+        "source": {"path": os.path.abspath(src), "expert_dtype": src_dtype},
+    }
+    fmt.write_manifest(tmp, manifest)  # last: only now is the store valid
+    if os.path.exists(dst):
+      old = f"{dst}.old-{os.getpid()}"
+      os.rename(dst, old)
+      os.rename(tmp, dst)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  log(f"store written to {dst}: {nbytes / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
+  return manifest
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("src", None, "Hugging Face model folder (config.json + *.safetensors).")
+  flags.DEFINE_string("dst", None, "Store folder to write.")
+  flags.DEFINE_string("expert_dtype", None, "Re-encode experts: bf16 | f32 | f16 (default: keep).")
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty destination.")
+  flags.mark_flags_as_required(["src", "dst"])
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    convert(FLAGS.src, FLAGS.dst, FLAGS.expert_dtype, FLAGS.overwrite)
+  except LazyMoEError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

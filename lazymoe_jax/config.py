@@ -1,0 +1,240 @@
+"""Frozen model configs, one per architecture family, built from Hugging Face config.json.
+
+Every family fills the same normalised fields (names as in HF config.json where HF has them);
+what differs between families is explicit data (`qk_norm`, `shared_expert_intermediate_size`,
+per-layer `layer_types` and `mlp_layer_types`), never a check on the model's name.
+Configs are hashable so jitted functions can take them as static arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from lazymoe_jax.errors import UnsupportedModelError
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+MOE = "moe"
+DENSE_MLP = "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Normalised decoder-only MoE config (shared by every family)."""
+
+  model_type: str
+  vocab_size: int
+  hidden_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  moe_intermediate_size: int  # routed expert FFN width
+  num_experts: int
+  num_experts_per_tok: int
+  norm_topk_prob: bool
+  rms_norm_eps: float
+  rope_theta: float
+  max_position_embeddings: int
+  tie_word_embeddings: bool = False
+  intermediate_size: int = 0  # dense-MLP width, for layers in `mlp_layer_types` == "dense"
+  shared_expert_intermediate_size: int = 0  # 0: no shared expert
+  attention_bias: bool = False  # bias on q, k, v projections
+  o_proj_bias: bool = False
+  qk_norm: str = "none"  # "none" | "head" (RMSNorm over head_dim) | "proj" (over the projection)
+  clip_qkv: float | None = None
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer
+  mlp_layer_types: tuple[str, ...] = ()  # MOE or DENSE_MLP per layer
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+
+  family: ClassVar[str] = ""
+
+  # ---- derived -----------------------------------------------------------------------------
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    return tuple(i for i, t in enumerate(self.mlp_layer_types) if t == MOE)
+
+  def window(self, layer: int) -> int | None:
+    return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "MoEConfig":
+    """Inverse of `to_dict` (used for the manifest)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+    return family_class(d["model_type"])(**kw)
+
+  # ---- shared parsing ------------------------------------------------------------------------
+  @classmethod
+  def _common(cls, hf: dict[str, Any]) -> dict[str, Any]:
+    """Fields every family reads the same way. Unknown keys are ignored."""
+    _require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+      raise UnsupportedModelError(
+          f"hidden_act={act!r} is not supported; only SwiGLU experts (silu) are implemented.")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return dict(
+        model_type=cls.family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(hf),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos,
+    )
+
+
+def _require(hf: dict[str, Any], *keys: str) -> None:
+  missing = [k for k in keys if k not in hf]
+  if missing:
+    raise UnsupportedModelError(f"config.json lacks required keys {missing}.")
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+  """Plain RoPE only; any scaling is refused rather than silently computed wrong."""
+  params = hf.get("rope_parameters")
+  scaling = hf.get("rope_scaling")
+  if params is None and scaling is not None:
+    params = dict(scaling, rope_theta=hf.get("rope_theta", 10000.0))
+  params = params or {"rope_theta": hf.get("rope_theta", 10000.0)}
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind != "default":
+    raise UnsupportedModelError(
+        f"rope scaling type {kind!r} is not supported (supported: 'default', i.e. plain RoPE). "
+        "Remove rope_scaling from config.json only if the model was trained without it.")
+  if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise UnsupportedModelError("partial_rotary_factor != 1 is not supported.")
+  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _sparse_layer_types(hf: dict[str, Any], n: int) -> tuple[str, ...]:
+  """Qwen/OLMoE rule: `mlp_only_layers` and `decoder_sparse_step` pick the dense-MLP layers."""
+  only = set(hf.get("mlp_only_layers") or [])
+  step = hf.get("decoder_sparse_step", 1) or 1
+  return tuple(MOE if (i not in only and (i + 1) % step == 0) else DENSE_MLP for i in range(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtralConfig(MoEConfig):
+  """Mixtral: softmax top-k renormalised; one sliding window for all layers when set."""
+
+  family: ClassVar[str] = "mixtral"
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "MixtralConfig":
+    c = cls._common(hf)
+    _require(hf, "intermediate_size", "num_local_experts", "num_experts_per_tok")
+    n = hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    return cls(**c, moe_intermediate_size=hf["intermediate_size"],
+               num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+               norm_topk_prob=True, sliding_window=window,
+               layer_types=(SLIDING if window else FULL,) * n, mlp_layer_types=(MOE,) * n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2MoeConfig(MoEConfig):
+  """Qwen2-MoE: qkv bias, shared expert behind a sigmoid gate, `norm_topk_prob`."""
+
+  family: ClassVar[str] = "qwen2_moe"
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "Qwen2MoeConfig":
+    c = cls._common(hf)
+    _require(hf, "moe_intermediate_size", "num_experts", "num_experts_per_tok")
+    n = hf["num_hidden_layers"]
+    use_sw = bool(hf.get("use_sliding_window", False))
+    layer_types = hf.get("layer_types") or [
+        SLIDING if (use_sw and (i + 1) % 2 and i < hf.get("max_window_layers", n)) else FULL
+        for i in range(n)]
+    return cls(**c, moe_intermediate_size=hf["moe_intermediate_size"],
+               num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+               norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+               intermediate_size=hf.get("intermediate_size", 0),
+               shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
+               attention_bias=bool(hf.get("qkv_bias", True)),
+               sliding_window=hf.get("sliding_window") if use_sw else None,
+               layer_types=tuple(layer_types), mlp_layer_types=_sparse_layer_types(hf, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3MoeConfig(MoEConfig):
+  """Qwen3-MoE: RMSNorm on q and k per head, `norm_topk_prob`, no shared expert."""
+
+  family: ClassVar[str] = "qwen3_moe"
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "Qwen3MoeConfig":
+    c = cls._common(hf)
+    _require(hf, "moe_intermediate_size", "num_experts", "num_experts_per_tok")
+    n = hf["num_hidden_layers"]
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    bias = bool(hf.get("attention_bias", False))
+    return cls(**c, moe_intermediate_size=hf["moe_intermediate_size"],
+               num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+               norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+               intermediate_size=hf.get("intermediate_size", 0),
+               attention_bias=bias, o_proj_bias=bias, qk_norm="head", sliding_window=window,
+               layer_types=(SLIDING if window else FULL,) * n,
+               mlp_layer_types=_sparse_layer_types(hf, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class OlmoeConfig(MoEConfig):
+  """OLMoE: RMSNorm on the whole q and k projections, optional `clip_qkv`."""
+
+  family: ClassVar[str] = "olmoe"
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "OlmoeConfig":
+    c = cls._common(hf)
+    _require(hf, "intermediate_size", "num_experts", "num_experts_per_tok")
+    n = hf["num_hidden_layers"]
+    bias = bool(hf.get("attention_bias", False))
+    return cls(**c, moe_intermediate_size=hf["intermediate_size"],
+               num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+               norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+               attention_bias=bias, o_proj_bias=bias, qk_norm="proj", clip_qkv=hf.get("clip_qkv"),
+               layer_types=(FULL,) * n, mlp_layer_types=(MOE,) * n)
+
+
+FAMILIES: dict[str, type[MoEConfig]] = {
+    c.family: c for c in (MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig)}
+ALIASES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+def family_class(model_type: str) -> type[MoEConfig]:
+  name = ALIASES.get(model_type, model_type)
+  if name not in FAMILIES:
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}.")
+  return FAMILIES[name]
+
+
+def from_hf(hf: dict[str, Any]) -> MoEConfig:
+  """Builds the family config from a parsed HF config.json."""
+  if "model_type" not in hf:
+    raise UnsupportedModelError(
+        "config.json has no model_type; supported: " + ", ".join(sorted(FAMILIES)) + ".")
+  cfg = family_class(hf["model_type"]).from_hf(hf)
+  if cfg.num_experts_per_tok > cfg.num_experts or cfg.num_experts < 1:
+    raise UnsupportedModelError(
+        f"num_experts_per_tok={cfg.num_experts_per_tok} with num_experts={cfg.num_experts}.")
+  return cfg

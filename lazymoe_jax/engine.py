@@ -1,0 +1,205 @@
+"""The engine: dense params in memory, routed experts through the slot pool, decode/prefill loop.
+
+Per layer: a jitted attention+router program, then on the host the expert ids are mapped to
+pool slots (misses read from disk), then a jitted expert program. Prefill groups the prompt's
+tokens by expert so that each selected expert is read once per layer for the whole prompt, in
+waves when the pool is smaller than the set of experts the prompt needs.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lazymoe_jax import tokenizer as tokenizer_lib
+from lazymoe_jax.config import DENSE_MLP, MoEConfig
+from lazymoe_jax.errors import LazyMoEError, PlanError
+from lazymoe_jax.kv import dense as kv_dense
+from lazymoe_jax.model import steps
+from lazymoe_jax.sampling import Sampler
+from lazymoe_jax.store import dense as dense_store
+from lazymoe_jax.store import format as fmt
+from lazymoe_jax.store.experts import ExpertStore
+from lazymoe_jax.store.pool import ExpertPool
+
+KV_ROUND = 256  # cache capacity granularity: few distinct shapes, few compilations
+DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much of free RAM
+
+
+def _bucket(n: int, minimum: int) -> int:
+  """Next power of two >= max(n, minimum): bounds the number of compiled shapes."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _available_ram() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 8 << 30
+
+
+class Engine:
+  """A loaded store. Build with `lazymoe_jax.load`."""
+
+  def __init__(self, store_dir: str, expert_slots: int | None = None,
+               memory_budget_gb: float | None = None, kv_bits: int | None = None):
+    if memory_budget_gb is not None:
+      raise LazyMoEError("memory_budget_gb planning is not implemented yet; size the expert "
+                         "pool with expert_slots=N instead.")
+    if kv_bits is not None:
+      raise LazyMoEError("kv_bits (TurboQuant KV cache) is not implemented yet; leave it unset.")
+    self.store_dir = store_dir
+    self.manifest = fmt.read_manifest(store_dir)
+    self.cfg: MoEConfig = MoEConfig.from_dict(self.manifest["config"])
+    cfg = self.cfg
+    self.experts = ExpertStore(store_dir, self.manifest)
+    parts = dense_store.load_parts(store_dir, fmt.dense_part_names(cfg))
+    self.globals = jax.device_put(parts.pop("globals"))
+    self.layers = [jax.device_put(parts[f"layer_{i:03d}"]) for i in range(cfg.num_hidden_layers)]
+    self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((self.globals, self.layers)))
+    total = len(self.experts.layers) * cfg.num_experts
+    if expert_slots is None:
+      fit = int(_available_ram() * DEFAULT_RAM_FRACTION) // self.experts.bytes_per_expert
+      expert_slots = max(cfg.num_experts_per_tok, min(total, fit))
+    self.pool = ExpertPool(self.experts, min(expert_slots, total) if total else expert_slots,
+                           cfg.num_experts_per_tok)
+    self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
+                                        cfg.bos_token_id)
+    self.eos_ids = set(cfg.eos_token_ids)
+    self._kv_bytes = 0
+    self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+
+  # ---- public API ------------------------------------------------------------------------------
+  def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+    """Teacher-forced logits float32 [len(token_ids), vocab] with a fresh cache."""
+    tokens = self._check_tokens(token_ids)
+    cache = self._new_cache(_bucket(len(tokens), 8))
+    t0 = time.perf_counter()
+    x, cache = self._forward(tokens, 0, cache)
+    out = np.asarray(steps.head(self.cfg, self.globals, x))[:len(tokens)]
+    self._last = {"prompt_tokens_per_s": len(tokens) / (time.perf_counter() - t0),
+                  "decode_tokens_per_s": 0.0}
+    return out
+
+  def generate(self, token_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+    """The new tokens only; stops early only at the tokenizer's eos."""
+    return list(self.stream(token_ids, max_new_tokens, Sampler(temperature, top_p, top_k, seed)))
+
+  def stream(self, token_ids: Sequence[int], max_new_tokens: int,
+             sampler: Sampler = Sampler()) -> Iterator[int]:
+    """Yields new tokens one by one as they are decoded."""
+    tokens = self._check_tokens(token_ids)
+    if max_new_tokens < 0:
+      raise ValueError("max_new_tokens must be >= 0")
+    n = len(tokens)
+    cache = self._new_cache(max(_bucket(n, 8), n + max_new_tokens))
+    self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+    if max_new_tokens == 0:
+      return
+    t0 = time.perf_counter()
+    x, cache = self._forward(tokens, 0, cache)
+    logits = np.asarray(steps.head(self.cfg, self.globals, x[n - 1:n]))[0]
+    t1 = time.perf_counter()
+    self._last["prompt_tokens_per_s"] = n / (t1 - t0)
+    for step in range(max_new_tokens):
+      tok = sampler(logits, step)
+      yield tok
+      if tok in self.eos_ids or step == max_new_tokens - 1:
+        break
+      x, cache = self._forward(np.array([tok], np.int32), n + step, cache)
+      logits = np.asarray(steps.head(self.cfg, self.globals, x))[0]
+      self._last["decode_tokens_per_s"] = (step + 1) / (time.perf_counter() - t1)
+
+  def stats(self) -> dict:
+    return {
+        "expert_hits": self.pool.hits,
+        "expert_misses": self.pool.misses,
+        "bytes_read": self.pool.bytes_read,
+        "kv_cache_bytes": self._kv_bytes,
+        "pool_slots": self.pool.num_slots,
+        "pool_bytes": self.pool.nbytes,
+        "pool_zero_copy": self.pool.zero_copy,
+        "dense_bytes": self.dense_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **self._last,
+    }
+
+  # ---- internals -------------------------------------------------------------------------------
+  def _check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
+    tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if tokens.size == 0:
+      raise ValueError("token_ids is empty: give at least one token.")
+    if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
+      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got "
+                       f"[{tokens.min()}, {tokens.max()}].")
+    return tokens.astype(np.int32)
+
+  def _new_cache(self, needed: int) -> list[dict]:
+    capacity = -(-needed // KV_ROUND) * KV_ROUND
+    cache = kv_dense.init(self.cfg, capacity)
+    self._kv_bytes = kv_dense.nbytes(cache)
+    return cache
+
+  def _forward(self, tokens: np.ndarray, start: int, cache: list[dict]):
+    """Runs tokens at positions start.. through every layer. Returns (x [Tb, H], cache)."""
+    cfg = self.cfg
+    n = len(tokens)
+    tb = 1 if n == 1 else _bucket(n, 8)
+    if start + tb > cache[0]["v"].shape[1]:
+      raise PlanError(f"KV cache too small for {start + tb} positions.")
+    padded = np.zeros(tb, np.int32)
+    padded[:n] = tokens
+    pos = jnp.asarray(start + np.arange(tb, dtype=np.int32))
+    x = steps.embed(cfg, self.globals, jnp.asarray(padded))
+    for layer, p in enumerate(self.layers):
+      window = cfg.window(layer)
+      if cfg.mlp_layer_types[layer] == DENSE_MLP:
+        x, cache[layer] = steps.dense_layer(cfg, window, p, x, pos, cache[layer])
+        continue
+      h, xn, ids, weights, cache[layer] = steps.attn_router(cfg, window, p, x, pos, cache[layer])
+      ids = np.asarray(ids)[:n]  # waits for this layer's router, hence for all earlier work
+      if n == 1:
+        slots = self.pool.acquire(layer, ids[0])
+        x = steps.moe_decode(cfg, p, h, xn, weights, tuple(self.pool.arrays(s) for s in slots))
+      else:
+        x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
+    return x, cache
+
+  def _moe_grouped(self, layer: int, p: dict, h, xn, ids: np.ndarray, weights: np.ndarray):
+    """Prefill MoE: each expert picked by any token is read once and applied to its tokens.
+
+    Experts are applied in ascending id order whatever the pool size, so results are
+    bit-identical between a minimal pool and an all-resident one.
+    """
+    experts = np.unique(ids)
+    acc = jnp.zeros(xn.shape, jnp.float32)
+    for w0 in range(0, len(experts), self.pool.num_slots):
+      wave = experts[w0:w0 + self.pool.num_slots]
+      slots = self.pool.acquire(layer, wave)
+      for e, slot in zip(wave, slots):
+        tok, kpos = np.nonzero(ids == e)
+        b = _bucket(len(tok), 2)
+        idx = np.zeros(b, np.int32)
+        idx[:len(tok)] = tok
+        w = np.zeros(b, np.float32)
+        w[:len(tok)] = weights[tok, kpos]
+        acc = steps.expert_scatter_add(acc, xn, idx, w, *self.pool.arrays(slot))
+      acc.block_until_ready()  # the next wave may refill these slots
+    return steps.moe_finish(self.cfg, p, h, xn, acc)
+
+
+def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,
+         kv_bits: int | None = None) -> Engine:
+  """Opens a converted store. See `Engine` for the API."""
+  return Engine(store_dir, expert_slots=expert_slots, memory_budget_gb=memory_budget_gb,
+                kv_bits=kv_bits)

@@ -1,0 +1,1 @@
+"""KV caches: pytrees plus pure functions (init / update / attend)."""

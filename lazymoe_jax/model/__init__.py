@@ -1,0 +1,1 @@
+"""Model math: pure jitted functions over parameter pytrees. No files, no flags."""

@@ -1,0 +1,71 @@
+"""Building blocks: norms, RoPE, linear layers, attention, SwiGLU experts.
+
+Weights are [out, in] as Hugging Face stores them; products keep the weight as the left
+operand and accumulate in float32. Legend: T = tokens, H = hidden, I = expert width.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lazymoe_jax.config import MoEConfig
+from lazymoe_jax.kv import dense as kv_dense
+
+F32 = jnp.float32
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  x = x.astype(F32)
+  return w.astype(F32) * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps))
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+  """x [T, in] @ w[out, in]^T (+ b) -> [T, out] in float32."""
+  y = jax.lax.dot_general(x.astype(F32), w.astype(F32), (((1,), (1,)), ((), ())),
+                          preferred_element_type=F32)
+  return y if b is None else y + b.astype(F32)
+
+
+def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF "rotate_half" convention. x [T, heads, D], pos [T]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=F32) / d))
+  freqs = pos.astype(F32)[:, None] * inv_freq[None, :]  # [T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [T, 1, D]
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * jnp.cos(emb) + rotated * jnp.sin(emb)
+
+
+def attention(cfg: MoEConfig, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
+              window: int | None) -> tuple[jax.Array, dict]:
+  """Self-attention of x [T, H] at positions pos [T]; writes k, v into the cache first."""
+  t = x.shape[0]
+  hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  q = linear(x, p["wq"], p.get("bq"))  # [T, hq*D]
+  k = linear(x, p["wk"], p.get("bk"))  # [T, hk*D]
+  v = linear(x, p["wv"], p.get("bv"))
+  if cfg.qk_norm == "proj":  # OLMoE: norm over the whole projection
+    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+  if cfg.clip_qkv is not None:
+    q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+  q, k, v = q.reshape(t, hq, d), k.reshape(t, hk, d), v.reshape(t, hk, d)
+  if cfg.qk_norm == "head":  # Qwen3: norm per head
+    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+  q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
+  cache = kv_dense.update(cache, k, v, pos[0])
+  o = kv_dense.attend(cache, q, pos, window, d ** -0.5)  # [T, hq, D]
+  return linear(o.reshape(t, hq * d), p["wo"], p.get("bo")), cache
+
+
+def swiglu(w_gate_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:
+  """One SwiGLU FFN: gate and up fused as w_gate_up [2I, H], w_down [H, I]; x [T, H] -> [T, H]."""
+  i = w_down.shape[1]
+  # Upcast: exact for f32 stores; the fast low-precision forms come with the kernel issue.
+  gu = jax.lax.dot_general(w_gate_up.astype(F32), x.astype(F32), (((1,), (1,)), ((), ())),
+                           preferred_element_type=F32)  # [2I, T]
+  h = jax.nn.silu(gu[:i]) * gu[i:]  # [I, T]
+  out = jax.lax.dot_general(w_down.astype(F32), h, (((1,), (0,)), ((), ())),
+                            preferred_element_type=F32)  # [H, T]
+  return out.T

@@ -1,0 +1,83 @@
+"""The jitted programs the engine runs, cut at the router boundary.
+
+A decode or prefill pass over one layer is: `attn_router` (or `dense_layer` for layers
+without experts) -> host maps expert ids to pool slots, reading misses from disk ->
+`moe_decode` (one token, its k experts fused) or `expert_scatter_add` per expert then
+`moe_finish` (prefill, tokens grouped by expert). The same compiled program serves every
+layer of the same shape: layer indices are never static arguments.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lazymoe_jax.config import MoEConfig
+from lazymoe_jax.model import layers
+from lazymoe_jax.model.routers import route
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def embed(cfg: MoEConfig, g: dict, ids: jax.Array) -> jax.Array:
+  del cfg
+  return jnp.take(g["embed"], ids, axis=0).astype(jnp.float32)  # [T, H]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def head(cfg: MoEConfig, g: dict, x: jax.Array) -> jax.Array:
+  w = g["embed"] if cfg.tie_word_embeddings else g["lm_head"]
+  return layers.linear(layers.rms_norm(x, g["final_norm"], cfg.rms_norm_eps), w)  # [T, V]
+
+
+def _attention_residual(cfg, window, p, x, pos, cache):
+  a, cache = layers.attention(cfg, p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps),
+                              pos, cache, window)
+  h = x + a
+  return h, layers.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("cache",))
+def attn_router(cfg: MoEConfig, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
+                cache: dict):
+  """Attention + residual + norm + router. Returns h, xn [T, H], ids/weights [T, k], cache."""
+  h, xn, cache = _attention_residual(cfg, window, p, x, pos, cache)
+  ids, weights = route(cfg, layers.linear(xn, p["router"]))
+  return h, xn, ids, weights, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("cache",))
+def dense_layer(cfg: MoEConfig, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
+                cache: dict):
+  """A whole layer whose MLP is dense (Qwen `mlp_only_layers`)."""
+  h, xn, cache = _attention_residual(cfg, window, p, x, pos, cache)
+  return h + layers.swiglu(p["w_gate_up"], p["w_down"], xn), cache
+
+
+def _shared(cfg: MoEConfig, p: dict, xn: jax.Array) -> jax.Array:
+  if not cfg.shared_expert_intermediate_size:
+    return jnp.zeros_like(xn)
+  gate = jax.nn.sigmoid(layers.linear(xn, p["shared_gate"]))  # [T, 1]
+  return gate * layers.swiglu(p["shared_w_gate_up"], p["shared_w_down"], xn)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def moe_decode(cfg: MoEConfig, p: dict, h: jax.Array, xn: jax.Array, weights: jax.Array,
+               slots: tuple) -> jax.Array:
+  """One token: slots[j] = (w_gate_up, w_down) of its j-th expert; weights [1, k]."""
+  routed = jnp.zeros_like(xn)
+  for j, (w_gu, w_d) in enumerate(slots):
+    routed = routed + weights[:, j:j + 1] * layers.swiglu(w_gu, w_d, xn)
+  return h + (routed + _shared(cfg, p, xn))
+
+
+@functools.partial(jax.jit, donate_argnames=("acc",))
+def expert_scatter_add(acc: jax.Array, xn: jax.Array, idx: jax.Array, w: jax.Array,
+                       w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """acc[idx] += w * expert(xn[idx]). idx, w [B] are padded with weight 0 to a bucket size."""
+  y = layers.swiglu(w_gate_up, w_down, jnp.take(xn, idx, axis=0)) * w[:, None]
+  return acc.at[idx].add(y)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def moe_finish(cfg: MoEConfig, p: dict, h: jax.Array, xn: jax.Array, routed: jax.Array):
+  return h + (routed + _shared(cfg, p, xn))

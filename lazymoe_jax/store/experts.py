@@ -1,0 +1,64 @@
+"""Reads one routed expert of one layer from the tensorstore arrays into caller buffers."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import tensorstore as ts
+
+from lazymoe_jax.errors import StoreError
+from lazymoe_jax.store import format as fmt
+
+
+class ExpertStore:
+  """Handles to the expert arrays; knows shapes and bytes without reading any data."""
+
+  def __init__(self, store_dir: str, manifest: dict):
+    self.store_dir = store_dir
+    ex = manifest["experts"]
+    self.layers: list[int] = list(ex["layers"])  # model layer index of each array row
+    self.row = {layer: r for r, layer in enumerate(self.layers)}
+    self.crc32 = {name: ex["crc32"][name] for name in fmt.EXPERT_TENSORS}
+    self.specs = ex["tensors"]
+    self.dtypes = {n: fmt.numpy_dtype(s["dtype"]) for n, s in self.specs.items()}
+    self.shapes = {n: tuple(s["shape"][2:]) for n, s in self.specs.items()}
+    self.nbytes = {n: int(np.prod(self.shapes[n])) * self.dtypes[n].itemsize for n in self.specs}
+    self.bytes_per_expert = sum(self.nbytes.values())
+    self.arrays = {}
+    for name, spec in self.specs.items():
+      path = os.path.join(store_dir, spec["path"])
+      try:
+        arr = ts.open(fmt.zarr3_spec(path), open=True, read=True).result()
+      except Exception as e:  # tensorstore raises ValueError subclasses with its own text
+        raise StoreError(f"expert array {path} cannot be opened ({e}); the store is incomplete "
+                         "or damaged: re-convert with --overwrite.") from e
+      if tuple(arr.shape) != tuple(spec["shape"]):
+        raise StoreError(f"expert array {path} has shape {arr.shape}, manifest says "
+                         f"{spec['shape']}; re-convert with --overwrite.")
+      self.arrays[name] = arr
+
+  def read_into(self, layer: int, expert: int, buffers: dict[str, np.ndarray]) -> int:
+    """Reads expert `expert` of model layer `layer` into `buffers`; returns bytes read.
+
+    All tensors of the expert are requested at once (tensorstore reads them concurrently),
+    then each chunk is checked against the crc32 recorded at conversion.
+    """
+    row = self.row[layer]
+    futures = {}
+    for name, arr in self.arrays.items():
+      target = ts.array(buffers[name], copy=False, write=True)
+      futures[name] = target.write(arr[row, expert])
+    for name, fut in futures.items():
+      path = fmt.chunk_path(self.store_dir, name, row, expert)
+      try:
+        fut.result()
+      except Exception as e:
+        raise StoreError(f"reading expert {expert} of layer {layer} failed at {path}: {e}. "
+                         "The store is damaged: re-convert with --overwrite.") from e
+      if zlib.crc32(buffers[name]) != self.crc32[name][row][expert]:
+        state = "missing" if not os.path.exists(path) else "corrupt"
+        raise StoreError(f"expert chunk {path} is {state} (crc32 mismatch for expert {expert} of "
+                         f"layer {layer}); re-convert the model with --overwrite.")
+    return self.bytes_per_expert
