@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tensorstore as ts
-from absl import app, flags
+from absl import app, flags, logging
 from safetensors import safe_open
 
 from checkpoints_tools import hf_layout
@@ -231,6 +231,8 @@ def define_flags() -> None:
 
 def main(argv) -> None:
   del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     convert(FLAGS.src, FLAGS.dst, FLAGS.expert_dtype, FLAGS.overwrite)
   except LazyMoEError as e:

@@ -4,6 +4,7 @@
     engine.logits(ids); engine.generate(ids, max_new_tokens); engine.stats()
 """
 
+from lazymoe_jax import tokenizer
 from lazymoe_jax.engine import Engine, load
 from lazymoe_jax.errors import (CheckpointError, LazyMoEError, PlanError, StoreError,
                                 TokenizerMissingError, UnsupportedModelError)

@@ -101,6 +101,21 @@ class MoEConfig:
     )
 
 
+# Some keys have two spellings in the wild (transformers 5 writes `num_local_experts` for
+# Qwen3-MoE, published configs say `num_experts`); copy the other spelling in before parsing.
+KEY_ALIASES = (("num_experts", "num_local_experts"),)
+
+
+def _with_aliases(hf: dict[str, Any]) -> dict[str, Any]:
+  hf = dict(hf)
+  for a, b in KEY_ALIASES:
+    if a in hf and b not in hf:
+      hf[b] = hf[a]
+    elif b in hf and a not in hf:
+      hf[a] = hf[b]
+  return hf
+
+
 def _require(hf: dict[str, Any], *keys: str) -> None:
   missing = [k for k in keys if k not in hf]
   if missing:
@@ -233,7 +248,7 @@ def from_hf(hf: dict[str, Any]) -> MoEConfig:
   if "model_type" not in hf:
     raise UnsupportedModelError(
         "config.json has no model_type; supported: " + ", ".join(sorted(FAMILIES)) + ".")
-  cfg = family_class(hf["model_type"]).from_hf(hf)
+  cfg = family_class(hf["model_type"]).from_hf(_with_aliases(hf))
   if cfg.num_experts_per_tok > cfg.num_experts or cfg.num_experts < 1:
     raise UnsupportedModelError(
         f"num_experts_per_tok={cfg.num_experts_per_tok} with num_experts={cfg.num_experts}.")

@@ -110,7 +110,8 @@ class Engine:
     x, cache = self._forward(tokens, 0, cache)
     logits = np.asarray(steps.head(self.cfg, self.globals, x[n - 1:n]))[0]
     t1 = time.perf_counter()
-    self._last["prompt_tokens_per_s"] = n / (t1 - t0)
+    self._last["prompt_tokens_per_s"] = n / (t1 - t0)  # includes compiling a new prompt shape
+    t_steady = None  # decode speed excludes the first step, which compiles the programs
     for step in range(max_new_tokens):
       tok = sampler(logits, step)
       yield tok
@@ -118,7 +119,11 @@ class Engine:
         break
       x, cache = self._forward(np.array([tok], np.int32), n + step, cache)
       logits = np.asarray(steps.head(self.cfg, self.globals, x))[0]
-      self._last["decode_tokens_per_s"] = (step + 1) / (time.perf_counter() - t1)
+      now = time.perf_counter()
+      if t_steady is None:
+        t_steady, first_step = now, now - t1
+      self._last["decode_tokens_per_s"] = (
+          step / (now - t_steady) if step else 1.0 / first_step)
 
   def stats(self) -> dict:
     return {

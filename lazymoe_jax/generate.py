@@ -1,0 +1,93 @@
+r"""Generates text from a converted store, streaming it as it is produced.
+
+  python -m lazymoe_jax.generate [--model=STORE_DIR] [--prompt="def fib(n):"] \
+      [--max_new_tokens=64] [--temperature=0] [--top_p=1] [--top_k=0] [--seed=0] [--expert_slots=N]
+
+With no --model it runs the built-in default model (built into the cache on first use).
+Ends with one summary line: prompt and decode tokens/s, experts read, hit rate, MB read, peak RSS.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+import lazymoe_jax
+from lazymoe_jax.errors import LazyMoEError, StoreError
+from lazymoe_jax.sampling import Sampler
+
+DEFAULT_PROMPT = "def fibonacci(n):\n    "
+
+flags.DEFINE_string("model", None, "Store folder (from checkpoints_tools.convert_hf). Default: "
+                    "the built-in demo model.")
+flags.DEFINE_string("prompt", DEFAULT_PROMPT, "Prompt text.")
+flags.DEFINE_list("prompt_ids", None, "Prompt as token ids (for stores without a tokenizer).")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (stops early at eos).")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers "
+                     "(min num_experts_per_tok; default: as many as half the free RAM holds).")
+FLAGS = flags.FLAGS
+
+
+def summary_line(stats: dict, prompt_tokens: int, new_tokens: int) -> str:
+  touched = stats["expert_hits"] + stats["expert_misses"]
+  hit_rate = stats["expert_hits"] / touched if touched else 0.0
+  return (f"[{prompt_tokens} prompt tokens at {stats['prompt_tokens_per_s']:.1f} tok/s | "
+          f"{new_tokens} new at {stats['decode_tokens_per_s']:.1f} tok/s | experts read "
+          f"{stats['expert_misses']}, hit rate {hit_rate:.1%}, {stats['bytes_read'] / 1e6:.1f} MB "
+          f"read | pool {stats['pool_slots']} slots | peak RSS "
+          f"{stats['peak_rss_bytes'] / 2**20:.0f} MiB]")
+
+
+def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_tokens: int,
+        sampler: Sampler, expert_slots: int | None, out=sys.stdout) -> list[int]:
+  """Loads the store, streams the continuation to `out`, prints the summary; returns new ids."""
+  if model is None:
+    from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel
+    print(f"No --model: using {default_model.DESCRIPTION}.", file=sys.stderr)
+    model = default_model.ensure_default_store(lambda s: print(s, file=sys.stderr))
+    try:
+      engine = lazymoe_jax.load(model, expert_slots=expert_slots)
+    except StoreError as e:
+      print(f"cached default store is broken ({e}); rebuilding", file=sys.stderr)
+      model = default_model.ensure_default_store(lambda s: print(s, file=sys.stderr), True)
+      engine = lazymoe_jax.load(model, expert_slots=expert_slots)
+  else:
+    engine = lazymoe_jax.load(model, expert_slots=expert_slots)
+  ids = [int(i) for i in prompt_ids] if prompt_ids else engine.tokenizer.encode(prompt)
+  has_text = not isinstance(engine.tokenizer, lazymoe_jax.tokenizer.NoTokenizer)
+  if has_text and not prompt_ids:
+    out.write(prompt)
+  new, shown = [], ""
+  for tok in engine.stream(ids, max_new_tokens, sampler):
+    new.append(tok)
+    if has_text:
+      text = engine.tokenizer.decode(new)
+      if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        out.write(text[len(shown):])
+        shown = text
+    else:
+      out.write(f"{tok} ")
+    out.flush()
+  out.write("\n")
+  print(summary_line(engine.stats(), len(ids), len(new)), file=out)
+  return new
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  try:
+    run(FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
+        Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), FLAGS.expert_slots)
+  except (LazyMoEError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,79 @@
+"""Tiny random Hugging Face models of every family, saved with save_pretrained (the reference)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# Each family with the settings that exercise its own code paths.
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
+                     sliding_window=7)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(moe_intermediate_size=24, intermediate_size=40, num_experts=8,
+                       num_experts_per_tok=3, shared_expert_intermediate_size=36,
+                       norm_topk_prob=False, mlp_only_layers=[1], qkv_bias=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(moe_intermediate_size=24, intermediate_size=40, num_experts=8,
+                       num_experts_per_tok=2, norm_topk_prob=True, head_dim=16)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                   norm_topk_prob=False, clip_qkv=3.0)),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+  """A tiny model with every parameter random (norm weights near 1, biases non-zero)."""
+  cfg_cls, model_cls, extra = FAMILIES[family]
+  cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_cls)(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "embed_tokens" in name:
+        p.normal_(0.0, 1.0)  # std-1 embeddings: varied routing, as trained models have
+      elif p.ndim == 1 and "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif p.ndim == 1:
+        p.normal_(0.0, 0.1)
+      elif "gate" in name and "proj" not in name:
+        p.normal_(0.0, 0.3)  # routers: decisive, so ties between experts are unlikely
+      else:
+        p.normal_(0.0, 0.08)
+  return model
+
+
+def convert_cli(src: str, dst: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "checkpoints_tools.convert_hf", f"--src={src}",
+                         f"--dst={dst}", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+  """family -> (HF model, HF dir, store dir), converted once per session through the CLI."""
+  out = {}
+  for family in FAMILIES:
+    base = tmp_path_factory.mktemp(family)
+    model = make_hf_model(family)
+    model.save_pretrained(base / "hf")
+    res = convert_cli(str(base / "hf"), str(base / "store"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out[family] = (model, str(base / "hf"), str(base / "store"))
+  return out
+
+
+def token_ids(n: int, vocab: int = 96, seed: int = 1) -> np.ndarray:
+  return np.random.RandomState(seed).randint(3, vocab, n)
