@@ -1,0 +1,214 @@
+"""Store format, conversion of sharded checkpoints, exact counters, and every bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import lazymoe_jax
+from lazymoe_jax.model.routers import softmax_topk
+from lazymoe_jax.store import format as fmt
+from tests.conftest import convert_cli, make_hf_model, token_ids
+
+
+@pytest.fixture(scope="module")
+def mixtral(family_models):
+  return family_models["mixtral"]
+
+
+def _copy_hf(src, tmp_path, name="hf"):
+  dst = tmp_path / name
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_stats_count_distinct_routed_experts_exactly(family_models):
+  model, _, store = family_models["qwen2_moe"]
+  ids = token_ids(24, seed=5)
+  # The reference routing: transformers' own router logits, top-k per token and layer.
+  with torch.no_grad():
+    out = model(torch.tensor(ids)[None], output_router_logits=True)
+  k = model.config.num_experts_per_tok
+  pairs = set()
+  moe_layers = [i for i in range(model.config.num_hidden_layers) if i not in [1]]
+  assert len(out.router_logits) == len(moe_layers)
+  for layer, logits in zip(moe_layers, out.router_logits):
+    top = torch.topk(torch.softmax(logits.float(), -1), k, dim=-1).indices
+    pairs |= {(layer, int(e)) for e in top.flatten()}
+  engine = lazymoe_jax.load(store, expert_slots=10_000)
+  engine.logits(ids)
+  s = engine.stats()
+  assert s["expert_misses"] == len(pairs)
+  assert s["expert_hits"] == 0  # prefill reads each (layer, expert) once for the whole prompt
+  i, h = model.config.moe_intermediate_size, model.config.hidden_size
+  assert s["bytes_read"] == len(pairs) * 3 * i * h * 4  # f32: gate+up [2I,H] and down [H,I]
+  engine.logits(ids)  # everything is resident now: only hits
+  s2 = engine.stats()
+  assert s2["expert_misses"] == len(pairs) and s2["bytes_read"] == s["bytes_read"]
+  assert s2["expert_hits"] == len(pairs)
+  assert s2["kv_cache_bytes"] > 0 and s2["peak_rss_bytes"] > 0
+
+
+def test_sharded_checkpoint_gives_same_logits(mixtral, tmp_path):
+  model, _, store = mixtral
+  model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+  assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+  assert len(list((tmp_path / "sharded").glob("*.safetensors"))) >= 2
+  res = convert_cli(str(tmp_path / "sharded"), str(tmp_path / "store"))
+  assert res.returncode == 0, res.stderr
+  ids = token_ids(16)
+  np.testing.assert_array_equal(lazymoe_jax.load(str(tmp_path / "store")).logits(ids),
+                                lazymoe_jax.load(store).logits(ids))
+
+
+def test_bf16_experts_round_trip(mixtral, tmp_path):
+  model, hf, _ = mixtral
+  res = convert_cli(hf, str(tmp_path / "store"), "--expert_dtype=bf16")
+  assert res.returncode == 0, res.stderr
+  engine = lazymoe_jax.load(str(tmp_path / "store"))
+  manifest = fmt.read_manifest(str(tmp_path / "store"))
+  assert manifest["experts"]["tensors"]["w_down"]["dtype"] == "bfloat16"
+  ids = token_ids(16)
+  with torch.no_grad():
+    ref = model(torch.tensor(ids)[None]).logits[0].numpy()
+  assert np.abs(engine.logits(ids) - ref).max() < 0.05  # bf16 rounding of expert weights only
+
+
+def test_router_softmax_topk_by_hand():
+  logits = np.array([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 1.0]], np.float32)
+  ids, w = softmax_topk(logits, 2, renormalize=False)
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(ids), [[3, 2], [0, 3]])
+  np.testing.assert_allclose(np.asarray(w), [[p[0, 3], p[0, 2]], [p[1, 0], p[1, 3]]], rtol=1e-6)
+  ids, w = softmax_topk(logits, 2, renormalize=True)
+  np.testing.assert_allclose(np.asarray(w).sum(-1), [1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(w)[0], [1 / (1 + np.exp(-1)), 1 - 1 / (1 + np.exp(-1))],
+                             rtol=1e-6)
+
+
+# ---- bad input: each gets a clear error that names the problem and the fix -------------------
+
+def _convert_fails(src, dst, *args):
+  res = convert_cli(str(src), str(dst), *args)
+  assert res.returncode != 0
+  assert not os.path.exists(dst) or not os.listdir(dst) or os.path.exists(
+      os.path.join(dst, fmt.MANIFEST))  # nothing half-written
+  assert not [p for p in os.listdir(os.path.dirname(str(dst))) if ".partial-" in p]
+  return res.stderr
+
+
+def test_missing_config(mixtral, tmp_path):
+  src = _copy_hf(mixtral[1], tmp_path)
+  os.remove(src / "config.json")
+  assert "config.json not found" in _convert_fails(src, tmp_path / "store")
+
+
+def test_unsupported_model_type_lists_supported(mixtral, tmp_path):
+  src = _copy_hf(mixtral[1], tmp_path)
+  cfg = json.loads((src / "config.json").read_text())
+  cfg["model_type"] = "llama"
+  (src / "config.json").write_text(json.dumps(cfg))
+  err = _convert_fails(src, tmp_path / "store")
+  assert "'llama' is not supported" in err
+  for family in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe"):
+    assert family in err
+
+
+def test_unsupported_rope_scaling(mixtral, tmp_path):
+  src = _copy_hf(mixtral[1], tmp_path)
+  cfg = json.loads((src / "config.json").read_text())
+  cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+  (src / "config.json").write_text(json.dumps(cfg))
+  assert "rope scaling type 'yarn' is not supported" in _convert_fails(src, tmp_path / "store")
+
+
+def _edit_tensors(src, fn):
+  path = src / "model.safetensors"
+  tensors = load_file(path)
+  fn(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor(mixtral, tmp_path):
+  src = _copy_hf(mixtral[1], tmp_path)
+  _edit_tensors(src, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
+  err = _convert_fails(src, tmp_path / "store")
+  assert "lacks 1 tensor" in err and "experts.3.w2.weight" in err
+
+
+def test_unexpected_tensor(mixtral, tmp_path):
+  src = _copy_hf(mixtral[1], tmp_path)
+  _edit_tensors(src, lambda t: t.update({"model.layers.0.mystery.weight": np.zeros(3, np.float32)}))
+  err = _convert_fails(src, tmp_path / "store")
+  assert "does not use" in err and "mystery" in err
+
+
+def test_wrong_shape(mixtral, tmp_path):
+  src = _copy_hf(mixtral[1], tmp_path)
+  name = "model.layers.0.self_attn.k_proj.weight"
+  _edit_tensors(src, lambda t: t.update({name: np.zeros((8, 32), np.float32)}))
+  err = _convert_fails(src, tmp_path / "store")
+  assert name in err and "[8, 32]" in err and "[16, 32]" in err
+
+
+def test_refuses_non_empty_destination_without_overwrite(mixtral, tmp_path):
+  dst = tmp_path / "store"
+  dst.mkdir()
+  (dst / "precious.txt").write_text("keep me")
+  res = convert_cli(mixtral[1], str(dst))
+  assert res.returncode != 0 and "--overwrite" in res.stderr
+  assert (dst / "precious.txt").read_text() == "keep me"
+  res = convert_cli(mixtral[1], str(dst), "--overwrite")
+  assert res.returncode == 0, res.stderr
+  assert not (dst / "precious.txt").exists() and (dst / fmt.MANIFEST).exists()
+
+
+def test_store_without_manifest_is_refused(mixtral, tmp_path):
+  store = tmp_path / "store"
+  shutil.copytree(mixtral[2], store)
+  os.remove(store / fmt.MANIFEST)
+  with pytest.raises(lazymoe_jax.StoreError, match="no manifest.json"):
+    lazymoe_jax.load(str(store))
+  with pytest.raises(lazymoe_jax.StoreError, match="convert"):
+    lazymoe_jax.load(mixtral[1])  # an HF folder, not a store
+  with pytest.raises(lazymoe_jax.StoreError, match="does not exist"):
+    lazymoe_jax.load(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_expert_chunk_is_detected(mixtral, tmp_path, damage):
+  store = tmp_path / "store"
+  shutil.copytree(mixtral[2], store)
+  chunk = fmt.chunk_path(str(store), "w_down", 1, 2)
+  data = bytearray(open(chunk, "rb").read())
+  if damage == "truncate":
+    open(chunk, "wb").write(data[:len(data) // 2])
+  elif damage == "flip":
+    data[100] ^= 0x40
+    open(chunk, "wb").write(data)
+  else:
+    os.remove(chunk)
+  engine = lazymoe_jax.load(str(store), expert_slots=2)
+  with pytest.raises(lazymoe_jax.StoreError, match="c/1/2/0/0") as info:
+    for e in range(engine.cfg.num_experts):  # read every expert of layer 1 once
+      engine.pool.acquire(1, [e])
+  assert "re-convert" in str(info.value)
+
+
+def test_pool_smaller_than_top_k_is_refused(mixtral):
+  with pytest.raises(lazymoe_jax.PlanError, match="at least 2"):
+    lazymoe_jax.load(mixtral[2], expert_slots=1)
+
+
+def test_bad_token_ids(mixtral):
+  engine = lazymoe_jax.load(mixtral[2])
+  with pytest.raises(ValueError, match="empty"):
+    engine.logits([])
+  with pytest.raises(ValueError, match=r"\[0, 96\)"):
+    engine.logits([5, 96])
+  with pytest.raises(lazymoe_jax.TokenizerMissingError, match="token ids"):
+    engine.tokenizer.encode("hello")
