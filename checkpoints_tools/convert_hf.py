@@ -134,6 +134,77 @@ def _tokenizer(src: str, dst: str, hf: dict, log: Callable[[str], None]) -> dict
   return None
 
 
+STORE_ENTRIES = {fmt.MANIFEST, fmt.DENSE_DIR, fmt.EXPERTS_DIR} | {n for n, _ in TOKENIZER_FILES}
+
+
+def _check_destination(src: str, dst: str, overwrite: bool) -> str:
+  """Resolves dst (symlinks included) and refuses anything --overwrite must not delete."""
+  dst = os.path.realpath(dst)
+  real_src = os.path.realpath(src)
+  if dst == real_src or real_src.startswith(dst + os.sep):
+    raise CheckpointError(f"destination {dst} is or contains the source folder; choose a new "
+                          "folder for the store.")
+  if not os.path.exists(dst):
+    return dst
+  if not os.path.isdir(dst):
+    raise CheckpointError(f"destination {dst} is a file; give a folder path.")
+  entries = set(os.listdir(dst))
+  if entries and not overwrite:
+    raise CheckpointError(f"destination {dst} exists and is not empty; pass --overwrite to "
+                          "replace it.")
+  if entries - STORE_ENTRIES:
+    raise CheckpointError(f"destination {dst} holds files that are not part of a store "
+                          f"(e.g. {sorted(entries - STORE_ENTRIES)[:3]}); --overwrite only "
+                          "replaces a store. Choose an empty or new folder.")
+  return dst
+
+
+def _remove_stale_partials(dst: str) -> None:
+  """Deletes DST.partial-PID folders left by killed conversions (whose PID is gone)."""
+  for path in glob.glob(glob.escape(dst) + ".partial-*"):
+    pid = path.rsplit("-", 1)[-1]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _swap_into_place(tmp: str, dst: str) -> None:
+  """Moves the finished store to dst; an old store there is removed only after that worked."""
+  if not os.path.exists(dst):
+    os.rename(tmp, dst)
+    return
+  old = f"{dst}.old-{os.getpid()}"
+  os.rename(dst, old)
+  try:
+    os.rename(tmp, dst)
+  except BaseException:
+    os.rename(old, dst)  # put the previous store back; the new one stays in tmp
+    raise
+  shutil.rmtree(old)
+
+
+def _eos_ids(src: str, cfg: config_lib.MoEConfig) -> list[int]:
+  """eos ids from config.json and generation_config.json (chat models list more there)."""
+  ids = list(cfg.eos_token_ids)
+  path = os.path.join(src, "generation_config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      eos = json.load(f).get("eos_token_id")
+    for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+      if int(i) not in ids:
+        ids.append(int(i))
+  return ids
+
+
 def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool = False,
             log: Callable[[str], None] = print) -> dict:
   """Converts HF folder `src` into a store at `dst`; returns the manifest."""
@@ -147,9 +218,7 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
   if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
     raise CheckpointError(f"--expert_dtype={expert_dtype!r} is not supported now; choose one of "
                           f"{sorted(EXPERT_DTYPES)} (int8/int4 arrive with the kernel work).")
-  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)) and not overwrite:
-    raise CheckpointError(f"destination {dst} exists and is not empty; pass --overwrite to "
-                          "replace it.")
+  dst = _check_destination(src, dst, overwrite)
   folder = SafetensorsFolder(src)
   plan = _plan(cfg)
   _validate(cfg, folder, plan)
@@ -163,9 +232,8 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
                           f"{sorted(set(EXPERT_DTYPES.values()))}.")
   np_dtype = fmt.numpy_dtype(stored)
 
-  dst = os.path.abspath(dst)
+  _remove_stale_partials(dst)
   tmp = f"{dst}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, fmt.DENSE_DIR))
   try:
     shapes = fmt.expert_shapes(cfg)
@@ -201,19 +269,14 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
         "dense": {"dir": fmt.DENSE_DIR, "parts": [p for p, _, _ in plan]},
         "experts": {"layers": moe_layers, "tensors": tensors, "checksum": "crc32", "crc32": crc},
         "tokenizer": _tokenizer(src, tmp, hf, log),
+        "generation": {"eos_token_ids": _eos_ids(src, cfg)},
         "source": {"path": os.path.abspath(src), "expert_dtype": src_dtype},
     }
     fmt.write_manifest(tmp, manifest)  # last: only now is the store valid
-    if os.path.exists(dst):
-      old = f"{dst}.old-{os.getpid()}"
-      os.rename(dst, old)
-      os.rename(tmp, dst)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, dst)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  _swap_into_place(tmp, dst)
   log(f"store written to {dst}: {nbytes / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
   return manifest
 

@@ -51,6 +51,9 @@ class MoEConfig:
   eos_token_ids: tuple[int, ...] = ()
 
   family: ClassVar[str] = ""
+  # Defaults that transformers uses when config.json omits the key.
+  default_rms_norm_eps: ClassVar[float] = 1e-6
+  default_rope_theta: ClassVar[float] = 10000.0
 
   # ---- derived -----------------------------------------------------------------------------
   @property
@@ -92,8 +95,8 @@ class MoEConfig:
         num_attention_heads=heads,
         num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(hf),
+        rms_norm_eps=float(hf.get("rms_norm_eps", cls.default_rms_norm_eps)),
+        rope_theta=_rope_theta(hf, cls.default_rope_theta),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
@@ -122,13 +125,13 @@ def _require(hf: dict[str, Any], *keys: str) -> None:
     raise UnsupportedModelError(f"config.json lacks required keys {missing}.")
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
+def _rope_theta(hf: dict[str, Any], default: float) -> float:
   """Plain RoPE only; any scaling is refused rather than silently computed wrong."""
   params = hf.get("rope_parameters")
   scaling = hf.get("rope_scaling")
   if params is None and scaling is not None:
-    params = dict(scaling, rope_theta=hf.get("rope_theta", 10000.0))
-  params = params or {"rope_theta": hf.get("rope_theta", 10000.0)}
+    params = dict(scaling, rope_theta=hf.get("rope_theta", default))
+  params = params or {"rope_theta": hf.get("rope_theta", default)}
   kind = params.get("rope_type", params.get("type", "default"))
   if kind != "default":
     raise UnsupportedModelError(
@@ -136,7 +139,7 @@ def _rope_theta(hf: dict[str, Any]) -> float:
         "Remove rope_scaling from config.json only if the model was trained without it.")
   if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
     raise UnsupportedModelError("partial_rotary_factor != 1 is not supported.")
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  return float(params.get("rope_theta", hf.get("rope_theta", default)))
 
 
 def _sparse_layer_types(hf: dict[str, Any], n: int) -> tuple[str, ...]:
@@ -151,6 +154,8 @@ class MixtralConfig(MoEConfig):
   """Mixtral: softmax top-k renormalised; one sliding window for all layers when set."""
 
   family: ClassVar[str] = "mixtral"
+  default_rms_norm_eps: ClassVar[float] = 1e-5
+  default_rope_theta: ClassVar[float] = 1e6
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any]) -> "MixtralConfig":
@@ -177,7 +182,7 @@ class Qwen2MoeConfig(MoEConfig):
     n = hf["num_hidden_layers"]
     use_sw = bool(hf.get("use_sliding_window", False))
     layer_types = hf.get("layer_types") or [
-        SLIDING if (use_sw and (i + 1) % 2 and i < hf.get("max_window_layers", n)) else FULL
+        SLIDING if (use_sw and (i + 1) % 2 and i < hf.get("max_window_layers", 28)) else FULL
         for i in range(n)]
     return cls(**c, moe_intermediate_size=hf["moe_intermediate_size"],
                num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
@@ -204,7 +209,7 @@ class Qwen3MoeConfig(MoEConfig):
     bias = bool(hf.get("attention_bias", False))
     return cls(**c, moe_intermediate_size=hf["moe_intermediate_size"],
                num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
-               norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+               norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
                intermediate_size=hf.get("intermediate_size", 0),
                attention_bias=bias, o_proj_bias=bias, qk_norm="head", sliding_window=window,
                layer_types=(SLIDING if window else FULL,) * n,
@@ -216,6 +221,7 @@ class OlmoeConfig(MoEConfig):
   """OLMoE: RMSNorm on the whole q and k projections, optional `clip_qkv`."""
 
   family: ClassVar[str] = "olmoe"
+  default_rms_norm_eps: ClassVar[float] = 1e-5
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any]) -> "OlmoeConfig":
@@ -249,6 +255,9 @@ def from_hf(hf: dict[str, Any]) -> MoEConfig:
     raise UnsupportedModelError(
         "config.json has no model_type; supported: " + ", ".join(sorted(FAMILIES)) + ".")
   cfg = family_class(hf["model_type"]).from_hf(_with_aliases(hf))
+  if not cfg.moe_layers:
+    raise UnsupportedModelError("this config has no MoE layer (every layer is a dense MLP); "
+                                "LazyMoE-JAX serves Mixture-of-Experts models only.")
   if cfg.num_experts_per_tok > cfg.num_experts or cfg.num_experts < 1:
     raise UnsupportedModelError(
         f"num_experts_per_tok={cfg.num_experts_per_tok} with num_experts={cfg.num_experts}.")

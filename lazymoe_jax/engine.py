@@ -74,7 +74,8 @@ class Engine:
                            cfg.num_experts_per_tok)
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         cfg.bos_token_id)
-    self.eos_ids = set(cfg.eos_token_ids)
+    self.eos_ids = set(cfg.eos_token_ids) | set(
+        self.manifest.get("generation", {}).get("eos_token_ids", []))
     self._kv_bytes = 0
     self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
 
@@ -97,10 +98,17 @@ class Engine:
 
   def stream(self, token_ids: Sequence[int], max_new_tokens: int,
              sampler: Sampler = Sampler()) -> Iterator[int]:
-    """Yields new tokens one by one as they are decoded."""
+    """Yields new tokens one by one as they are decoded (arguments checked at the call)."""
     tokens = self._check_tokens(token_ids)
     if max_new_tokens < 0:
       raise ValueError("max_new_tokens must be >= 0")
+    limit = self.cfg.max_position_embeddings
+    if len(tokens) + max_new_tokens > limit:
+      raise ValueError(f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                       f"model's context of {limit} positions; shorten one of them.")
+    return self._stream(tokens, max_new_tokens, sampler)
+
+  def _stream(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
     n = len(tokens)
     cache = self._new_cache(max(_bucket(n, 8), n + max_new_tokens))
     self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}

@@ -63,10 +63,13 @@ def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_to
   if has_text and not prompt_ids:
     out.write(prompt)
   new, shown = [], ""
+  # Decode the prompt with the new tokens, so pieces that join across the boundary (a leading
+  # space, a multi-byte character) come out right; print what follows the prompt's decoding.
+  prefix = engine.tokenizer.decode(ids) if has_text else ""
   for tok in engine.stream(ids, max_new_tokens, sampler):
     new.append(tok)
     if has_text:
-      text = engine.tokenizer.decode(new)
+      text = engine.tokenizer.decode(ids + new)[len(prefix):]
       if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
         out.write(text[len(shown):])
         shown = text

@@ -33,7 +33,7 @@ class Sampler:
 @functools.partial(jax.jit, static_argnames=("top_k",))
 def _sample(logits, key, temperature, top_p, top_k):
   logits = logits.astype(jnp.float32) / temperature
-  if top_k:
+  if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][-1]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   order = jnp.argsort(-logits)

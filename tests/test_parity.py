@@ -50,3 +50,11 @@ def test_minimal_pool_is_bit_identical_to_resident(family_models, family):
   small.eos_ids = big.eos_ids = set()
   assert small.generate(ids[:5], 12) == big.generate(ids[:5], 12)
   assert small.stats()["expert_misses"] > big.stats()["expert_misses"]
+
+
+def test_long_prompt_attends_in_query_blocks(family_models):
+  model, _, store = family_models["qwen3_moe"]
+  ids = token_ids(200, seed=4)  # padded to 256 = 2 blocks of 128 queries
+  with torch.no_grad():
+    ref = model(torch.tensor(ids)[None]).logits[0].numpy()
+  assert np.abs(lazymoe_jax.load(store).logits(ids) - ref).max() <= TOL

@@ -157,14 +157,16 @@ def test_wrong_shape(mixtral, tmp_path):
 
 def test_refuses_non_empty_destination_without_overwrite(mixtral, tmp_path):
   dst = tmp_path / "store"
-  dst.mkdir()
-  (dst / "precious.txt").write_text("keep me")
-  res = convert_cli(mixtral[1], str(dst))
+  assert convert_cli(mixtral[1], str(dst)).returncode == 0
+  before = (dst / fmt.MANIFEST).read_text()
+  res = convert_cli(mixtral[1], str(dst), "--expert_dtype=bf16")
   assert res.returncode != 0 and "--overwrite" in res.stderr
-  assert (dst / "precious.txt").read_text() == "keep me"
-  res = convert_cli(mixtral[1], str(dst), "--overwrite")
+  assert (dst / fmt.MANIFEST).read_text() == before  # untouched
+  res = convert_cli(mixtral[1], str(dst), "--expert_dtype=bf16", "--overwrite")
   assert res.returncode == 0, res.stderr
-  assert not (dst / "precious.txt").exists() and (dst / fmt.MANIFEST).exists()
+  assert json.loads((dst / fmt.MANIFEST).read_text())["experts"]["tensors"]["w_down"][
+      "dtype"] == "bfloat16"
+  assert [p.name for p in tmp_path.iterdir()] == ["store"]  # no .old-/.partial- leftovers
 
 
 def test_store_without_manifest_is_refused(mixtral, tmp_path):
@@ -212,3 +214,36 @@ def test_bad_token_ids(mixtral):
     engine.logits([5, 96])
   with pytest.raises(lazymoe_jax.TokenizerMissingError, match="token ids"):
     engine.tokenizer.encode("hello")
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_store(mixtral, tmp_path):
+  dst = tmp_path / "models"
+  shutil.copytree(mixtral[1], dst / "hf")
+  (dst / "notes.txt").write_text("mine")
+  res = convert_cli(str(dst / "hf"), str(dst), "--overwrite")
+  assert res.returncode != 0 and "contains the source" in res.stderr
+  res = convert_cli(mixtral[1], str(dst), "--overwrite")
+  assert res.returncode != 0 and "not part of a store" in res.stderr
+  assert (dst / "notes.txt").read_text() == "mine" and (dst / "hf" / "config.json").exists()
+
+
+def test_symlinked_destination_and_stale_partials(mixtral, tmp_path):
+  real = tmp_path / "disk" / "store"
+  real.parent.mkdir()
+  link = tmp_path / "store"
+  link.symlink_to(real, target_is_directory=True)
+  stale = tmp_path / "disk" / "store.partial-999999999"  # a killed run's leftovers
+  stale.mkdir()
+  res = convert_cli(mixtral[1], str(link))
+  assert res.returncode == 0, res.stderr
+  assert (real / fmt.MANIFEST).exists() and link.is_symlink() and not stale.exists()
+
+
+def test_generation_config_eos_ids_are_used(mixtral, tmp_path):
+  src = _copy_hf(mixtral[1], tmp_path)
+  (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 77]}))
+  assert convert_cli(str(src), str(tmp_path / "store")).returncode == 0
+  engine = lazymoe_jax.load(str(tmp_path / "store"))
+  assert engine.eos_ids == {2, 77}
+  with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+    engine.generate([5, 6], 255)

@@ -31,9 +31,22 @@ def update(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array, start: jax.A
           "v": jax.lax.dynamic_update_slice(cache["v"], v_t, (0, start, 0))}
 
 
+QUERY_BLOCK = 128  # long prompts attend in blocks of queries: scores stay [K, G, 128, S]
+
+
 def attend(cache: dict[str, jax.Array], q: jax.Array, q_pos: jax.Array, window: int | None,
            scale: float) -> jax.Array:
   """Causal (optionally sliding-window) attention of q [T, K*G, D] over the cache -> [T, K*G, D]."""
+  t, hq, d = q.shape
+  if t > QUERY_BLOCK and t % QUERY_BLOCK == 0:
+    nb = t // QUERY_BLOCK
+    out = jax.lax.map(lambda a: _attend(cache, a[0], a[1], window, scale),
+                      (q.reshape(nb, QUERY_BLOCK, hq, d), q_pos.reshape(nb, QUERY_BLOCK)))
+    return out.reshape(t, hq, d)
+  return _attend(cache, q, q_pos, window, scale)
+
+
+def _attend(cache, q, q_pos, window, scale):
   t, hq, d = q.shape
   kv_heads, _, s = cache["k"].shape
   qg = q.reshape(t, kv_heads, hq // kv_heads, d)

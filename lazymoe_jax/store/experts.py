@@ -50,13 +50,18 @@ class ExpertStore:
     for name, arr in self.arrays.items():
       target = ts.array(buffers[name], copy=False, write=True)
       futures[name] = target.write(arr[row, expert])
-    for name, fut in futures.items():
-      path = fmt.chunk_path(self.store_dir, name, row, expert)
+    errors = {}
+    for name, fut in futures.items():  # wait for every read before judging any of them
       try:
         fut.result()
-      except Exception as e:
-        raise StoreError(f"reading expert {expert} of layer {layer} failed at {path}: {e}. "
-                         "The store is damaged: re-convert with --overwrite.") from e
+      except Exception as e:  # pylint: disable=broad-except
+        errors[name] = e
+    for name in futures:
+      path = fmt.chunk_path(self.store_dir, name, row, expert)
+      if name in errors:
+        raise StoreError(f"reading expert {expert} of layer {layer} failed at {path}: "
+                         f"{errors[name]}. The store is damaged: re-convert with --overwrite."
+                         ) from errors[name]
       if zlib.crc32(buffers[name]) != self.crc32[name][row][expert]:
         state = "missing" if not os.path.exists(path) else "corrupt"
         raise StoreError(f"expert chunk {path} is {state} (crc32 mismatch for expert {expert} of "
