@@ -26,11 +26,13 @@ from safetensors import safe_open
 from checkpoints_tools import hf_layout
 from lazymoe_jax import config as config_lib
 from lazymoe_jax.errors import CheckpointError, LazyMoEError
+from lazymoe_jax.model import encodings
 from lazymoe_jax.store import dense as dense_store
 from lazymoe_jax.store import format as fmt
 
 EXPERT_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32",
-                 "float32": "float32", "f16": "float16", "float16": "float16"}
+                 "float32": "float32", "f16": "float16", "float16": "float16", "int8": "int8",
+                 "int4": "int4"}
 TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "json"))
 
 
@@ -206,8 +208,12 @@ def _eos_ids(src: str, cfg: config_lib.MoEConfig) -> list[int]:
 
 
 def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool = False,
-            log: Callable[[str], None] = print) -> dict:
-  """Converts HF folder `src` into a store at `dst`; returns the manifest."""
+            log: Callable[[str], None] = print, group_size: int = 32) -> dict:
+  """Converts HF folder `src` into a store at `dst`; returns the manifest.
+
+  expert_dtype: None keeps the source dtype; bf16 | f16 | f32 | int8 (per-row scales) |
+  int4 (groups of `group_size` = 32, 64 or 128 inputs with one f16 scale each).
+  """
   cfg_path = os.path.join(src, "config.json")
   if not os.path.exists(cfg_path):
     raise CheckpointError(f"{cfg_path} not found: --src must be a Hugging Face model folder "
@@ -216,8 +222,11 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
     hf = json.load(f)
   cfg = config_lib.from_hf(hf)
   if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
-    raise CheckpointError(f"--expert_dtype={expert_dtype!r} is not supported now; choose one of "
-                          f"{sorted(EXPERT_DTYPES)} (int8/int4 arrive with the kernel work).")
+    raise CheckpointError(f"--expert_dtype={expert_dtype!r} is not supported; choose one of "
+                          f"{sorted(EXPERT_DTYPES)}.")
+  if group_size not in encodings.INT4_GROUPS:
+    raise CheckpointError(f"--group_size={group_size} is not supported; choose one of "
+                          f"{list(encodings.INT4_GROUPS)}.")
   dst = _check_destination(src, dst, overwrite)
   folder = SafetensorsFolder(src)
   plan = _plan(cfg)
@@ -226,25 +235,28 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
   moe_layers = list(cfg.moe_layers)
   first = hf_layout.expert_names(cfg, moe_layers[0])["w_gate_up"][0].format(e=0)
   src_dtype = str(folder.get(first).dtype)
-  stored = EXPERT_DTYPES[expert_dtype] if expert_dtype else src_dtype
-  if stored not in EXPERT_DTYPES.values():
-    raise CheckpointError(f"expert tensors are {src_dtype}; supported: "
-                          f"{sorted(set(EXPERT_DTYPES.values()))}.")
-  np_dtype = fmt.numpy_dtype(stored)
+  name = EXPERT_DTYPES[expert_dtype] if expert_dtype else src_dtype
+  name = f"int4-g{group_size}" if name == "int4" else name
+  try:
+    enc = encodings.get(name)
+    layout = fmt.expert_arrays(cfg, enc)  # also checks that the int4 group divides the widths
+  except ValueError as e:
+    raise CheckpointError(f"experts ({src_dtype} in the checkpoint) cannot be stored as {name}: "
+                          f"{e}") from e
 
   _remove_stale_partials(dst)
   tmp = f"{dst}.partial-{os.getpid()}"
   os.makedirs(os.path.join(tmp, fmt.DENSE_DIR))
   try:
-    shapes = fmt.expert_shapes(cfg)
     arrays, tensors = {}, {}
-    for name, (rows, cols) in shapes.items():
-      shape = (len(moe_layers), cfg.num_experts, rows, cols)
-      path = os.path.join(fmt.EXPERTS_DIR, name)
-      arrays[name] = ts.open(fmt.zarr3_spec(os.path.join(tmp, path), shape, stored),
-                             create=True).result()
-      tensors[name] = {"path": path, "shape": list(shape), "dtype": stored, "encoding": stored}
-    crc = {name: [] for name in shapes}
+    for aname, (tensor, suffix, shape, dtype) in layout.items():
+      full = (len(moe_layers), cfg.num_experts, *shape)
+      path = os.path.join(fmt.EXPERTS_DIR, aname)
+      arrays[aname] = ts.open(fmt.zarr3_spec(os.path.join(tmp, path), full, dtype),
+                              create=True).result()
+      tensors[aname] = {"path": path, "shape": list(full), "dtype": dtype, "tensor": tensor,
+                        "suffix": suffix}
+    crc = {aname: [] for aname in layout}
     t0, nbytes = time.perf_counter(), 0
     for part, dense, experts in plan:
       tree = {param: _gather(folder, names) for param, names in dense.items()}
@@ -252,22 +264,26 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
       nbytes += sum(a.nbytes for a in tree.values())
       if experts is None:
         continue
-      row = len(crc["w_gate_up"])
-      for name in shapes:
-        crc[name].append([])
+      for aname in layout:
+        crc[aname].append([])
+      row = len(crc[next(iter(layout))]) - 1
       for e in range(cfg.num_experts):
-        for name, templates in experts.items():
-          data = _gather(folder, [t.format(e=e) for t in templates], np_dtype)
-          arrays[name][row, e].write(data).result()
-          crc[name][row].append(zlib.crc32(data))
-          nbytes += data.nbytes
+        for tensor, templates in experts.items():
+          encoded = enc.encode(_gather(folder, [t.format(e=e) for t in templates]))
+          for suffix, data in encoded.items():
+            aname = fmt.array_name(tensor, suffix)
+            data = np.ascontiguousarray(data)
+            arrays[aname][row, e].write(data).result()
+            crc[aname][row].append(zlib.crc32(data))
+            nbytes += data.nbytes
       log(f"{part}: {cfg.num_experts} experts written, {nbytes / 2**20:.1f} MiB so far, "
           f"{time.perf_counter() - t0:.1f} s")
     manifest = {
         "format": fmt.FORMAT, "version": fmt.VERSION,
         "config": cfg.to_dict(), "hf_config": hf,
         "dense": {"dir": fmt.DENSE_DIR, "parts": [p for p, _, _ in plan]},
-        "experts": {"layers": moe_layers, "tensors": tensors, "checksum": "crc32", "crc32": crc},
+        "experts": {"layers": moe_layers, "encoding": enc.name, "tensors": tensors,
+                    "checksum": "crc32", "crc32": crc},
         "tokenizer": _tokenizer(src, tmp, hf, log),
         "generation": {"eos_token_ids": _eos_ids(src, cfg)},
         "source": {"path": os.path.abspath(src), "expert_dtype": src_dtype},
@@ -287,7 +303,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_string("src", None, "Hugging Face model folder (config.json + *.safetensors).")
   flags.DEFINE_string("dst", None, "Store folder to write.")
-  flags.DEFINE_string("expert_dtype", None, "Re-encode experts: bf16 | f32 | f16 (default: keep).")
+  flags.DEFINE_string("expert_dtype", None,
+                      "Re-encode experts: bf16 | f16 | f32 | int8 | int4 (default: keep).")
+  flags.DEFINE_integer("group_size", 32, "int4 group size: 32, 64 or 128.")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty destination.")
   flags.mark_flags_as_required(["src", "dst"])
 
@@ -297,7 +315,8 @@ def main(argv) -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    convert(FLAGS.src, FLAGS.dst, FLAGS.expert_dtype, FLAGS.overwrite)
+    convert(FLAGS.src, FLAGS.dst, FLAGS.expert_dtype, FLAGS.overwrite,
+            group_size=FLAGS.group_size)
   except LazyMoEError as e:
     sys.exit(f"error: {e}")
 

@@ -1,53 +1,69 @@
-"""The model `python -m lazymoe_jax.generate` runs when no --model is given.
+"""The model `python -m lazymoe_jax.generate` runs when no --model is given: the shipped demo.
 
-Built on first use into the user's cache folder ($LAZYMOE_CACHE, else $XDG_CACHE_HOME or
-~/.cache, under lazymoe_jax/), then reused. A cached store that is incomplete or does not
-match the expected config is rebuilt, never trusted.
+The demo checkpoint ships inside the package (`lazymoe_jax/demo_model/`, Hugging Face Mixtral
+layout, trained by `checkpoints_tools/train_demo.py`). On first use it is converted into a store
+in the user's cache folder ($LAZYMOE_CACHE, else $XDG_CACHE_HOME or ~/.cache, under
+lazymoe_jax/), then reused. A cached store that is incomplete, or was built from other files
+than the shipped ones (a stamp beside it records their sha256), is rebuilt, never trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
-from checkpoints_tools import convert_hf, make_tiny
-from lazymoe_jax import config as config_lib
+import lazymoe_jax
+from checkpoints_tools import convert_hf
 from lazymoe_jax.errors import LazyMoEError
 from lazymoe_jax.store import format as fmt
 
-NAME = "tiny-random-mixtral-v1"
-DESCRIPTION = ("the built-in tiny Mixtral (random weights, real stdlib-trained tokenizer; it "
-               "produces gibberish until the trained demo model lands)")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(lazymoe_jax.__file__)), "demo_model")
+NAME = "demo-mixtral-stdlib"
+DESCRIPTION = "the shipped demo model (a small Mixtral trained on the Python standard library)"
 
 
 def cache_dir() -> str:
-  root = os.environ.get("LAZYMOE_CACHE") or os.path.join(
+  return os.environ.get("LAZYMOE_CACHE") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lazymoe_jax")
-  return root
 
 
-def _is_current(store: str) -> bool:
+def store_path() -> str:
+  return os.path.join(cache_dir(), "stores", NAME)
+
+
+def _fingerprint() -> dict[str, str]:
+  out = {}
+  for name in sorted(os.listdir(DEMO_DIR)):
+    with open(os.path.join(DEMO_DIR, name), "rb") as f:
+      out[name] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _stamp_path() -> str:
+  return store_path() + ".source.json"
+
+
+def _is_current(fingerprint: dict[str, str]) -> bool:
   try:
-    manifest = fmt.read_manifest(store)
-  except LazyMoEError:
+    fmt.read_manifest(store_path())
+    with open(_stamp_path()) as f:
+      return json.load(f) == fingerprint
+  except (LazyMoEError, OSError, ValueError):
     return False
-  expected = config_lib.from_hf(make_tiny.TINY_CONFIG).to_dict()
-  return manifest.get("config") == expected
 
 
 def ensure_default_store(log: Callable[[str], None] = print, rebuild: bool = False) -> str:
-  store = os.path.join(cache_dir(), "stores", NAME)
-  if not rebuild and _is_current(store):
-    return store
-  log(f"building {DESCRIPTION} into {store} (first use) ...")
-  os.makedirs(os.path.dirname(store), exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=os.path.dirname(store)) as tmp:
-    hf_dir = make_tiny.make_tiny(os.path.join(tmp, "hf"))
-    convert_hf.convert(hf_dir, store, overwrite=True, log=log)
-  return store
-
-
-def remove_default_store() -> None:
-  shutil.rmtree(os.path.join(cache_dir(), "stores", NAME), ignore_errors=True)
+  """Returns the cached demo store, converting the shipped checkpoint when needed."""
+  fingerprint = _fingerprint()
+  if not rebuild and _is_current(fingerprint):
+    return store_path()
+  log(f"converting {DESCRIPTION} into {store_path()} (first use) ...")
+  os.makedirs(os.path.dirname(store_path()), exist_ok=True)
+  if os.path.exists(_stamp_path()):
+    os.remove(_stamp_path())
+  convert_hf.convert(DEMO_DIR, store_path(), overwrite=True, log=log)
+  with open(_stamp_path(), "w") as f:
+    json.dump(fingerprint, f)
+  return store_path()

@@ -3,7 +3,7 @@ r"""Trains the shipped demo model: a small Mixtral on the Python standard librar
   python -m checkpoints_tools.train_demo --out=lazymoe_jax/demo_model [--steps=3000]
 
 Corpus: the `.py` files of the running interpreter's stdlib (no tests, no idlelib), sorted by
-path; every 10th file is held out (see make_tiny.stdlib_corpus). A sentencepiece BPE tokenizer
+path; every 10th file is held out (see corpus.stdlib_corpus). A sentencepiece BPE tokenizer
 (byte fallback, identity normalisation) is trained on the training split, then the model with
 AdamW. The result is written in Hugging Face Mixtral layout (config.json, model.safetensors in
 bfloat16, tokenizer.model), which transformers' MixtralForCausalLM loads as it is.
@@ -27,29 +27,33 @@ import optax
 from absl import app, flags, logging
 from safetensors.numpy import save_file
 
-from checkpoints_tools import make_tiny
+from checkpoints_tools import corpus
 from lazymoe_jax.model.layers import rms_norm, rope
 from lazymoe_jax.model.routers import softmax_topk
 
-flags.DEFINE_string("out", "lazymoe_jax/demo_model", "Output folder (HF layout).")
-flags.DEFINE_integer("vocab_size", 2048, "Tokenizer vocabulary.")
-flags.DEFINE_integer("hidden", 256, "Hidden size.")
-flags.DEFINE_integer("layers", 4, "Decoder layers.")
-flags.DEFINE_integer("experts", 8, "Routed experts per layer.")
-flags.DEFINE_integer("top_k", 2, "Experts per token.")
-flags.DEFINE_integer("intermediate", 256, "Expert FFN width.")
-flags.DEFINE_integer("heads", 4, "Query heads.")
-flags.DEFINE_integer("kv_heads", 2, "Key/value heads (GQA).")
-flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-flags.DEFINE_integer("seq_len", 256, "Training context.")
-flags.DEFINE_integer("batch", 16, "Sequences per step.")
-flags.DEFINE_integer("steps", 3000, "Optimizer steps.")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate (warmup then cosine decay).")
-flags.DEFINE_float("aux_loss", 0.01, "Load-balancing loss weight (Switch-style).")
-flags.DEFINE_float("capacity", 1.25, "Expert capacity factor in training (0: dense, exact).")
-flags.DEFINE_integer("seed", 0, "Seed for init and batch sampling.")
-flags.DEFINE_integer("eval_windows", 64, "Held-out windows of seq_len tokens for perplexity.")
-flags.DEFINE_integer("log_every", 100, "Steps between loss lines.")
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  flags.DEFINE_string("out", "lazymoe_jax/demo_model", "Output folder (HF layout).")
+  flags.DEFINE_integer("vocab_size", 2048, "Tokenizer vocabulary.")
+  flags.DEFINE_integer("hidden", 256, "Hidden size.")
+  flags.DEFINE_integer("layers", 4, "Decoder layers.")
+  flags.DEFINE_integer("experts", 8, "Routed experts per layer.")
+  flags.DEFINE_integer("top_k", 2, "Experts per token.")
+  flags.DEFINE_integer("intermediate", 256, "Expert FFN width.")
+  flags.DEFINE_integer("heads", 4, "Query heads.")
+  flags.DEFINE_integer("kv_heads", 2, "Key/value heads (GQA).")
+  flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+  flags.DEFINE_integer("seq_len", 256, "Training context.")
+  flags.DEFINE_integer("batch", 16, "Sequences per step.")
+  flags.DEFINE_integer("steps", 3000, "Optimizer steps.")
+  flags.DEFINE_float("lr", 3e-3, "Peak learning rate (warmup then cosine decay).")
+  flags.DEFINE_float("aux_loss", 0.01, "Load-balancing loss weight (Switch-style).")
+  flags.DEFINE_float("capacity", 1.25, "Expert capacity factor in training (0: dense, exact).")
+  flags.DEFINE_integer("seed", 0, "Seed for init and batch sampling.")
+  flags.DEFINE_integer("eval_windows", 64, "Held-out windows of seq_len tokens for perplexity.")
+  flags.DEFINE_integer("log_every", 100, "Steps between loss lines.")
+
+
 FLAGS = flags.FLAGS
 ROPE_THETA = 10000.0
 EPS = 1e-5
@@ -178,9 +182,9 @@ def main(argv) -> None:
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
   t_start = time.time()
-  train_text = make_tiny.stdlib_corpus(1 << 40)
-  held_text = make_tiny.stdlib_corpus(1 << 40, held_out=True)
-  make_tiny.train_tokenizer(out, FLAGS.vocab_size, train_text[: 8 << 20])
+  train_text = corpus.stdlib_corpus(1 << 40)
+  held_text = corpus.stdlib_corpus(1 << 40, held_out=True)
+  corpus.train_tokenizer(out, FLAGS.vocab_size, train_text[: 8 << 20])
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
   train = np.array(sp.encode(train_text), np.int32)
@@ -239,11 +243,14 @@ def main(argv) -> None:
   targets = held_windows[:, 1:].reshape(-1)
   unigram_ppl = float(np.exp(-np.mean(np.log(counts / counts.sum())[targets])))
   shipped = from_hf_rounded(params)
-  cfg = dict(make_tiny.TINY_CONFIG, vocab_size=v, hidden_size=h, intermediate_size=i,
-             num_hidden_layers=nl, num_attention_heads=hq, num_key_value_heads=hk, head_dim=d,
-             num_local_experts=e, num_experts_per_tok=k, rms_norm_eps=EPS,
-             rope_parameters={"rope_theta": ROPE_THETA, "rope_type": "default"},
-             max_position_embeddings=4096, dtype="bfloat16")
+  cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+         "vocab_size": v, "hidden_size": h, "intermediate_size": i, "num_hidden_layers": nl,
+         "num_attention_heads": hq, "num_key_value_heads": hk, "head_dim": d,
+         "num_local_experts": e, "num_experts_per_tok": k, "hidden_act": "silu",
+         "max_position_embeddings": 4096, "rms_norm_eps": EPS,
+         "rope_parameters": {"rope_theta": ROPE_THETA, "rope_type": "default"},
+         "sliding_window": None, "tie_word_embeddings": False,
+         "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16"}
   report = {
       "held_out_tokens": int(targets.size), "held_out_ppl_f32": held_out_ppl(params),
       "held_out_ppl_bf16": held_out_ppl(shipped), "unigram_ppl": unigram_ppl,
@@ -266,4 +273,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,8 @@ class Engine:
                                         cfg.bos_token_id)
     self.eos_ids = set(cfg.eos_token_ids) | set(
         self.manifest.get("generation", {}).get("eos_token_ids", []))
+    # Optional observer: trace(layer, ids [T, k], h [T, H]) after each router (benchmarks).
+    self.trace: Callable[[int, np.ndarray, jax.Array], None] | None = None
     self._kv_bytes = 0
     self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
 
@@ -181,9 +183,12 @@ class Engine:
         continue
       h, xn, ids, weights, cache[layer] = steps.attn_router(cfg, window, p, x, pos, cache[layer])
       ids = np.asarray(ids)[:n]  # waits for this layer's router, hence for all earlier work
+      if self.trace is not None:
+        self.trace(layer, ids, h[:n])
       if n == 1:
         slots = self.pool.acquire(layer, ids[0])
-        x = steps.moe_decode(cfg, p, h, xn, weights, tuple(self.pool.arrays(s) for s in slots))
+        x = steps.moe_decode(cfg, self.experts.encoding, p, h, xn, weights,
+                             tuple(self.pool.arrays(s) for s in slots))
       else:
         x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
     return x, cache
@@ -206,7 +211,8 @@ class Engine:
         idx[:len(tok)] = tok
         w = np.zeros(b, np.float32)
         w[:len(tok)] = weights[tok, kpos]
-        acc = steps.expert_scatter_add(acc, xn, idx, w, *self.pool.arrays(slot))
+        acc = steps.expert_scatter_add(self.experts.encoding, acc, xn, idx, w,
+                                       self.pool.arrays(slot))
       acc.block_until_ready()  # the next wave may refill these slots
     return steps.moe_finish(self.cfg, p, h, xn, acc)
 

@@ -1,6 +1,6 @@
 r"""Generates text from a converted store, streaming it as it is produced.
 
-  python -m lazymoe_jax.generate [--model=STORE_DIR] [--prompt="def fib(n):"] \
+  python -m lazymoe_jax.generate [--model=STORE_DIR] [--prompt="def f(x):"] \
       [--max_new_tokens=64] [--temperature=0] [--top_p=1] [--top_k=0] [--seed=0] [--expert_slots=N]
 
 With no --model it runs the built-in default model (built into the cache on first use).
@@ -17,19 +17,23 @@ import lazymoe_jax
 from lazymoe_jax.errors import LazyMoEError, StoreError
 from lazymoe_jax.sampling import Sampler
 
-DEFAULT_PROMPT = "def fibonacci(n):\n    "
+DEFAULT_PROMPT = 'def read_file(path):\n    """Return the contents of the file."""\n'
 
-flags.DEFINE_string("model", None, "Store folder (from checkpoints_tools.convert_hf). Default: "
-                    "the built-in demo model.")
-flags.DEFINE_string("prompt", DEFAULT_PROMPT, "Prompt text.")
-flags.DEFINE_list("prompt_ids", None, "Prompt as token ids (for stores without a tokenizer).")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (stops early at eos).")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers "
-                     "(min num_experts_per_tok; default: as many as half the free RAM holds).")
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  flags.DEFINE_string("model", None, "Store folder (from checkpoints_tools.convert_hf). Default: "
+                      "the built-in demo model.")
+  flags.DEFINE_string("prompt", DEFAULT_PROMPT, "Prompt text.")
+  flags.DEFINE_list("prompt_ids", None, "Prompt as token ids (for stores without a tokenizer).")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (stops early at eos).")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers "
+                       "(min num_experts_per_tok; default: as many as half the free RAM holds).")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -49,15 +53,19 @@ def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_to
   if model is None:
     from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel
     print(f"No --model: using {default_model.DESCRIPTION}.", file=sys.stderr)
-    model = default_model.ensure_default_store(lambda s: print(s, file=sys.stderr))
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     try:
-      engine = lazymoe_jax.load(model, expert_slots=expert_slots)
-    except StoreError as e:
-      print(f"cached default store is broken ({e}); rebuilding", file=sys.stderr)
-      model = default_model.ensure_default_store(lambda s: print(s, file=sys.stderr), True)
-      engine = lazymoe_jax.load(model, expert_slots=expert_slots)
-  else:
-    engine = lazymoe_jax.load(model, expert_slots=expert_slots)
+      return _run(default_model.ensure_default_store(log), prompt, prompt_ids, max_new_tokens,
+                  sampler, expert_slots, out)
+    except StoreError as e:  # a damaged cache is rebuilt once, never trusted
+      print(f"the cached demo store is damaged ({e}); rebuilding it", file=sys.stderr)
+      return _run(default_model.ensure_default_store(log, rebuild=True), prompt, prompt_ids,
+                  max_new_tokens, sampler, expert_slots, out)
+  return _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out)
+
+
+def _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out) -> list[int]:
+  engine = lazymoe_jax.load(model, expert_slots=expert_slots)
   ids = [int(i) for i in prompt_ids] if prompt_ids else engine.tokenizer.encode(prompt)
   has_text = not isinstance(engine.tokenizer, lazymoe_jax.tokenizer.NoTokenizer)
   if has_text and not prompt_ids:
@@ -93,4 +101,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,7 +26,7 @@ FAMILIES = {
                        num_experts_per_tok=3, shared_expert_intermediate_size=36,
                        norm_topk_prob=False, mlp_only_layers=[1], qkv_bias=True)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(moe_intermediate_size=24, intermediate_size=40, num_experts=8,
+                  dict(moe_intermediate_size=32, intermediate_size=40, num_experts=8,
                        num_experts_per_tok=2, norm_topk_prob=True, head_dim=16)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2,
@@ -77,3 +77,12 @@ def family_models(tmp_path_factory):
 
 def token_ids(n: int, vocab: int = 96, seed: int = 1) -> np.ndarray:
   return np.random.RandomState(seed).randint(3, vocab, n)
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory):
+  """The shipped demo checkpoint converted once per session."""
+  from checkpoints_tools import convert_hf, default_model  # pylint: disable=import-outside-toplevel
+  store = str(tmp_path_factory.mktemp("demo") / "store")
+  convert_hf.convert(default_model.DEMO_DIR, store, log=lambda s: None)
+  return store

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 import lazymoe_jax
-from checkpoints_tools import default_model, make_tiny
+from lazymoe_jax import generate
+from checkpoints_tools import corpus, default_model
+from lazymoe_jax.store import format as fmt
 from tests.conftest import ROOT
 
 SUMMARY = re.compile(r"\[(\d+) prompt tokens at [\d.]+ tok/s \| (\d+) new at [\d.]+ tok/s \| "
@@ -45,21 +47,33 @@ def test_default_model_builds_once_and_rebuilds_when_broken(tmp_path):
   env = {"LAZYMOE_CACHE": str(tmp_path)}
   res = _generate("--max_new_tokens=8", env=env)
   assert res.returncode == 0, res.stderr
-  assert "building" in res.stderr and "No --model" in res.stderr
-  assert res.stdout.startswith("def fibonacci(n):")
+  assert "converting" in res.stderr and "No --model" in res.stderr
+  assert res.stdout.startswith(generate.DEFAULT_PROMPT)
   assert SUMMARY.search(res.stdout)
   res2 = _generate("--max_new_tokens=8", env=env)
-  assert res2.returncode == 0 and "building" not in res2.stderr
+  assert res2.returncode == 0 and "converting" not in res2.stderr
   assert res2.stdout.splitlines()[:2] == res.stdout.splitlines()[:2]  # same greedy text
   store = os.path.join(str(tmp_path), "stores", default_model.NAME)
   os.remove(os.path.join(store, "manifest.json"))  # a broken cache is rebuilt, not trusted
   res3 = _generate("--max_new_tokens=8", env=env)
-  assert res3.returncode == 0 and "building" in res3.stderr
+  assert res3.returncode == 0 and "converting" in res3.stderr
+  assert res3.stdout == res.stdout.replace(SUMMARY.search(res.stdout).group(0),
+                                           SUMMARY.search(res3.stdout).group(0))
+  with open(fmt.chunk_path(store, "w_down", 0, 0), "r+b") as f:  # corrupt a chunk in place
+    f.seek(64)
+    f.write(b"\xff" * 16)
+  res4 = _generate("--max_new_tokens=8", "--expert_slots=2", env=env)
+  assert res4.returncode == 0 and "damaged" in res4.stderr, res4.stderr
 
 
 def test_tokenizer_round_trip_is_exact(tmp_path):
   pytest.importorskip("sentencepiece")
-  make_tiny.train_tokenizer(str(tmp_path), 1024, make_tiny.stdlib_corpus(1 << 19))
-  tok = lazymoe_jax.tokenizer.SentencePieceTokenizer(str(tmp_path / "tokenizer.model"), False)
-  text = make_tiny.stdlib_corpus(1 << 17, held_out=True) + "\n\tünïcödé → 🙂  \n"
-  assert tok.decode(tok.encode(text)) == text
+  tok = lazymoe_jax.tokenizer.SentencePieceTokenizer(
+      os.path.join(default_model.DEMO_DIR, "tokenizer.model"), False)
+  files = corpus.stdlib_files(held_out=True)
+  assert len(files) > 50
+  for path in files:
+    text = corpus.read_source(path)
+    assert tok.decode(tok.encode(text)) == text, path
+  odd = "\n\tünïcödé → 🙂  \r\n  \x00\x7f trailing  "
+  assert tok.decode(tok.encode(odd)) == odd

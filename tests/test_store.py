@@ -247,3 +247,35 @@ def test_generation_config_eos_ids_are_used(mixtral, tmp_path):
   assert engine.eos_ids == {2, 77}
   with pytest.raises(ValueError, match="exceeds the model's context of 256"):
     engine.generate([5, 6], 255)
+
+
+@pytest.mark.parametrize("dtype,args", [("int8", []), ("int4-g32", ["--group_size=32"])])
+def test_quantised_experts_end_to_end(family_models, tmp_path, dtype, args):
+  model, hf, store = family_models["qwen3_moe"]
+  res = convert_cli(hf, str(tmp_path / "q"), f"--expert_dtype={dtype.split('-')[0]}", *args)
+  assert res.returncode == 0, res.stderr
+  manifest = fmt.read_manifest(str(tmp_path / "q"))
+  assert manifest["experts"]["encoding"] == dtype
+  assert {t["dtype"] for t in manifest["experts"]["tensors"].values()} >= {"int8"}
+  ids = token_ids(20)
+  full = lazymoe_jax.load(store).logits(ids)
+  small = lazymoe_jax.load(str(tmp_path / "q"), expert_slots=2)
+  big = lazymoe_jax.load(str(tmp_path / "q"), expert_slots=10_000)
+  q = small.logits(ids)
+  np.testing.assert_array_equal(q, big.logits(ids))  # pool size never changes results
+  rel = np.abs(q - full).max() / np.abs(full).max()
+  print(f"{dtype}: max logit error relative to the f32 store {rel:.2e}")
+  assert rel < (0.02 if dtype == "int8" else 0.2)
+  bpe = small.experts.bytes_per_expert
+  i, h = model.config.moe_intermediate_size, model.config.hidden_size
+  if dtype == "int8":  # int8 weights + f32 row scales
+    assert bpe == 3 * i * h + 4 * (2 * i + h)
+  else:  # two int4 per byte + an f16 scale per 32 inputs
+    assert bpe == 3 * i * h // 2 + 2 * (2 * i * h // 32 + h * i // 32)
+
+
+def test_unsupported_expert_dtype_and_group(mixtral, tmp_path):
+  err = _convert_fails(mixtral[1], tmp_path / "s1", "--expert_dtype=int3")
+  assert "int3" in err and "int8" in err
+  err = _convert_fails(mixtral[1], tmp_path / "s2", "--expert_dtype=int4", "--group_size=128")
+  assert "does not divide" in err  # mixtral test model: H=32, I=48

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from lazymoe_jax.config import MoEConfig
 from lazymoe_jax.kv import dense as kv_dense
+from lazymoe_jax.model.encodings import Encoding
 
 F32 = jnp.float32
 
@@ -19,9 +20,8 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-  """x [T, in] @ w[out, in]^T (+ b) -> [T, out] in float32."""
-  y = jax.lax.dot_general(x.astype(F32), w.astype(F32), (((1,), (1,)), ((), ())),
-                          preferred_element_type=F32)
+  """x [T, in] @ w[out, in]^T (+ b) -> [T, out] in float32, in the weight dtype's fast form."""
+  y = Encoding(w.dtype.name).matmul({"": w}, x)
   return y if b is None else y + b.astype(F32)
 
 
@@ -59,13 +59,14 @@ def attention(cfg: MoEConfig, p: dict, x: jax.Array, pos: jax.Array, cache: dict
   return linear(o.reshape(t, hq * d), p["wo"], p.get("bo")), cache
 
 
-def swiglu(w_gate_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:
-  """One SwiGLU FFN: gate and up fused as w_gate_up [2I, H], w_down [H, I]; x [T, H] -> [T, H]."""
-  i = w_down.shape[1]
-  # Upcast: exact for f32 stores; the fast low-precision forms come with the kernel issue.
-  gu = jax.lax.dot_general(w_gate_up.astype(F32), x.astype(F32), (((1,), (1,)), ((), ())),
-                           preferred_element_type=F32)  # [2I, T]
-  h = jax.nn.silu(gu[:i]) * gu[i:]  # [I, T]
-  out = jax.lax.dot_general(w_down.astype(F32), h, (((1,), (0,)), ((), ())),
-                            preferred_element_type=F32)  # [H, T]
-  return out.T
+def swiglu(enc: Encoding, w_gate_up: dict, w_down: dict, x: jax.Array) -> jax.Array:
+  """One SwiGLU FFN, gate and up fused as w_gate_up [2I, H], w_down [H, I], each in encoding
+  `enc` as {suffix: array}; x [T, H] -> [T, H] float32."""
+  gu = enc.matmul(w_gate_up, x)  # [T, 2I]
+  i = gu.shape[1] // 2
+  return enc.matmul(w_down, jax.nn.silu(gu[:, :i]) * gu[:, i:])
+
+
+def dense_swiglu(w_gate_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:
+  """SwiGLU with plain float weights (dense MLP layers, shared experts)."""
+  return swiglu(Encoding(w_gate_up.dtype.name), {"": w_gate_up}, {"": w_down}, x)

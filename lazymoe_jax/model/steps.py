@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lazymoe_jax.config import MoEConfig
 from lazymoe_jax.model import layers
+from lazymoe_jax.model.encodings import Encoding
 from lazymoe_jax.model.routers import route
 
 
@@ -50,32 +51,32 @@ def dense_layer(cfg: MoEConfig, window: int | None, p: dict, x: jax.Array, pos: 
                 cache: dict):
   """A whole layer whose MLP is dense (Qwen `mlp_only_layers`)."""
   h, xn, cache = _attention_residual(cfg, window, p, x, pos, cache)
-  return h + layers.swiglu(p["w_gate_up"], p["w_down"], xn), cache
+  return h + layers.dense_swiglu(p["w_gate_up"], p["w_down"], xn), cache
 
 
 def _shared(cfg: MoEConfig, p: dict, xn: jax.Array) -> jax.Array:
   if not cfg.shared_expert_intermediate_size:
     return jnp.zeros_like(xn)
   gate = jax.nn.sigmoid(layers.linear(xn, p["shared_gate"]))  # [T, 1]
-  return gate * layers.swiglu(p["shared_w_gate_up"], p["shared_w_down"], xn)
+  return gate * layers.dense_swiglu(p["shared_w_gate_up"], p["shared_w_down"], xn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def moe_decode(cfg: MoEConfig, p: dict, h: jax.Array, xn: jax.Array, weights: jax.Array,
-               slots: tuple) -> jax.Array:
-  """One token: slots[j] = (w_gate_up, w_down) of its j-th expert; weights [1, k]."""
+@functools.partial(jax.jit, static_argnames=("cfg", "enc"))
+def moe_decode(cfg: MoEConfig, enc: Encoding, p: dict, h: jax.Array, xn: jax.Array,
+               weights: jax.Array, slots: tuple) -> jax.Array:
+  """One token: slots[j] = {tensor: {suffix: array}} of its j-th expert; weights [1, k]."""
   routed = jnp.zeros_like(xn)
-  for j, (w_gu, w_d) in enumerate(slots):
-    routed = routed + weights[:, j:j + 1] * layers.swiglu(w_gu, w_d, xn)
+  for j, ex in enumerate(slots):
+    routed = routed + weights[:, j:j + 1] * layers.swiglu(enc, ex["w_gate_up"], ex["w_down"], xn)
   return h + (routed + _shared(cfg, p, xn))
 
 
-@functools.partial(jax.jit, donate_argnames=("acc",))
-def expert_scatter_add(acc: jax.Array, xn: jax.Array, idx: jax.Array, w: jax.Array,
-                       w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("enc",), donate_argnames=("acc",))
+def expert_scatter_add(enc: Encoding, acc: jax.Array, xn: jax.Array, idx: jax.Array,
+                       w: jax.Array, ex: dict) -> jax.Array:
   """acc[idx] += w * expert(xn[idx]). idx, w [B] are padded with weight 0 to a bucket size."""
-  y = layers.swiglu(w_gate_up, w_down, jnp.take(xn, idx, axis=0)) * w[:, None]
-  return acc.at[idx].add(y)
+  y = layers.swiglu(enc, ex["w_gate_up"], ex["w_down"], jnp.take(xn, idx, axis=0))
+  return acc.at[idx].add(y * w[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -9,6 +9,7 @@ import numpy as np
 import tensorstore as ts
 
 from lazymoe_jax.errors import StoreError
+from lazymoe_jax.model import encodings
 from lazymoe_jax.store import format as fmt
 
 
@@ -20,12 +21,14 @@ class ExpertStore:
     ex = manifest["experts"]
     self.layers: list[int] = list(ex["layers"])  # model layer index of each array row
     self.row = {layer: r for r, layer in enumerate(self.layers)}
-    self.crc32 = {name: ex["crc32"][name] for name in fmt.EXPERT_TENSORS}
-    self.specs = ex["tensors"]
+    self.encoding = encodings.get(ex["encoding"])
+    self.specs = ex["tensors"]  # array name -> {path, shape, dtype, tensor, suffix}
+    self.crc32 = {name: ex["crc32"][name] for name in self.specs}
     self.dtypes = {n: fmt.numpy_dtype(s["dtype"]) for n, s in self.specs.items()}
     self.shapes = {n: tuple(s["shape"][2:]) for n, s in self.specs.items()}
     self.nbytes = {n: int(np.prod(self.shapes[n])) * self.dtypes[n].itemsize for n in self.specs}
     self.bytes_per_expert = sum(self.nbytes.values())
+
     self.arrays = {}
     for name, spec in self.specs.items():
       path = os.path.join(store_dir, spec["path"])
@@ -38,6 +41,13 @@ class ExpertStore:
         raise StoreError(f"expert array {path} has shape {arr.shape}, manifest says "
                          f"{spec['shape']}; re-convert with --overwrite.")
       self.arrays[name] = arr
+
+  def as_tree(self, arrays: dict) -> dict[str, dict]:
+    """{array name: a} -> {tensor: {suffix: a}}, the form the expert kernels take."""
+    tree: dict[str, dict] = {}
+    for name, a in arrays.items():
+      tree.setdefault(self.specs[name]["tensor"], {})[self.specs[name]["suffix"]] = a
+    return tree
 
   def read_into(self, layer: int, expert: int, buffers: dict[str, np.ndarray]) -> int:
     """Reads expert `expert` of model layer `layer` into `buffers`; returns bytes read.

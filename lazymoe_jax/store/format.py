@@ -12,17 +12,31 @@ from lazymoe_jax.config import MoEConfig
 from lazymoe_jax.errors import StoreError
 
 FORMAT = "lazymoe-store"
-VERSION = 1
+VERSION = 2  # 2: expert encodings (arrays per tensor, "encoding" in the manifest)
 MANIFEST = "manifest.json"
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
 # Routed-expert tensors, [out, in] as the kernels want them: gate and up fused on the rows.
-EXPERT_TENSORS = ("w_gate_up", "w_down")
+# Each is stored as the arrays of its encoding (model/encodings.py), e.g. w_down, w_down_scale.
 
 
 def expert_shapes(cfg: MoEConfig) -> dict[str, tuple[int, int]]:
+  """Logical routed-expert weights, [out, in]."""
   i, h = cfg.moe_intermediate_size, cfg.hidden_size
   return {"w_gate_up": (2 * i, h), "w_down": (h, i)}
+
+
+def array_name(tensor: str, suffix: str) -> str:
+  return f"{tensor}_{suffix}" if suffix else tensor
+
+
+def expert_arrays(cfg: MoEConfig, encoding) -> dict[str, tuple[str, str, tuple, str]]:
+  """Array name -> (tensor, suffix, shape of one expert, dtype) for an expert encoding."""
+  out = {}
+  for tensor, (rows, cols) in expert_shapes(cfg).items():
+    for suffix, (shape, dtype) in encoding.arrays(rows, cols).items():
+      out[array_name(tensor, suffix)] = (tensor, suffix, shape, dtype)
+  return out
 
 
 def dense_part_names(cfg: MoEConfig) -> list[str]:

@@ -31,7 +31,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 class ExpertPool:
-  """`acquire(layer, experts) -> slots`; `arrays(slot) -> (w_gate_up, w_down)`."""
+  """`acquire(layer, experts) -> slots`; `arrays(slot) -> {tensor: {suffix: array}}`."""
 
   def __init__(self, store: ExpertStore, num_slots: int, min_slots: int):
     if num_slots < min_slots:
@@ -48,7 +48,7 @@ class ExpertPool:
       self.buffers.append(bufs)
     self._arrays = [self._wrap(b) for b in self.buffers]
     first = self.buffers[0]["w_gate_up"]
-    self.zero_copy = self._arrays[0][0].unsafe_buffer_pointer() == first.ctypes.data
+    self.zero_copy = self._arrays[0]["w_gate_up"][""].unsafe_buffer_pointer() == first.ctypes.data
     self.owner: list[tuple[int, int] | None] = [None] * num_slots
     self.table: dict[tuple[int, int], int] = {}
     self.lru: collections.OrderedDict[int, None] = collections.OrderedDict(
@@ -57,15 +57,15 @@ class ExpertPool:
     self.misses = 0
     self.bytes_read = 0
 
-  @staticmethod
-  def _wrap(bufs: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
-    return jax.device_put(bufs["w_gate_up"]), jax.device_put(bufs["w_down"])
+  def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, dict[str, jax.Array]]:
+    return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
 
   @property
   def nbytes(self) -> int:
     return self.num_slots * self.store.bytes_per_expert
 
-  def arrays(self, slot: int) -> tuple[jax.Array, jax.Array]:
+  def arrays(self, slot: int) -> dict[str, dict[str, jax.Array]]:
+    """The slot's expert as {tensor: {suffix: array}} (see model/encodings.py)."""
     return self._arrays[slot]
 
   def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:

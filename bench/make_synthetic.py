@@ -1,0 +1,101 @@
+r"""Writes a synthetic Mixtral-layout MoE in Hugging Face format, one shard per layer.
+
+  python -m bench.make_synthetic --dst=/tmp/synth [--layers=8 --hidden=1024 --intermediate=2816
+      --experts=16 --top_k=2 --vocab=32000 --dtype=bfloat16]
+
+Memory stays at one layer: each layer is generated and written as its own safetensors shard,
+with model.safetensors.index.json naming them. Random weights; embeddings with std
+--embed_std (1.0 by default: with the usual 0.02 everywhere the residual stream is nearly the
+same for every token and routing collapses, which flatters any expert cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+from absl import app, flags
+from safetensors.numpy import save_file
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  flags.DEFINE_string("dst", None, "Output folder.")
+  flags.DEFINE_integer("layers", 8, "Decoder layers.")
+  flags.DEFINE_integer("hidden", 1024, "Hidden size.")
+  flags.DEFINE_integer("intermediate", 2816, "Expert FFN width.")
+  flags.DEFINE_integer("experts", 16, "Experts per layer.")
+  flags.DEFINE_integer("top_k", 2, "Experts per token.")
+  flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
+  flags.DEFINE_integer("heads", 16, "Query heads.")
+  flags.DEFINE_integer("kv_heads", 4, "Key/value heads.")
+  flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+  flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32.")
+  flags.DEFINE_float("embed_std", 1.0, "Embedding init std (routing diversity, see above).")
+  flags.DEFINE_integer("seed", 0, "Seed.")
+
+
+FLAGS = flags.FLAGS
+
+
+def make_synthetic(dst: str, layers: int, hidden: int, intermediate: int, experts: int,
+                   top_k: int, vocab: int, heads: int, kv_heads: int, head_dim: int,
+                   dtype: str = "bfloat16", embed_std: float = 1.0, seed: int = 0) -> str:
+  os.makedirs(dst, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  npd = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+
+  def w(*shape, std=0.02):
+    return (rng.standard_normal(shape, dtype=np.float32) * std).astype(npd)
+
+  n_shards = layers + 1
+  names = lambda i: f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
+  weight_map = {}
+
+  def save(i, tensors):
+    save_file(tensors, os.path.join(dst, names(i)), metadata={"format": "pt"})
+    weight_map.update({k: names(i) for k in tensors})
+
+  q, kv = heads * head_dim, kv_heads * head_dim
+  for layer in range(layers):
+    pre = f"model.layers.{layer}."
+    t = {pre + "input_layernorm.weight": np.ones(hidden, npd),
+         pre + "post_attention_layernorm.weight": np.ones(hidden, npd),
+         pre + "self_attn.q_proj.weight": w(q, hidden), pre + "self_attn.k_proj.weight": w(kv, hidden),
+         pre + "self_attn.v_proj.weight": w(kv, hidden), pre + "self_attn.o_proj.weight": w(hidden, q),
+         pre + "block_sparse_moe.gate.weight": w(experts, hidden, std=0.1)}
+    for e in range(experts):
+      ex = f"{pre}block_sparse_moe.experts.{e}."
+      t[ex + "w1.weight"] = w(intermediate, hidden)
+      t[ex + "w3.weight"] = w(intermediate, hidden)
+      t[ex + "w2.weight"] = w(hidden, intermediate)
+    save(layer, t)
+  save(layers, {"model.embed_tokens.weight": w(vocab, hidden, std=embed_std),
+                "model.norm.weight": np.ones(hidden, npd), "lm_head.weight": w(vocab, hidden)})
+  with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+  cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
+         "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+         "num_local_experts": experts, "num_experts_per_tok": top_k, "hidden_act": "silu",
+         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+         "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+         "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1,
+         "eos_token_id": 2, "dtype": dtype}
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  return dst
+
+
+def main(argv) -> None:
+  del argv
+  print(make_synthetic(FLAGS.dst, FLAGS.layers, FLAGS.hidden, FLAGS.intermediate, FLAGS.experts,
+                       FLAGS.top_k, FLAGS.vocab, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim,
+                       FLAGS.dtype, FLAGS.embed_std, FLAGS.seed))
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flag_as_required("dst")
+  app.run(main)

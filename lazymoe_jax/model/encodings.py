@@ -1,0 +1,187 @@
+"""Expert weight encodings: how a [rows, cols] weight is stored, and its fast products.
+
+Each encoding turns one float weight into one or more arrays (the layout on disk is the layout
+the kernel reads, so a slot is filled straight from disk) and computes x @ W^T from them:
+
+  float32 / bfloat16 / float16  {"": W}                       x @ W^T, f32 accumulation
+  int8                          {"": q int8 [rows, cols],     per output row: W ~ scale * q
+                                 "scale": f32 [rows]}
+  int4-gG (G = 32, 64, 128)     {"": packed int8 [rows, G/2, cols/G],   per (row, group of G
+                                 "scale": f16 [rows, cols/G]}            columns): W ~ s * q,
+                                                                          q in [-7, 7]
+int4 packing: byte[o, j, g] = 16 * q[o, g*G + G/2 + j] + (q[o, g*G + j] + 8), i.e. the high
+nibble (signed) holds the second half of the group and the low nibble (biased by 8) the first
+half. The group index is the minor axis, so one reduction over the last two axes does the whole
+product, which is the form XLA-CPU runs fast; nibbles are split with float ops (convert, scale,
+floor) since its integer shifts fall back to slow loops (see ARCHITECTURE.md).
+Legend: T = tokens, O = rows (outputs), C = cols (inputs), G = group, N = number of groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+INT4_GROUPS = (32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  """A weight encoding; hashable, so jitted programs take it as a static argument."""
+
+  name: str
+
+  @property
+  def kind(self) -> str:
+    return "float" if self.name in FLOAT_DTYPES else self.name.split("-")[0]
+
+  @property
+  def group(self) -> int:
+    return int(self.name.split("-g")[1]) if self.kind == "int4" else 0
+
+  # ---- layout ------------------------------------------------------------------------------
+  def arrays(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Suffix -> (shape, dtype name) of the arrays one [rows, cols] weight becomes."""
+    if self.kind == "float":
+      return {"": ((rows, cols), self.name)}
+    if self.kind == "int8":
+      return {"": ((rows, cols), "int8"), "scale": ((rows,), "float32")}
+    g = self.group
+    if cols % g:
+      raise ValueError(f"int4 group {g} does not divide the input width {cols}; choose a group "
+                       f"in {[x for x in INT4_GROUPS if cols % x == 0] or 'none: use int8'}.")
+    return {"": ((rows, g // 2, cols // g), "int8"), "scale": ((rows, cols // g), "float16")}
+
+  def bytes_per_weight(self) -> float:
+    return {"float": 4.0 if self.name == "float32" else 2.0, "int8": 1.0}.get(
+        self.kind, 0.5 + 2.0 / max(self.group, 1))
+
+  # ---- encode / decode (numpy, offline) -----------------------------------------------------
+  def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+    from lazymoe_jax.store.format import numpy_dtype  # pylint: disable=import-outside-toplevel
+    w = np.asarray(w, np.float32)
+    if self.kind == "float":
+      return {"": w.astype(numpy_dtype(self.name))}
+    if self.kind == "int8":
+      scale = np.abs(w).max(axis=1) / 127.0
+      scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+      return {"": np.round(w / scale[:, None]).astype(np.int8), "scale": scale}
+    rows, cols = w.shape
+    g = self.group
+    wg = w.reshape(rows, cols // g, g)
+    scale = (np.abs(wg).max(axis=2) / 7.0).astype(np.float16)
+    s = scale.astype(np.float32)
+    s = np.where(s > 0, s, 1.0)
+    q = np.clip(np.round(wg / s[..., None]), -7, 7).astype(np.int16)  # [O, N, G]
+    packed = 16 * q[..., g // 2:] + (q[..., :g // 2] + 8)  # [O, N, G/2] in [-128, 127]
+    return {"": np.ascontiguousarray(packed.transpose(0, 2, 1)).astype(np.int8),
+            "scale": scale}
+
+  def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The float32 weight the encoded arrays stand for (the kernels' exact reference)."""
+    a = arrays[""]
+    if self.kind == "float":
+      return np.asarray(a, np.float32)
+    if self.kind == "int8":
+      return a.astype(np.float32) * np.asarray(arrays["scale"], np.float32)[:, None]
+    b = a.astype(np.int16)  # [O, G/2, N]
+    hi = np.floor_divide(b, 16)
+    lo = b - 16 * hi - 8
+    q = np.concatenate([lo, hi], axis=1)  # [O, G, N]
+    w = q.astype(np.float32) * np.asarray(arrays["scale"], np.float32)[:, None, :]
+    return np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(a.shape[0], -1)
+
+  def error_bound(self, w: np.ndarray) -> np.ndarray:
+    """Elementwise bound on |w - decode(encode(w))|: half a quantisation step (+ f16 scale)."""
+    w = np.asarray(w, np.float32)
+    if self.kind == "float":
+      eps, tiny = {"float32": (0.0, 0.0), "bfloat16": (2.0 ** -8, 0.0),
+                   "float16": (2.0 ** -11, 2.0 ** -25)}[self.name]  # f16: subnormals below 6e-5
+      return np.abs(w) * eps + tiny
+    if self.kind == "int8":
+      return np.broadcast_to((np.abs(w).max(axis=1) / 127.0 * 0.5)[:, None], w.shape) * (1 + 1e-6)
+    rows, cols = w.shape
+    g = self.group
+    step = np.abs(w.reshape(rows, -1, g)).max(axis=2) / 7.0
+    # half a step, plus the f16 rounding of the scale times the largest level (7)
+    bound = step * 0.5 + 7 * step * 2.0 ** -11
+    return np.repeat(bound, g, axis=1) * (1 + 1e-5)
+
+  # ---- products (jnp, inside jit) -----------------------------------------------------------
+  def matmul(self, arrays: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """x [T, C] float32 -> x @ W^T [T, O] float32, in the encoding's fast form."""
+    t = x.shape[0]
+    a = arrays[""]
+    if self.kind == "float":
+      # Activations stay float32 (exact against the reference): 16-bit weights are upcast,
+      # one token by multiply-sum over the long axis (fused, no temporary), more by a product.
+      if self.name != "float32" and t <= 2:
+        return jnp.stack([jnp.sum(a.astype(F32) * x[i][None, :], axis=-1) for i in range(t)])
+      return _dot(a.astype(F32), _pad_rows(x.astype(F32)))[:, :t].T
+    if self.kind == "int8":
+      return _int8_matmul(a, arrays["scale"], x)
+    return _int4_matmul(a, arrays["scale"], x, self.group)
+
+
+def _dot(w: jax.Array, x: jax.Array) -> jax.Array:
+  """w [O, C] . x [M, C] -> [O, M], contracting both minor axes (the weight as the left operand).
+
+  Measured: the same int8 product runs at 13.5 GB/s in this form and at 0.4 GB/s when x is
+  handed over transposed ([C, M]), which makes XLA pick a slow loop.
+  """
+  pref = jnp.int32 if w.dtype == jnp.int8 else F32
+  return jax.lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=pref)
+
+
+def _pad_rows(x: jax.Array) -> jax.Array:
+  """[T, C] -> [max(T, 2), C]: a product with M = 1 is catastrophically slow on XLA-CPU."""
+  return jnp.pad(x, ((0, 1), (0, 0))) if x.shape[0] == 1 else x
+
+
+def _int8_matmul(q: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
+  """Activations quantised per token in two levels (value, then residual) as two int8 columns;
+  int8 x int8 -> int32 products; rescaled by both activation scales and the row scale."""
+  x = x.astype(F32)
+  s1 = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0  # [T, 1]
+  s1 = jnp.where(s1 > 0, s1, 1.0)
+  q1 = jnp.round(x / s1)
+  r = x - q1 * s1
+  s2 = jnp.max(jnp.abs(r), axis=1, keepdims=True) / 127.0
+  s2 = jnp.where(s2 > 0, s2, 1.0)
+  q2 = jnp.round(r / s2)
+  xq = jnp.concatenate([q1, q2], axis=0).astype(jnp.int8)  # [2T, C]
+  y = _dot(q, xq).astype(F32)  # [O, 2T]
+  t = x.shape[0]
+  return (y[:, :t] * s1[:, 0] + y[:, t:] * s2[:, 0]).T * scale[None, :]
+
+
+def _int4_matmul(b: jax.Array, scale: jax.Array, x: jax.Array, g: int) -> jax.Array:
+  o, half, n = b.shape
+  s = scale.astype(F32)  # [O, N]
+  xg = x.astype(F32).reshape(x.shape[0], n, g).transpose(0, 2, 1)  # [T, G, N]
+  x_lo, x_hi = xg[:, :half], xg[:, half:]  # [T, G/2, N]
+  f = b.astype(F32)
+  hi = jnp.floor(f * (1.0 / 16.0))
+  # f = 16 hi + lo + 8  =>  lo*x_lo + hi*x_hi = f*x_lo + hi*(x_hi - 16 x_lo) - 8 x_lo
+  x2 = x_hi - 16.0 * x_lo
+  if x.shape[0] > 4:  # prefill: dequantise once, then one matrix product
+    lo = f - 16.0 * hi - 8.0
+    w = (jnp.concatenate([lo, hi], axis=1) * s[:, None, :]).reshape(o, -1)  # [O, G*N], (j, g)
+    return _dot(w, xg.reshape(x.shape[0], -1)).T  # x in the same (j, g) order
+  bias = 8.0 * jnp.einsum("on,tn->to", s, jnp.sum(x_lo, axis=1))  # [T, O]
+  outs = [jnp.sum((f * x_lo[i][None] + hi * x2[i][None]) * s[:, None, :], axis=(1, 2))
+          for i in range(x.shape[0])]
+  return jnp.stack(outs) - bias
+
+
+def get(name: str) -> Encoding:
+  """Validated encoding by name: float32, bfloat16, float16, int8, int4-g32/64/128."""
+  valid = list(FLOAT_DTYPES) + ["int8"] + [f"int4-g{g}" for g in INT4_GROUPS]
+  if name not in valid:
+    raise ValueError(f"unknown expert encoding {name!r}; choose one of {valid}.")
+  return Encoding(name)

@@ -1,0 +1,79 @@
+"""The shipped demo model: transformers loads it as it is, we agree with it, and it learned."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import lazymoe_jax
+from checkpoints_tools import corpus, default_model
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def demo(demo_store):
+  engine = lazymoe_jax.load(demo_store)
+  text = corpus.stdlib_corpus(1 << 16, held_out=True)
+  return engine, np.array(engine.tokenizer.encode(text))
+
+
+def test_shipped_files_are_small_and_complete():
+  files = set(os.listdir(default_model.DEMO_DIR))
+  assert {"config.json", "model.safetensors", "tokenizer.model"} <= files
+  total = sum(os.path.getsize(os.path.join(default_model.DEMO_DIR, f)) for f in files)
+  assert total <= 20 * 2**20
+
+
+def test_matches_transformers_mixtral(demo):
+  engine, ids = demo
+  model = transformers.MixtralForCausalLM.from_pretrained(default_model.DEMO_DIR,
+                                                          dtype=torch.float32).eval()
+  window = ids[:96]
+  with torch.no_grad():
+    ref = model(torch.tensor(window)[None]).logits[0].numpy()
+  diff = np.abs(engine.logits(window) - ref).max()
+  print(f"demo model: max |logit diff| vs transformers = {diff:.2e}")
+  assert diff <= 1e-4
+  prompt = engine.tokenizer.encode("def fibonacci(n):\n    ")
+  with torch.no_grad():
+    want = model.generate(torch.tensor(prompt)[None], max_new_tokens=32, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+  assert engine.generate(prompt, 32) == want
+
+
+def test_held_out_perplexity_is_far_below_unigram(demo):
+  engine, ids = demo
+  train = np.array(engine.tokenizer.encode(corpus.stdlib_corpus(1 << 40)))
+  counts = np.bincount(train, minlength=engine.cfg.vocab_size) + 1.0
+  logp_uni = np.log(counts / counts.sum())
+  windows = [ids[i * 256:(i + 1) * 256] for i in range(4)]
+  nll_model, nll_uni, n = 0.0, 0.0, 0
+  for w in windows:
+    logits = engine.logits(w).astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll_model -= logp[np.arange(len(w) - 1), w[1:]].sum()
+    nll_uni -= logp_uni[w[1:]].sum()
+    n += len(w) - 1
+  ppl, uni = np.exp(nll_model / n), np.exp(nll_uni / n)
+  print(f"held-out perplexity {ppl:.2f}, unigram {uni:.2f}")
+  assert ppl <= uni / 3
+
+
+@pytest.mark.parametrize("dtype,minimum", [("int8", 0.98), ("int4", 0.80)])
+def test_quantised_demo_keeps_top1(demo, tmp_path, dtype, minimum):
+  engine, ids = demo
+  from checkpoints_tools import convert_hf  # pylint: disable=import-outside-toplevel
+  convert_hf.convert(default_model.DEMO_DIR, str(tmp_path / dtype), expert_dtype=dtype,
+                     log=lambda s: None)
+  quant = lazymoe_jax.load(str(tmp_path / dtype))
+  agree, total = 0, 0
+  for i in range(4):
+    w = ids[i * 256:(i + 1) * 256]
+    agree += int((engine.logits(w).argmax(-1) == quant.logits(w).argmax(-1)).sum())
+    total += len(w)
+  print(f"demo model, {dtype} experts: teacher-forced top-1 agreement with the bf16 store "
+        f"{agree / total:.2%} over {total} held-out positions")
+  assert agree / total >= minimum
