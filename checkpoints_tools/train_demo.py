@@ -247,7 +247,7 @@ def main(argv) -> None:
          "vocab_size": v, "hidden_size": h, "intermediate_size": i, "num_hidden_layers": nl,
          "num_attention_heads": hq, "num_key_value_heads": hk, "head_dim": d,
          "num_local_experts": e, "num_experts_per_tok": k, "hidden_act": "silu",
-         "max_position_embeddings": 4096, "rms_norm_eps": EPS,
+         "max_position_embeddings": L, "rms_norm_eps": EPS,  # the trained context
          "rope_parameters": {"rope_theta": ROPE_THETA, "rope_type": "default"},
          "sliding_window": None, "tie_word_embeddings": False,
          "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16"}

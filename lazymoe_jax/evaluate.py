@@ -1,6 +1,6 @@
 r"""Batch evaluation: perplexity of a text, or completions for a file of prompts.
 
-  python -m lazymoe_jax.evaluate --model=STORE --text_file=FILE [--context=1024 --stride=512]
+  python -m lazymoe_jax.evaluate --model=STORE --text_file=FILE [--context=N --stride=N/2]
   python -m lazymoe_jax.evaluate --model=STORE --prompts_jsonl=IN --output=OUT.jsonl \
       [--max_new_tokens=64 --temperature=0 --seed=0]
 
@@ -51,7 +51,8 @@ def perplexity(engine, ids: list[int], context: int, stride: int, progress: bool
     raise ValueError(f"need 0 < stride < context (got stride={stride}, context={context}).")
   nll, scored, done = 0.0, 0, 1  # done: tokens [0, done) are scored or are the unscored first
   t0 = time.perf_counter()
-  bar = tqdm(total=len(ids) - 1, unit="tok", disable=not progress, file=sys.stderr)
+  bar = tqdm(total=len(ids) - 1, unit="tok", disable=not progress, file=sys.stderr,
+              mininterval=1.0)
   begin = 0
   while done < len(ids):
     end = min(begin + context, len(ids))
@@ -118,7 +119,8 @@ def run_prompts(engine, prompts_jsonl: str, output: str, max_new_tokens: int,
   prompt_tok = decode_tok = 0
   prompt_s = decode_s = 0.0
   seen: set = set()
-  bar = tqdm(total=len(lines), unit="prompt", disable=not progress, file=sys.stderr)
+  bar = tqdm(total=len(lines), unit="prompt", disable=not progress, file=sys.stderr,
+              mininterval=1.0)
   with open(output, "a", encoding="utf-8") as out:
 
     def write(rec):
@@ -174,7 +176,7 @@ def _engine_summary(engine) -> dict:
 
 
 def evaluate(model: str, text_file: str | None = None, prompts_jsonl: str | None = None,
-             output: str | None = None, context: int = 1024, stride: int = 512,
+             output: str | None = None, context: int | None = None, stride: int | None = None,
              max_new_tokens: int = 64, sampler: Sampler = Sampler(),
              expert_slots: int | None = None, memory_budget_gb: float | None = None,
              kv_bits: int | None = None, progress: bool = True) -> dict:
@@ -191,7 +193,8 @@ def evaluate(model: str, text_file: str | None = None, prompts_jsonl: str | None
   if text_file is not None:
     with open(text_file, encoding="utf-8") as f:
       ids = engine.tokenizer.encode(f.read())
-    summary = perplexity(engine, ids, context, stride, progress)
+    context = context or min(engine.cfg.max_position_embeddings, 4096)  # the model's context
+    summary = perplexity(engine, ids, context, stride or context // 2, progress)
   else:
     summary = run_prompts(engine, prompts_jsonl, output, max_new_tokens, sampler, progress)
   summary = {"model": os.path.abspath(model), **summary, **_engine_summary(engine)}
@@ -205,8 +208,9 @@ def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
   flags.DEFINE_string("model", None, "Store folder (default: the shipped demo model).")
   flags.DEFINE_string("text_file", None, "Text to compute the perplexity of.")
-  flags.DEFINE_integer("context", 1024, "Window length for perplexity.")
-  flags.DEFINE_integer("stride", 512, "Distance between perplexity windows.")
+  flags.DEFINE_integer("context", None, "Perplexity window (default: the model's "
+                       "max_position_embeddings, at most 4096).")
+  flags.DEFINE_integer("stride", None, "Distance between windows (default: context / 2).")
   flags.DEFINE_string("prompts_jsonl", None, "Prompts, one JSON object a line.")
   flags.DEFINE_string("output", None, "JSONL results (appended; re-run to resume).")
   flags.DEFINE_integer("max_new_tokens", 64, "Default tokens per completion.")
