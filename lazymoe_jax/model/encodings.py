@@ -120,9 +120,21 @@ class Encoding:
     if self.kind == "float":
       # Activations stay float32 (exact against the reference): 16-bit weights are upcast,
       # one token by multiply-sum over the long axis (fused, no temporary), more by a product.
-      if self.name != "float32" and t <= 2:
+      if self.name == "float32":
+        return _dot(a, _pad_rows(x.astype(F32)))[:, :t].T
+      if t <= 2:
         return jnp.stack([jnp.sum(a.astype(F32) * x[i][None, :], axis=-1) for i in range(t)])
-      return _dot(a.astype(F32), _pad_rows(x.astype(F32)))[:, :t].T
+      if t > 16:  # many tokens: upcasting the weight once is amortised (74 vs 40 GFLOP/s at 64)
+        return _dot(a.astype(F32), x.astype(F32)).T
+      # a few tokens: x split into three 16-bit parts (x = x0 + x1 + x2 to float32 precision),
+      # all multiplied in the weight's own dtype with float32 accumulation: 32 vs 12 GFLOP/s
+      # for the upcast product at 8 tokens, and as exact.
+      parts, rest = [], x.astype(F32)
+      for _ in range(3):
+        parts.append(rest.astype(a.dtype))
+        rest = rest - parts[-1].astype(F32)
+      y = _dot(a, jnp.concatenate(parts, axis=0))  # [O, 3T]
+      return (y[:, :t] + y[:, t:2 * t] + y[:, 2 * t:]).T
     if self.kind == "int8":
       return _int8_matmul(a, arrays["scale"], x)
     return _int4_matmul(a, arrays["scale"], x, self.group)
@@ -145,7 +157,12 @@ def _pad_rows(x: jax.Array) -> jax.Array:
 
 def _int8_matmul(q: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
   """Activations quantised per token in two levels (value, then residual) as two int8 columns;
-  int8 x int8 -> int32 products; rescaled by both activation scales and the row scale."""
+  int8 x int8 -> int32 products; rescaled by both activation scales and the row scale.
+
+  Relative error ~1e-4, and for one token it fills the second column the product needs anyway.
+  One level would be 2x faster for 8-64 tokens (measured 200-262 vs 121-127 GFLOP/s) but its
+  ~4e-3 error dropped the demo model's top-1 agreement from 99.5% to 97.95%: not taken.
+  """
   x = x.astype(F32)
   s1 = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0  # [T, 1]
   s1 = jnp.where(s1 > 0, s1, 1.0)
