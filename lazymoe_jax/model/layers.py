@@ -41,9 +41,8 @@ def attention(cfg: MoEConfig, p: dict, x: jax.Array, pos: jax.Array, cache: dict
   """Self-attention of x [T, H] at positions pos [T]; writes k, v into the cache first."""
   t = x.shape[0]
   hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  q = linear(x, p["wq"], p.get("bq"))  # [T, hq*D]
-  k = linear(x, p["wk"], p.get("bk"))  # [T, hk*D]
-  v = linear(x, p["wv"], p.get("bv"))
+  qkv = linear(x, p["wqkv"], p.get("bqkv"))  # [T, (hq + 2 hk) * D]
+  q, k, v = jnp.split(qkv, [hq * d, (hq + hk) * d], axis=1)
   if cfg.qk_norm == "proj":  # OLMoE: norm over the whole projection
     q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)

@@ -67,7 +67,10 @@ def moe_decode(cfg: MoEConfig, enc: Encoding, p: dict, h: jax.Array, xn: jax.Arr
   """One token: slots[j] = {tensor: {suffix: array}} of its j-th expert; weights [1, k]."""
   routed = jnp.zeros_like(xn)
   for j, ex in enumerate(slots):
-    routed = routed + weights[:, j:j + 1] * layers.swiglu(enc, ex["w_gate_up"], ex["w_down"], xn)
+    # A barrier per expert: otherwise XLA shares the broadcast activation between the experts'
+    # products and materialises it, measured 8.0 ms for 2 experts vs 1.2 ms for one.
+    xj, ex = jax.lax.optimization_barrier((xn, ex))
+    routed = routed + weights[:, j:j + 1] * layers.swiglu(enc, ex["w_gate_up"], ex["w_down"], xj)
   return h + (routed + _shared(cfg, p, xn))
 
 

@@ -12,7 +12,7 @@ from lazymoe_jax.config import MoEConfig
 from lazymoe_jax.errors import StoreError
 
 FORMAT = "lazymoe-store"
-VERSION = 2  # 2: expert encodings (arrays per tensor, "encoding" in the manifest)
+VERSION = 3  # 2: expert encodings (arrays per tensor); 3: fused wqkv
 MANIFEST = "manifest.json"
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
