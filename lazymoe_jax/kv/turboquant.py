@@ -1,0 +1,202 @@
+"""TurboQuant vector quantisation (Zandieh et al. 2025, arXiv 2504.19874), for the KV cache.
+
+Each vector x [..., d] is stored as its norm (16 bits) and the b-bit indices of its rotated,
+normalised coordinates: u = x / |x|, y = R u with R a random rotation fixed by the seed
+(randomized Hadamard: sign flips then the fast Walsh-Hadamard transform), each y_i snapped to
+the nearest of 2^b Lloyd-Max centroids computed for the exact density of one coordinate of a
+uniformly random unit vector, f(t) ~ (1 - t^2)^((d - 3) / 2) on [-1, 1]. Decoding is
+x_hat = |x| R^T c[idx]. Inner products with a query need no decoding: <q, x_hat> =
+|x| <R q, c[idx]>, so the query is rotated once.
+
+- Fractional rates (2.5, 3.5): the first round(frac * d) rotated channels get the higher bit
+  width, the rest the lower (after a random rotation every channel is alike).
+- variant="prod": b-1 bits as above plus a 1-bit QJL sketch of the residual r = u - u_hat:
+  sign(S r) with S a d x d Gaussian matrix and |r|; decoding adds sqrt(pi/2)/d |r| S^T signs,
+  which makes inner products unbiased.
+Indices are stored as bit planes, 8 coordinates per byte per bit: b * d / 8 bytes per vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+
+
+@functools.lru_cache(maxsize=None)
+def lloyd_max_codebook(dim: int, bits: int, iters: int = 300, grid: int = 1 << 16) -> np.ndarray:
+  """2^bits centroids minimising E (t - c(t))^2 for one coordinate of a random unit vector."""
+  # the density is negligible beyond ~12 standard deviations (1/sqrt(dim)); integrate there
+  half = min(1.0, 12.0 / math.sqrt(dim))
+  t = np.linspace(-half, half, grid)
+  logf = 0.5 * (dim - 3) * np.log(np.clip(1.0 - t * t, 1e-300, None))
+  w = np.exp(logf - logf.max())
+  w /= w.sum()
+  k = 1 << bits
+  # start from equal-mass quantiles, then alternate nearest-centroid cells and cell means
+  cdf = np.cumsum(w)
+  c = np.interp((np.arange(k) + 0.5) / k, cdf, t)
+  for _ in range(iters):
+    edges = (c[1:] + c[:-1]) / 2
+    cell = np.searchsorted(edges, t)
+    mass = np.bincount(cell, weights=w, minlength=k)
+    mean = np.bincount(cell, weights=w * t, minlength=k)
+    c = np.where(mass > 0, mean / np.maximum(mass, 1e-300), c)
+  return c.astype(np.float32)
+
+
+def codebook_mse(dim: int, bits: int) -> float:
+  """E |u - u_hat|^2 of the codebook for a unit vector (sum over the dim coordinates)."""
+  half = min(1.0, 12.0 / math.sqrt(dim))
+  t = np.linspace(-half, half, 1 << 16)
+  logf = 0.5 * (dim - 3) * np.log(np.clip(1.0 - t * t, 1e-300, None))
+  w = np.exp(logf - logf.max())
+  w /= w.sum()
+  c = lloyd_max_codebook(dim, bits)
+  err = np.min((t[:, None] - c[None, :]) ** 2, axis=1)
+  return float(dim * np.sum(w * err))
+
+
+def _hadamard(x: jax.Array) -> jax.Array:
+  """Fast Walsh-Hadamard transform over the last axis (length a power of two), unnormalised."""
+  d = x.shape[-1]
+  lead = x.shape[:-1]
+  h = 1
+  while h < d:
+    x = x.reshape(*lead, d // (2 * h), 2, h)
+    a, b = x[..., 0, :], x[..., 1, :]
+    x = jnp.stack([a + b, a - b], axis=-2)
+    h *= 2
+  return x.reshape(*lead, d)
+
+
+def _pack_bits(idx: jax.Array, bits: int) -> jax.Array:
+  """idx [..., n] < 2^bits -> uint8 [..., bits, n / 8] bit planes."""
+  *lead, n = idx.shape
+  planes = [(idx >> b) & 1 for b in range(bits)]  # each [..., n]
+  p = jnp.stack(planes, axis=-2).astype(jnp.uint8).reshape(*lead, bits, n // 8, 8)
+  return jnp.sum(p << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def _unpack_bits(packed: jax.Array, bits: int) -> jax.Array:
+  """uint8 [..., bits, n / 8] -> int32 [..., n]."""
+  *lead, _, m = packed.shape
+  b = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [..., bits, m, 8]
+  b = b.reshape(*lead, bits, m * 8).astype(jnp.int32)
+  return jnp.sum(b << jnp.arange(bits, dtype=jnp.int32)[:, None], axis=-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboQuant:
+  """encode(x) -> codes (a dict pytree); decode(codes) -> x_hat; scores(q, codes) -> <q, x_hat>."""
+
+  dim: int
+  bits: float
+  seed: int = 0
+  variant: str = "mse"
+
+  def __post_init__(self):
+    if self.dim & (self.dim - 1) or self.dim < 8:
+      raise ValueError(f"dim must be a power of two >= 8 (Hadamard rotation), got {self.dim}.")
+    if self.variant not in ("mse", "prod"):
+      raise ValueError(f"variant must be 'mse' or 'prod', got {self.variant!r}.")
+    lo = self.mse_bits_low
+    if not (0 if self.variant == "prod" else 1) <= lo <= 4 or self.bits > 4:
+      raise ValueError(f"bits={self.bits} not supported: 1 to 4 (fractional x.5 allowed).")
+
+  # ---- bit allocation ------------------------------------------------------------------------
+  @property
+  def _mse_bits(self) -> float:
+    return self.bits - 1 if self.variant == "prod" else self.bits
+
+  @property
+  def mse_bits_low(self) -> int:
+    return int(math.floor(self._mse_bits))
+
+  @property
+  def n_high(self) -> int:
+    """Channels (of the rotated vector) that get mse_bits_low + 1 bits."""
+    n = round((self._mse_bits - self.mse_bits_low) * self.dim)
+    return n - n % 8  # whole bytes per bit plane
+
+  def groups(self) -> list[tuple[int, int, int]]:
+    """[(start, stop, bits)] of the rotated channels."""
+    lo, hi = self.mse_bits_low, self.n_high
+    return [g for g in ((0, hi, lo + 1), (hi, self.dim, lo)) if g[1] > g[0] and g[2] > 0]
+
+  def bytes_per_vector(self) -> float:
+    qjl = self.dim / 8 + 2 if self.variant == "prod" else 0
+    return sum((b - a) * bits / 8 for a, b, bits in self.groups()) + 2 + qjl
+
+  # ---- fixed random state ----------------------------------------------------------------------
+  @functools.cached_property
+  def _signs(self) -> np.ndarray:
+    return np.random.default_rng(self.seed).choice([-1.0, 1.0], self.dim).astype(np.float32)
+
+  @functools.cached_property
+  def _qjl(self) -> np.ndarray:
+    return np.random.default_rng([self.seed, 1]).standard_normal((self.dim, self.dim),
+                                                                 dtype=np.float32)
+
+  def rotate(self, x: jax.Array) -> jax.Array:
+    return _hadamard(x.astype(F32) * self._signs) / math.sqrt(self.dim)
+
+  def unrotate(self, y: jax.Array) -> jax.Array:
+    return _hadamard(y.astype(F32)) / math.sqrt(self.dim) * self._signs
+
+  # ---- quantise ------------------------------------------------------------------------------
+  def _quantise(self, y: jax.Array) -> dict[str, jax.Array]:
+    codes = {}
+    for a, b, bits in self.groups():
+      c = jnp.asarray(lloyd_max_codebook(self.dim, bits))
+      edges = (c[1:] + c[:-1]) / 2
+      codes[f"idx{a}"] = _pack_bits(jnp.searchsorted(edges, y[..., a:b]).astype(jnp.int32), bits)
+    return codes
+
+  def _centroids(self, codes: dict) -> jax.Array:
+    """The rotated unit vector the indices stand for, [..., dim] (zero with no MSE bits)."""
+    if not self.groups():
+      return jnp.zeros((*codes["norm"].shape[:-1], self.dim), F32)
+    parts = []
+    for a, b, bits in self.groups():
+      c = jnp.asarray(lloyd_max_codebook(self.dim, bits))
+      parts.append(c[_unpack_bits(codes[f"idx{a}"], bits)])
+    return jnp.concatenate(parts, axis=-1)
+
+  def encode(self, x: jax.Array) -> dict[str, jax.Array]:
+    x = x.astype(F32)
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    u = x / jnp.where(norm > 0, norm, 1.0)
+    y = self.rotate(u)
+    codes = self._quantise(y)
+    codes["norm"] = norm.astype(jnp.float16)
+    if self.variant == "prod":
+      r = u - self.unrotate(self._centroids(codes))
+      codes["qjl"] = _pack_bits((r @ jnp.asarray(self._qjl).T > 0).astype(jnp.int32), 1)
+      codes["rnorm"] = jnp.linalg.norm(r, axis=-1, keepdims=True).astype(jnp.float16)
+    return codes
+
+  def _qjl_term(self, codes: dict) -> jax.Array:
+    signs = 2.0 * _unpack_bits(codes["qjl"], 1).astype(F32) - 1.0  # [..., dim]
+    return (math.sqrt(math.pi / 2) / self.dim) * codes["rnorm"].astype(F32) * (
+        signs @ jnp.asarray(self._qjl))
+
+  def decode(self, codes: dict) -> jax.Array:
+    u = self.unrotate(self._centroids(codes))
+    if self.variant == "prod":
+      u = u + self._qjl_term(codes)
+    return codes["norm"].astype(F32) * u
+
+  def scores(self, q: jax.Array, codes: dict) -> jax.Array:
+    """<q, x_hat> for q [..., dim] against every encoded vector: q [Q, d], codes [N] -> [Q, N]."""
+    qr = self.rotate(q)  # rotate the query once
+    s = jnp.einsum("qd,nd->qn", qr, self._centroids(codes))
+    if self.variant == "prod":
+      s = s + jnp.einsum("qd,nd->qn", q.astype(F32), self._qjl_term(codes))
+    return s * codes["norm"].astype(F32)[:, 0][None, :]
