@@ -19,7 +19,7 @@ import numpy as np
 from lazymoe_jax import tokenizer as tokenizer_lib
 from lazymoe_jax.config import DENSE_MLP, MoEConfig
 from lazymoe_jax.errors import LazyMoEError, PlanError
-from lazymoe_jax.kv import dense as kv_dense
+from lazymoe_jax import kv as kv_lib
 from lazymoe_jax.model import steps
 from lazymoe_jax.sampling import Sampler
 from lazymoe_jax.store import dense as dense_store
@@ -51,16 +51,17 @@ class Engine:
   """A loaded store. Build with `lazymoe_jax.load`."""
 
   def __init__(self, store_dir: str, expert_slots: int | None = None,
-               memory_budget_gb: float | None = None, kv_bits: int | None = None):
+               memory_budget_gb: float | None = None, kv_bits: float | None = None,
+               k_bits: float | None = None, v_bits: float | None = None):
     if memory_budget_gb is not None:
       raise LazyMoEError("memory_budget_gb planning is not implemented yet; size the expert "
                          "pool with expert_slots=N instead.")
-    if kv_bits is not None:
-      raise LazyMoEError("kv_bits (TurboQuant KV cache) is not implemented yet; leave it unset.")
+    self.kv = kv_lib.make(kv_bits, k_bits, v_bits)  # DenseKV, or TurboQuantKV with bits
     self.store_dir = store_dir
     self.manifest = fmt.read_manifest(store_dir)
     self.cfg: MoEConfig = MoEConfig.from_dict(self.manifest["config"])
     cfg = self.cfg
+    self.kv.validate(cfg)
     self.experts = ExpertStore(store_dir, self.manifest)
     parts = dense_store.load_parts(store_dir, fmt.dense_part_names(cfg))
     self.globals = jax.device_put(parts.pop("globals"))
@@ -161,8 +162,9 @@ class Engine:
 
   def _new_cache(self, needed: int) -> list[dict]:
     capacity = -(-needed // KV_ROUND) * KV_ROUND
-    cache = kv_dense.init(self.cfg, capacity)
-    self._kv_bytes = kv_dense.nbytes(cache)
+    cache = self.kv.init(self.cfg, capacity)
+    self._kv_capacity = capacity
+    self._kv_bytes = self.kv.nbytes(cache)
     return cache
 
   def _forward(self, tokens: np.ndarray, start: int, cache: list[dict]):
@@ -170,7 +172,7 @@ class Engine:
     cfg = self.cfg
     n = len(tokens)
     tb = 1 if n == 1 else _bucket(n, 8)
-    if start + tb > cache[0]["v"].shape[1]:
+    if start + tb > self._kv_capacity:
       raise PlanError(f"KV cache too small for {start + tb} positions.")
     padded = np.zeros(tb, np.int32)
     padded[:n] = tokens
@@ -179,9 +181,10 @@ class Engine:
     for layer, p in enumerate(self.layers):
       window = cfg.window(layer)
       if cfg.mlp_layer_types[layer] == DENSE_MLP:
-        x, cache[layer] = steps.dense_layer(cfg, window, p, x, pos, cache[layer])
+        x, cache[layer] = steps.dense_layer(cfg, self.kv, window, p, x, pos, cache[layer])
         continue
-      h, xn, ids, weights, cache[layer] = steps.attn_router(cfg, window, p, x, pos, cache[layer])
+      h, xn, ids, weights, cache[layer] = steps.attn_router(cfg, self.kv, window, p, x, pos,
+                                                            cache[layer])
       ids = np.asarray(ids)[:n]  # waits for this layer's router, hence for all earlier work
       if self.trace is not None:
         self.trace(layer, ids, h[:n])
@@ -218,7 +221,12 @@ class Engine:
 
 
 def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,
-         kv_bits: int | None = None) -> Engine:
-  """Opens a converted store. See `Engine` for the API."""
+         kv_bits: float | None = None, k_bits: float | None = None,
+         v_bits: float | None = None) -> Engine:
+  """Opens a converted store. See `Engine` for the API.
+
+  kv_bits (or k_bits / v_bits separately): TurboQuant KV cache at 1-4 bits per coordinate
+  (2.5 and 3.5 too); None keeps a float32 cache.
+  """
   return Engine(store_dir, expert_slots=expert_slots, memory_budget_gb=memory_budget_gb,
-                kv_bits=kv_bits)
+                kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits)

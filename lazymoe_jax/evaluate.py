@@ -47,6 +47,11 @@ def perplexity(engine, ids: list[int], context: int, stride: int, progress: bool
   """Sliding-window perplexity of token ids (every token after the first is scored once)."""
   if len(ids) < 2:
     raise ValueError("the text has fewer than 2 tokens: nothing to score.")
+  limit = engine.cfg.max_position_embeddings
+  if context > limit:
+    raise ValueError(f"context {context} exceeds the model's {limit} positions; its scores "
+                     "there would measure positions it never saw. Use --context <= "
+                     f"{limit}.")
   if not 0 < stride < context:  # overlap >= 1 keeps left context for every scored token
     raise ValueError(f"need 0 < stride < context (got stride={stride}, context={context}).")
   nll, scored, done = 0.0, 0, 1  # done: tokens [0, done) are scored or are the unscored first
@@ -106,6 +111,15 @@ def _parse(line: str, seen: set) -> dict[str, Any]:
     raise ValueError('"id" must be a string or an integer')
   if rec["id"] in seen:
     raise ValueError(f"duplicate id {rec['id']!r}")
+  for key, kind, ok, rule in (
+      ("max_new_tokens", int, lambda v: v >= 0, "an integer >= 0"),
+      ("top_k", int, lambda v: v >= 0, "an integer >= 0"),
+      ("seed", int, lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)"),
+      ("temperature", (int, float), lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+      ("top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")):
+    if key in rec and (isinstance(rec[key], bool) or not isinstance(rec[key], kind)
+                       or not ok(rec[key])):
+      raise ValueError(f'"{key}" must be {rule}, got {rec[key]!r}')
   return rec
 
 
@@ -113,8 +127,10 @@ def run_prompts(engine, prompts_jsonl: str, output: str, max_new_tokens: int,
                 sampler: Sampler, progress: bool = True) -> dict:
   """Completes every prompt line not yet in `output`; returns the summary."""
   done_ids, done_lines = _read_done(output)
-  with open(prompts_jsonl, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  with open(prompts_jsonl, encoding="utf-8") as f:  # JSONL lines end at "\n" only (a prompt
+    lines = [l.rstrip("\r") for l in f.read().split("\n")]  # may hold U+2028 and the like)
+  if lines and not lines[-1]:
+    lines.pop()
   counts = {"prompts": 0, "completed": 0, "skipped_already_done": 0, "errors": 0}
   prompt_tok = decode_tok = 0
   prompt_s = decode_s = 0.0

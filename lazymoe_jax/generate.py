@@ -84,6 +84,8 @@ def _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out) 
     else:
       out.write(f"{tok} ")
     out.flush()
+  if has_text and new:  # what was held back waiting for the rest of a character
+    out.write(engine.tokenizer.decode(ids + new)[len(prefix):][len(shown):])
   out.write("\n")
   print(summary_line(engine.stats(), len(ids), len(new)), file=out)
   return new

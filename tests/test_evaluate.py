@@ -41,7 +41,7 @@ def _hf_perplexity(model, ids, context, stride):
   return float(np.exp(nll / count)), count
 
 
-@pytest.mark.parametrize("context,stride", [(1024, 512), (128, 48)])
+@pytest.mark.parametrize("context,stride", [(256, 128), (128, 48)])
 def test_perplexity_equals_transformers(demo_store, hf_demo, tmp_path, context, stride):
   text = corpus.read_source(corpus.stdlib_files(held_out=True)[3])[:2500]
   path = tmp_path / "text.py"
@@ -49,7 +49,7 @@ def test_perplexity_equals_transformers(demo_store, hf_demo, tmp_path, context, 
   summary = evaluate.evaluate(demo_store, text_file=str(path), context=context, stride=stride,
                               output=str(tmp_path / "ppl"), progress=False)
   ids = lazymoe_jax.load(demo_store).tokenizer.encode(text)
-  assert len(ids) > context or context == 1024
+  assert len(ids) > 2 * context
   want, count = _hf_perplexity(hf_demo, ids, context, stride)
   assert summary["scored_tokens"] == count == len(ids) - 1
   assert abs(summary["perplexity"] - want) / want <= 1e-4
@@ -103,7 +103,8 @@ def test_malformed_lines_are_reported_and_skipped(demo_store, tmp_path):
   lines = ['{"id": "a", "prompt": "x = "}', "not json", '{"id": "b"}', "",
            '{"id": "c", "prompt": "y", "colour": 1}', '{"id": "a", "prompt": "dup"}',
            '[1, 2]', '{"id": "d", "prompt": "z = ", "max_new_tokens": -1}',
-           '{"id": "e", "prompt": "import "}']
+           '{"id": "e", "prompt": "import \u2028 "}', '{"id": "f", "prompt": "x", "seed": 1e400}',
+           '{"id": "g", "prompt": "x", "temperature": NaN}']
   (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
   out = tmp_path / "out.jsonl"
   for _ in range(2):  # the second run adds nothing: errors are not written twice either
@@ -112,10 +113,11 @@ def test_malformed_lines_are_reported_and_skipped(demo_store, tmp_path):
   records = [json.loads(l) for l in out.read_text().splitlines()]
   assert [r.get("id") for r in records if "id" in r] == ["a", "e"]
   errors = {r["line"]: r["error"] for r in records if "line" in r}
-  assert sorted(errors) == [2, 3, 5, 6, 7, 8]
+  assert sorted(errors) == [2, 3, 5, 6, 7, 8, 10, 11]
   assert "JSONDecodeError" in errors[2] and "prompt" in errors[3] and "colour" in errors[5]
   assert "duplicate id 'a'" in errors[6] and "max_new_tokens" in errors[8]
-  assert summary["errors"] == 6 and summary["skipped_already_done"] == 2
+  assert "seed" in errors[10] and "temperature" in errors[11]
+  assert summary["errors"] == 8 and summary["skipped_already_done"] == 2
 
 
 def test_prompt_line_settings_override_flags(demo_store, tmp_path):
@@ -133,3 +135,9 @@ def test_prompt_line_settings_override_flags(demo_store, tmp_path):
                          seed=5)
   assert r2["new_token_ids"] == want
   assert want != engine.generate(engine.tokenizer.encode("import "), 10)  # it did sample
+
+
+def test_context_beyond_the_model_is_refused(demo_store, tmp_path):
+  (tmp_path / "t.py").write_text("x = 1\n" * 50)
+  with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+    evaluate.evaluate(demo_store, text_file=str(tmp_path / "t.py"), context=512, progress=False)

@@ -200,3 +200,62 @@ class TurboQuant:
     if self.variant == "prod":
       s = s + jnp.einsum("qd,nd->qn", q.astype(F32), self._qjl_term(codes))
     return s * codes["norm"].astype(F32)[:, 0][None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboQuantKV:
+  """KV cache whose keys and values are TurboQuant codes (MSE variant), [K, S, ...] per layer.
+
+  Scores are computed in the rotated space (the query is rotated once per head); values are
+  summed there and rotated back once per query.
+  """
+
+  k_bits: float
+  v_bits: float
+  seed: int = 0
+
+  def quantisers(self, head_dim: int) -> tuple[TurboQuant, TurboQuant]:
+    return (TurboQuant(head_dim, self.k_bits, self.seed),
+            TurboQuant(head_dim, self.v_bits, self.seed + 1))
+
+  def validate(self, cfg) -> None:
+    if cfg.head_dim & (cfg.head_dim - 1):
+      raise ValueError(f"TurboQuant needs a power-of-two head_dim (Hadamard rotation); this "
+                       f"model has {cfg.head_dim}. Run without kv_bits.")
+    self.quantisers(cfg.head_dim)  # checks the bit widths
+
+  def init(self, cfg, capacity: int) -> list[dict]:
+    self.validate(cfg)
+    kq, vq = self.quantisers(cfg.head_dim)
+    zeros = jnp.zeros((cfg.num_key_value_heads, capacity, cfg.head_dim), F32)
+    return [{"k": kq.encode(zeros), "v": vq.encode(zeros)} for _ in range(cfg.num_hidden_layers)]
+
+  @staticmethod
+  def nbytes(cache: list) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(cache))
+
+  def update(self, cache: dict, k: jax.Array, v: jax.Array, start: jax.Array) -> dict:
+    kq, vq = self.quantisers(k.shape[-1])
+    out = {}
+    for name, tq, x in (("k", kq, k), ("v", vq, v)):
+      new = tq.encode(jnp.transpose(x, (1, 0, 2)))  # [K, T, ...]
+      out[name] = jax.tree.map(
+          lambda c, n: jax.lax.dynamic_update_slice(c, n, (0, start) + (0,) * (c.ndim - 2)),
+          cache[name], new)
+    return out
+
+  def attend(self, cache: dict, q: jax.Array, q_pos: jax.Array, window: int | None,
+             scale: float) -> jax.Array:
+    from lazymoe_jax.kv.dense import blocked, causal_softmax  # pylint: disable=import-outside-toplevel
+    kq, vq = self.quantisers(q.shape[-1])
+    kv_heads = cache["k"]["norm"].shape[0]
+    keys = kq._centroids(cache["k"]) * cache["k"]["norm"].astype(F32)  # [K, S, D] rotated
+    values = vq._centroids(cache["v"]) * cache["v"]["norm"].astype(F32)
+
+    def one(q, q_pos):
+      t, hq, d = q.shape
+      qr = kq.rotate(q).reshape(t, kv_heads, hq // kv_heads, d)
+      probs = causal_softmax(jnp.einsum("tkgd,ksd->kgts", qr, keys) * scale, q_pos, window)
+      out_r = jnp.einsum("kgts,ksd->tkgd", probs, values).reshape(t, hq, d)
+      return vq.unrotate(out_r)
+    return blocked(one, q, q_pos)

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from lazymoe_jax.config import MoEConfig
-from lazymoe_jax.kv import dense as kv_dense
 from lazymoe_jax.model.encodings import Encoding
 
 F32 = jnp.float32
@@ -36,9 +35,10 @@ def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
   return x * jnp.cos(emb) + rotated * jnp.sin(emb)
 
 
-def attention(cfg: MoEConfig, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
+def attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
               window: int | None) -> tuple[jax.Array, dict]:
-  """Self-attention of x [T, H] at positions pos [T]; writes k, v into the cache first."""
+  """Self-attention of x [T, H] at positions pos [T]; writes k, v into the cache first, then
+  attends through it (so a compressed cache is what every attention reads)."""
   t = x.shape[0]
   hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   qkv = linear(x, p["wqkv"], p.get("bqkv"))  # [T, (hq + 2 hk) * D]
@@ -53,8 +53,8 @@ def attention(cfg: MoEConfig, p: dict, x: jax.Array, pos: jax.Array, cache: dict
     q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
   q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
-  cache = kv_dense.update(cache, k, v, pos[0])
-  o = kv_dense.attend(cache, q, pos, window, d ** -0.5)  # [T, hq, D]
+  cache = kv.update(cache, k, v, pos[0])
+  o = kv.attend(cache, q, pos, window, d ** -0.5)  # [T, hq, D]
   return linear(o.reshape(t, hq * d), p["wo"], p.get("bo")), cache
 
 

@@ -30,27 +30,27 @@ def head(cfg: MoEConfig, g: dict, x: jax.Array) -> jax.Array:
   return layers.linear(layers.rms_norm(x, g["final_norm"], cfg.rms_norm_eps), w)  # [T, V]
 
 
-def _attention_residual(cfg, window, p, x, pos, cache):
-  a, cache = layers.attention(cfg, p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps),
+def _attention_residual(cfg, kv, window, p, x, pos, cache):
+  a, cache = layers.attention(cfg, kv, p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps),
                               pos, cache, window)
   h = x + a
   return h, layers.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("cache",))
-def attn_router(cfg: MoEConfig, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
+@functools.partial(jax.jit, static_argnames=("cfg", "kv", "window"), donate_argnames=("cache",))
+def attn_router(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
                 cache: dict):
   """Attention + residual + norm + router. Returns h, xn [T, H], ids/weights [T, k], cache."""
-  h, xn, cache = _attention_residual(cfg, window, p, x, pos, cache)
+  h, xn, cache = _attention_residual(cfg, kv, window, p, x, pos, cache)
   ids, weights = route(cfg, layers.linear(xn, p["router"]))
   return h, xn, ids, weights, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("cache",))
-def dense_layer(cfg: MoEConfig, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
+@functools.partial(jax.jit, static_argnames=("cfg", "kv", "window"), donate_argnames=("cache",))
+def dense_layer(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
                 cache: dict):
   """A whole layer whose MLP is dense (Qwen `mlp_only_layers`)."""
-  h, xn, cache = _attention_residual(cfg, window, p, x, pos, cache)
+  h, xn, cache = _attention_residual(cfg, kv, window, p, x, pos, cache)
   return h + layers.dense_swiglu(p["w_gate_up"], p["w_down"], xn), cache
 
 
