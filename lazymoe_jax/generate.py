@@ -30,6 +30,8 @@ def define_flags() -> None:
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_float("kv_bits", None, "TurboQuant KV cache bits (1-4, also 2.5 / 3.5); "
+                     "default: float32 cache.")
   flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers "
                        "(min num_experts_per_tok; default: as many as half the free RAM holds).")
 
@@ -48,7 +50,8 @@ def summary_line(stats: dict, prompt_tokens: int, new_tokens: int) -> str:
 
 
 def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_tokens: int,
-        sampler: Sampler, expert_slots: int | None, out=sys.stdout) -> list[int]:
+        sampler: Sampler, expert_slots: int | None, out=sys.stdout,
+        kv_bits: float | None = None) -> list[int]:
   """Loads the store, streams the continuation to `out`, prints the summary; returns new ids."""
   if model is None:
     from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel
@@ -56,16 +59,17 @@ def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_to
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     try:
       return _run(default_model.ensure_default_store(log), prompt, prompt_ids, max_new_tokens,
-                  sampler, expert_slots, out)
+                  sampler, expert_slots, out, kv_bits)
     except StoreError as e:  # a damaged cache is rebuilt once, never trusted
       print(f"the cached demo store is damaged ({e}); rebuilding it", file=sys.stderr)
       return _run(default_model.ensure_default_store(log, rebuild=True), prompt, prompt_ids,
-                  max_new_tokens, sampler, expert_slots, out)
-  return _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out)
+                  max_new_tokens, sampler, expert_slots, out, kv_bits)
+  return _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out, kv_bits)
 
 
-def _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out) -> list[int]:
-  engine = lazymoe_jax.load(model, expert_slots=expert_slots)
+def _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out,
+         kv_bits=None) -> list[int]:
+  engine = lazymoe_jax.load(model, expert_slots=expert_slots, kv_bits=kv_bits)
   ids = [int(i) for i in prompt_ids] if prompt_ids else engine.tokenizer.encode(prompt)
   has_text = not isinstance(engine.tokenizer, lazymoe_jax.tokenizer.NoTokenizer)
   if has_text and not prompt_ids:
@@ -97,7 +101,8 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
     run(FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
-        Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), FLAGS.expert_slots)
+        Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), FLAGS.expert_slots,
+        kv_bits=FLAGS.kv_bits)
   except (LazyMoEError, ValueError) as e:
     sys.exit(f"error: {e}")
 
