@@ -246,16 +246,18 @@ class TurboQuantKV:
 
   def attend(self, cache: dict, q: jax.Array, q_pos: jax.Array, window: int | None,
              scale: float) -> jax.Array:
-    from lazymoe_jax.kv.dense import blocked, causal_softmax  # pylint: disable=import-outside-toplevel
+    from lazymoe_jax.kv.dense import (  # pylint: disable=import-outside-toplevel
+        blocked, causal_softmax, from_rows, to_rows)
     kq, vq = self.quantisers(q.shape[-1])
     kv_heads = cache["k"]["norm"].shape[0]
     keys = kq._centroids(cache["k"]) * cache["k"]["norm"].astype(F32)  # [K, S, D] rotated
     values = vq._centroids(cache["v"]) * cache["v"]["norm"].astype(F32)
 
     def one(q, q_pos):
-      t, hq, d = q.shape
-      qr = kq.rotate(q).reshape(t, kv_heads, hq // kv_heads, d)
-      probs = causal_softmax(jnp.einsum("tkgd,ksd->kgts", qr, keys) * scale, q_pos, window)
-      out_r = jnp.einsum("kgts,ksd->tkgd", probs, values).reshape(t, hq, d)
-      return vq.unrotate(out_r)
+      t, hq, _ = q.shape
+      g = hq // kv_heads
+      scores = jnp.einsum("kmd,ksd->kms", to_rows(kq.rotate(q), kv_heads), keys)
+      probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window)
+      out_r = jnp.einsum("kms,ksd->kmd", probs.reshape(kv_heads, g * t, -1), values)
+      return vq.unrotate(from_rows(out_r, t))
     return blocked(one, q, q_pos)
