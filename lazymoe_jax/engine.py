@@ -21,6 +21,7 @@ from lazymoe_jax.config import DENSE_MLP, MoEConfig
 from lazymoe_jax.errors import LazyMoEError, PlanError
 from lazymoe_jax import kv as kv_lib
 from lazymoe_jax.model import steps
+from lazymoe_jax.plan import MemoryPlan, make_plan, resident_bytes
 from lazymoe_jax.sampling import Sampler
 from lazymoe_jax.store import dense as dense_store
 from lazymoe_jax.store import format as fmt
@@ -28,6 +29,7 @@ from lazymoe_jax.store.experts import ExpertStore
 from lazymoe_jax.store.pool import ExpertPool
 
 KV_ROUND = 256  # cache capacity granularity: few distinct shapes, few compilations
+MAX_PLANNED_CONTEXT = 4096  # with a memory budget, the KV cache is planned for this many
 DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much of free RAM
 
 
@@ -53,9 +55,9 @@ class Engine:
   def __init__(self, store_dir: str, expert_slots: int | None = None,
                memory_budget_gb: float | None = None, kv_bits: float | None = None,
                k_bits: float | None = None, v_bits: float | None = None):
-    if memory_budget_gb is not None:
-      raise LazyMoEError("memory_budget_gb planning is not implemented yet; size the expert "
-                         "pool with expert_slots=N instead.")
+    if memory_budget_gb is not None and expert_slots is not None:
+      raise LazyMoEError("give memory_budget_gb or expert_slots, not both: the budget plans "
+                         "the slots.")
     self.kv = kv_lib.make(kv_bits, k_bits, v_bits)  # DenseKV, or TurboQuantKV with bits
     self.store_dir = store_dir
     self.manifest = fmt.read_manifest(store_dir)
@@ -68,7 +70,18 @@ class Engine:
     self.layers = [jax.device_put(parts[f"layer_{i:03d}"]) for i in range(cfg.num_hidden_layers)]
     self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((self.globals, self.layers)))
     total = len(self.experts.layers) * cfg.num_experts
-    if expert_slots is None:
+    self.max_context = cfg.max_position_embeddings
+    self.plan: MemoryPlan | None = None
+    if memory_budget_gb is not None:
+      self.max_context = min(cfg.max_position_embeddings, MAX_PLANNED_CONTEXT)
+      kv_shapes = jax.eval_shape(lambda: self.kv.init(cfg, self.max_context))
+      i, h = cfg.moe_intermediate_size, cfg.hidden_size
+      self.plan = make_plan(memory_budget_gb, resident_bytes(),
+                            sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(kv_shapes)),
+                            self.max_context, self.experts.bytes_per_expert, 3 * i * h * 4,
+                            cfg.num_experts_per_tok, total)
+      expert_slots = self.plan.slots
+    elif expert_slots is None:
       fit = int(_available_ram() * DEFAULT_RAM_FRACTION) // self.experts.bytes_per_expert
       expert_slots = max(cfg.num_experts_per_tok, min(total, fit))
     self.pool = ExpertPool(self.experts, min(expert_slots, total) if total else expert_slots,
@@ -105,10 +118,11 @@ class Engine:
     tokens = self._check_tokens(token_ids)
     if max_new_tokens < 0:
       raise ValueError("max_new_tokens must be >= 0")
-    limit = self.cfg.max_position_embeddings
+    limit = self.max_context
     if len(tokens) + max_new_tokens > limit:
       raise ValueError(f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                       f"model's context of {limit} positions; shorten one of them.")
+                       f"{'planned' if self.plan else 'model'} context of {limit} positions; "
+                       "shorten one of them.")
     return self._stream(tokens, max_new_tokens, sampler)
 
   def _stream(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
@@ -155,6 +169,9 @@ class Engine:
     tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if tokens.size == 0:
       raise ValueError("token_ids is empty: give at least one token.")
+    if self.plan is not None and tokens.size > self.max_context:
+      raise ValueError(f"{tokens.size} tokens exceed the planned context of {self.max_context} "
+                       "positions (the memory plan's KV cache).")
     if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
       raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got "
                        f"[{tokens.min()}, {tokens.max()}].")

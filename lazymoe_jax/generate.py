@@ -30,6 +30,8 @@ def define_flags() -> None:
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_float("memory_budget_gb", None, "Plan dense + KV + expert pool to fit this "
+                     "many GB (instead of --expert_slots); prints the plan.")
   flags.DEFINE_float("kv_bits", None, "TurboQuant KV cache bits (1-4, also 2.5 / 3.5); "
                      "default: float32 cache.")
   flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers "
@@ -51,7 +53,7 @@ def summary_line(stats: dict, prompt_tokens: int, new_tokens: int) -> str:
 
 def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_tokens: int,
         sampler: Sampler, expert_slots: int | None, out=sys.stdout,
-        kv_bits: float | None = None) -> list[int]:
+        kv_bits: float | None = None, memory_budget_gb: float | None = None) -> list[int]:
   """Loads the store, streams the continuation to `out`, prints the summary; returns new ids."""
   if model is None:
     from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel
@@ -59,17 +61,21 @@ def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_to
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     try:
       return _run(default_model.ensure_default_store(log), prompt, prompt_ids, max_new_tokens,
-                  sampler, expert_slots, out, kv_bits)
+                  sampler, expert_slots, out, kv_bits, memory_budget_gb)
     except StoreError as e:  # a damaged cache is rebuilt once, never trusted
       print(f"the cached demo store is damaged ({e}); rebuilding it", file=sys.stderr)
       return _run(default_model.ensure_default_store(log, rebuild=True), prompt, prompt_ids,
-                  max_new_tokens, sampler, expert_slots, out, kv_bits)
-  return _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out, kv_bits)
+                  max_new_tokens, sampler, expert_slots, out, kv_bits, memory_budget_gb)
+  return _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out, kv_bits,
+              memory_budget_gb)
 
 
 def _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out,
-         kv_bits=None) -> list[int]:
-  engine = lazymoe_jax.load(model, expert_slots=expert_slots, kv_bits=kv_bits)
+         kv_bits=None, memory_budget_gb=None) -> list[int]:
+  engine = lazymoe_jax.load(model, expert_slots=expert_slots, kv_bits=kv_bits,
+                            memory_budget_gb=memory_budget_gb)
+  if engine.plan is not None:
+    print(engine.plan.describe(), file=sys.stderr)
   ids = [int(i) for i in prompt_ids] if prompt_ids else engine.tokenizer.encode(prompt)
   has_text = not isinstance(engine.tokenizer, lazymoe_jax.tokenizer.NoTokenizer)
   if has_text and not prompt_ids:
@@ -102,7 +108,7 @@ def main(argv) -> None:
   try:
     run(FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
         Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), FLAGS.expert_slots,
-        kv_bits=FLAGS.kv_bits)
+        kv_bits=FLAGS.kv_bits, memory_budget_gb=FLAGS.memory_budget_gb)
   except (LazyMoEError, ValueError) as e:
     sys.exit(f"error: {e}")
 

@@ -279,3 +279,36 @@ def test_unsupported_expert_dtype_and_group(mixtral, tmp_path):
   assert "int3" in err and "int8" in err
   err = _convert_fails(mixtral[1], tmp_path / "s2", "--expert_dtype=int4", "--group_size=128")
   assert "does not divide" in err  # mixtral test model: H=32, I=48
+
+
+def test_memory_budget_plans_the_pool_and_refuses_too_small(family_models):
+  model, _, store = family_models["qwen2_moe"]
+  with pytest.raises(lazymoe_jax.PlanError, match=r"too small for this model: it needs at least "
+                     r"(\d+\.\d+) GB") as info:
+    lazymoe_jax.load(store, memory_budget_gb=0.01)
+  need = float(info.value.args[0].split("at least ")[1].split(" GB")[0])
+  k = model.config.num_experts_per_tok
+  # (the need is measured from this process's RSS, which grows as engines load: some slack)
+  smallest = lazymoe_jax.load(store, memory_budget_gb=need + 0.05)
+  assert k <= smallest.pool.num_slots and smallest.plan.slots == smallest.pool.num_slots
+  assert "memory plan" in smallest.plan.describe()
+  ids = token_ids(20)
+  resident = lazymoe_jax.load(store, expert_slots=10_000)
+  np.testing.assert_array_equal(smallest.logits(ids), resident.logits(ids))
+  roomy = lazymoe_jax.load(store, memory_budget_gb=need + 1.0)
+  assert roomy.pool.num_slots == len(roomy.experts.layers) * model.config.num_experts
+  with pytest.raises(lazymoe_jax.LazyMoEError, match="not both"):
+    lazymoe_jax.load(store, memory_budget_gb=1.0, expert_slots=4)
+
+
+def test_plan_arithmetic_is_exact():
+  from lazymoe_jax.plan import MARGIN_BASE, make_plan  # pylint: disable=import-outside-toplevel
+  args = dict(runtime_and_dense_bytes=300_000_000, kv_bytes=20_000_000, max_context=4096,
+              bytes_per_expert=10_000_000, expert_f32_bytes=40_000_000, min_slots=2,
+              total_experts=64)
+  need = 300_000_000 + 20_000_000 + MARGIN_BASE + 40_000_000 + 2 * 10_000_000
+  assert make_plan(need / 1e9, **args).slots == 2
+  assert make_plan((need + 10_000_000) / 1e9, **args).slots == 3
+  assert make_plan(100.0, **args).slots == 64  # never more than the model has
+  with pytest.raises(lazymoe_jax.PlanError, match=f"at least {need / 1e9:.2f} GB"):
+    make_plan((need - 1) / 1e9, **args)

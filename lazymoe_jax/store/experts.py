@@ -13,6 +13,19 @@ from lazymoe_jax.model import encodings
 from lazymoe_jax.store import format as fmt
 
 
+def _drop_from_page_cache(path: str) -> None:
+  """The pool is the expert cache: do not let the OS page cache keep a second, unbounded copy
+  (it would be charged to the memory budget and make "fits in N GB" untrue)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return  # a missing chunk is reported by the checksum just after
+  try:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+  finally:
+    os.close(fd)
+
+
 class ExpertStore:
   """Handles to the expert arrays; knows shapes and bytes without reading any data."""
 
@@ -72,6 +85,7 @@ class ExpertStore:
         raise StoreError(f"reading expert {expert} of layer {layer} failed at {path}: "
                          f"{errors[name]}. The store is damaged: re-convert with --overwrite."
                          ) from errors[name]
+      _drop_from_page_cache(path)
       if zlib.crc32(buffers[name]) != self.crc32[name][row][expert]:
         state = "missing" if not os.path.exists(path) else "corrupt"
         raise StoreError(f"expert chunk {path} is {state} (crc32 mismatch for expert {expert} of "
