@@ -121,8 +121,8 @@ class Engine:
     limit = self.max_context
     if len(tokens) + max_new_tokens > limit:
       raise ValueError(f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                       f"{'planned' if self.plan else 'model'} context of {limit} positions; "
-                       "shorten one of them.")
+                       f"{'planned' if self.plan else 'model' + chr(39) + 's'} context of "
+                       f"{limit} positions; shorten one of them.")
     return self._stream(tokens, max_new_tokens, sampler)
 
   def _stream(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
