@@ -54,7 +54,8 @@ class Engine:
 
   def __init__(self, store_dir: str, expert_slots: int | None = None,
                memory_budget_gb: float | None = None, kv_bits: float | None = None,
-               k_bits: float | None = None, v_bits: float | None = None):
+               k_bits: float | None = None, v_bits: float | None = None,
+               prefetch: bool = True):
     if memory_budget_gb is not None and expert_slots is not None:
       raise LazyMoEError("give memory_budget_gb or expert_slots, not both: the budget plans "
                          "the slots.")
@@ -86,6 +87,12 @@ class Engine:
       expert_slots = max(cfg.num_experts_per_tok, min(total, fit))
     self.pool = ExpertPool(self.experts, min(expert_slots, total) if total else expert_slots,
                            cfg.num_experts_per_tok)
+    # Speculative prefetch in decode: layer l computes the next MoE layer's routing guess.
+    self.prefetch = prefetch
+    moe = list(cfg.moe_layers)
+    self._next_moe = dict(zip(moe[:-1], moe[1:]))
+    self._next_router = {l: {"mlp_norm": self.layers[n]["mlp_norm"],
+                             "router": self.layers[n]["router"]} for l, n in self._next_moe.items()}
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         cfg.bos_token_id)
     self.eos_ids = set(cfg.eos_token_ids) | set(
@@ -159,6 +166,8 @@ class Engine:
         "pool_slots": self.pool.num_slots,
         "pool_bytes": self.pool.nbytes,
         "pool_zero_copy": self.pool.zero_copy,
+        "prefetch_reads": self.pool.prefetch_reads,
+        "prefetch_used": self.pool.prefetch_used,
         "dense_bytes": self.dense_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **self._last,
@@ -200,8 +209,9 @@ class Engine:
       if cfg.mlp_layer_types[layer] == DENSE_MLP:
         x, cache[layer] = steps.dense_layer(cfg, self.kv, window, p, x, pos, cache[layer])
         continue
-      h, xn, ids, weights, cache[layer] = steps.attn_router(cfg, self.kv, window, p, x, pos,
-                                                            cache[layer])
+      nxt = self._next_router.get(layer) if (n == 1 and self.prefetch) else None
+      h, xn, ids, weights, cache[layer], guess = steps.attn_router(
+          cfg, self.kv, window, p, x, pos, cache[layer], nxt)
       ids = np.asarray(ids)[:n]  # waits for this layer's router, hence for all earlier work
       if self.trace is not None:
         self.trace(layer, ids, h[:n])
@@ -209,6 +219,8 @@ class Engine:
         slots = self.pool.acquire(layer, ids[0])
         x = steps.moe_decode(cfg, self.experts.encoding, p, h, xn, weights,
                              tuple(self.pool.arrays(s) for s in slots))
+        if guess is not None:  # reads overlap this layer's expert compute
+          self.pool.prefetch(self._next_moe[layer], np.asarray(guess)[0])
       else:
         x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
     return x, cache
@@ -239,11 +251,12 @@ class Engine:
 
 def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,
          kv_bits: float | None = None, k_bits: float | None = None,
-         v_bits: float | None = None) -> Engine:
+         v_bits: float | None = None, prefetch: bool = True) -> Engine:
   """Opens a converted store. See `Engine` for the API.
 
   kv_bits (or k_bits / v_bits separately): TurboQuant KV cache at 1-4 bits per coordinate
-  (2.5 and 3.5 too); None keeps a float32 cache.
+  (2.5 and 3.5 too); None keeps a float32 cache. prefetch: in decode, start reading the
+  experts the next layer's router predicts while this layer's experts run.
   """
   return Engine(store_dir, expert_slots=expert_slots, memory_budget_gb=memory_budget_gb,
-                kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits)
+                kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, prefetch=prefetch)

@@ -312,3 +312,38 @@ def test_plan_arithmetic_is_exact():
   assert make_plan(100.0, **args).slots == 64  # never more than the model has
   with pytest.raises(lazymoe_jax.PlanError, match=f"at least {need / 1e9:.2f} GB"):
     make_plan((need - 1) / 1e9, **args)
+
+
+def test_prefetch_changes_nothing_even_when_it_guesses_wrong(family_models):
+  model, _, store = family_models["mixtral"]
+  k = model.config.num_experts_per_tok
+  prompt = token_ids(6, seed=7)
+  plain = lazymoe_jax.load(store, expert_slots=2 * k, prefetch=False)
+  plain.eos_ids = set()
+  want = plain.generate(prompt, 20)
+  assert plain.stats()["prefetch_reads"] == 0
+  fetching = lazymoe_jax.load(store, expert_slots=2 * k)
+  fetching.eos_ids = set()
+  assert fetching.generate(prompt, 20) == want
+  st = fetching.stats()
+  assert st["prefetch_reads"] > 0 and 0 < st["prefetch_used"] <= st["prefetch_reads"]
+  assert st["expert_misses"] < plain.stats()["expert_misses"]  # guesses that landed saved reads
+  wrong = lazymoe_jax.load(store, expert_slots=2 * k)
+  wrong.eos_ids = set()
+  rng = np.random.default_rng(0)
+  for nxt in wrong._next_router.values():  # a router that guesses at random
+    nxt["router"] = rng.standard_normal(nxt["router"].shape).astype(np.float32)
+  assert wrong.generate(prompt, 20) == want
+  assert wrong.stats()["prefetch_reads"] > 0
+
+
+def test_read_error_during_prefetch_is_a_clear_error(family_models, tmp_path):
+  _, _, src = family_models["mixtral"]
+  store = tmp_path / "store"
+  shutil.copytree(src, store)
+  for e in range(6):
+    os.remove(fmt.chunk_path(str(store), "w_gate_up", 1, e))  # every expert of layer 1
+  engine = lazymoe_jax.load(str(store), expert_slots=4)
+  engine.eos_ids = set()
+  with pytest.raises(lazymoe_jax.StoreError, match=r"c/1/\d/0/0 is missing"):
+    engine.generate(token_ids(1), 5)

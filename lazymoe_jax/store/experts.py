@@ -63,16 +63,22 @@ class ExpertStore:
     return tree
 
   def read_into(self, layer: int, expert: int, buffers: dict[str, np.ndarray]) -> int:
-    """Reads expert `expert` of model layer `layer` into `buffers`; returns bytes read.
+    """Reads expert `expert` of model layer `layer` into `buffers`; returns bytes read."""
+    return self.finish_read(self.start_read(layer, expert, buffers))
 
-    All tensors of the expert are requested at once (tensorstore reads them concurrently),
-    then each chunk is checked against the crc32 recorded at conversion.
-    """
+  def start_read(self, layer: int, expert: int, buffers: dict[str, np.ndarray]) -> tuple:
+    """Starts reading every array of the expert into `buffers` (tensorstore reads them
+    concurrently, on its own threads); returns a handle for finish_read."""
     row = self.row[layer]
-    futures = {}
-    for name, arr in self.arrays.items():
-      target = ts.array(buffers[name], copy=False, write=True)
-      futures[name] = target.write(arr[row, expert])
+    futures = {name: ts.array(buffers[name], copy=False, write=True).write(arr[row, expert])
+               for name, arr in self.arrays.items()}
+    return layer, expert, futures, buffers
+
+  def finish_read(self, handle: tuple) -> int:
+    """Waits for a started read, then checks each chunk against the crc32 recorded at
+    conversion; returns bytes read."""
+    layer, expert, futures, buffers = handle
+    row = self.row[layer]
     errors = {}
     for name, fut in futures.items():  # wait for every read before judging any of them
       try:

@@ -56,6 +56,11 @@ class ExpertPool:
     self.hits = 0
     self.misses = 0
     self.bytes_read = 0
+    self.in_use: set[int] = set()  # slots of the last acquire: a dispatched program may read them
+    self.pending: dict[tuple[int, int], tuple[int, tuple]] = {}  # prefetch reads in flight
+    self.prefetched: set[tuple[int, int]] = set()  # landed by prefetch, not yet acquired
+    self.prefetch_reads = 0
+    self.prefetch_used = 0
 
   def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, dict[str, jax.Array]]:
     return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
@@ -68,12 +73,53 @@ class ExpertPool:
     """The slot's expert as {tensor: {suffix: array}} (see model/encodings.py)."""
     return self._arrays[slot]
 
+  def _evict(self, slot: int) -> None:
+    """Empties a slot (if the read that refills it fails, it holds nothing valid)."""
+    if self.owner[slot] is not None:
+      del self.table[self.owner[slot]]
+      self.prefetched.discard(self.owner[slot])
+    self.owner[slot] = None
+
+  def _install(self, slot: int, key: tuple[int, int]) -> None:
+    if not self.zero_copy:
+      self._arrays[slot] = self._wrap(self.buffers[slot])
+    self.owner[slot] = key
+    self.table[key] = slot
+
+  def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+    """Starts reading experts predicted for `layer` (asynchronously, tensorstore's threads)
+    into least-recently-used slots, never into one the last acquire handed out. A wrong guess
+    costs only bandwidth and a slot; it never changes results."""
+    for e in experts:
+      key = (layer, int(e))
+      if key in self.table or key in self.pending:
+        continue
+      busy = self.in_use | {slot for slot, _ in self.pending.values()}
+      slot = next((s for s in self.lru if s not in busy), None)
+      if slot is None:
+        return
+      self._evict(slot)
+      self.pending[key] = (slot, self.store.start_read(layer, key[1], self.buffers[slot]))
+      self.prefetch_reads += 1
+
+  def _land_prefetches(self) -> None:
+    """Waits for the prefetch reads in flight; they become resident, least recently used
+    first (a wrong guess is the next victim)."""
+    while self.pending:
+      key, (slot, handle) = next(iter(self.pending.items()))
+      del self.pending[key]
+      self.bytes_read += self.store.finish_read(handle)
+      self._install(slot, key)
+      self.prefetched.add(key)
+      self.lru.move_to_end(slot, last=False)
+
   def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
     """Makes every expert of `experts` resident for `layer` at once; returns their slots."""
     experts = [int(e) for e in experts]
     if len(set(experts)) > self.num_slots:
       raise PlanError(f"{len(set(experts))} experts requested at once but the pool has "
                       f"{self.num_slots} slots.")
+    self._land_prefetches()
     pinned: set[int] = set()
     slots = []
     for e in experts:
@@ -81,18 +127,17 @@ class ExpertPool:
       slot = self.table.get(key)
       if slot is not None:
         self.hits += 1
+        if key in self.prefetched:
+          self.prefetched.discard(key)
+          self.prefetch_used += 1
       else:
         slot = next(s for s in self.lru if s not in pinned)  # least recently used, unpinned
-        if self.owner[slot] is not None:
-          del self.table[self.owner[slot]]
-        self.owner[slot] = None  # if the read fails, the slot holds nothing valid
+        self._evict(slot)
         self.bytes_read += self.store.read_into(layer, e, self.buffers[slot])
-        if not self.zero_copy:
-          self._arrays[slot] = self._wrap(self.buffers[slot])
-        self.owner[slot] = key
-        self.table[key] = slot
+        self._install(slot, key)
         self.misses += 1
       self.lru.move_to_end(slot)
       pinned.add(slot)
       slots.append(slot)
+    self.in_use = pinned
     return slots
