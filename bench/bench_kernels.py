@@ -117,7 +117,7 @@ def bench_shape(name: str, hidden: int, inter: int, encs: list[str], seconds: fl
           f"{row['tok8_GFLOPs']:6.1f} GFLOP/s = {row['tok8_ratio']:.2f}x | 64 tok "
           f"{row['tok64_GFLOPs']:6.1f} GFLOP/s = {row['tok64_ratio']:.2f}x", flush=True)
     rows.append({**row, **{f"numpy_{k}": v for k, v in ref.items()}})
-    del experts
+    experts = None  # free the copies before the next encoding
   return rows
 
 

@@ -13,19 +13,19 @@ import glob
 import json
 import os
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Callable
 
 import numpy as np
 import tensorstore as ts
-from absl import app, flags, logging
+from absl import app, flags
 from safetensors import safe_open
 
 from checkpoints_tools import hf_layout
+from lazymoe_jax import cli
 from lazymoe_jax import config as config_lib
-from lazymoe_jax.errors import CheckpointError, LazyMoEError
+from lazymoe_jax.errors import CheckpointError
 from lazymoe_jax.model import encodings
 from lazymoe_jax.store import dense as dense_store
 from lazymoe_jax.store import format as fmt
@@ -312,13 +312,8 @@ def define_flags() -> None:
 
 def main(argv) -> None:
   del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    convert(FLAGS.src, FLAGS.dst, FLAGS.expert_dtype, FLAGS.overwrite,
-            group_size=FLAGS.group_size)
-  except LazyMoEError as e:
-    sys.exit(f"error: {e}")
+  cli.run(lambda: convert(FLAGS.src, FLAGS.dst, FLAGS.expert_dtype, FLAGS.overwrite,
+                          group_size=FLAGS.group_size))
 
 
 if __name__ == "__main__":

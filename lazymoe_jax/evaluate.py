@@ -27,10 +27,11 @@ import time
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from tqdm import tqdm
 
 import lazymoe_jax
+from lazymoe_jax import cli
 from lazymoe_jax.errors import LazyMoEError
 from lazymoe_jax.sampling import Sampler
 
@@ -244,20 +245,18 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
   del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  model = FLAGS.model
-  if model is None:
-    from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel
-    model = default_model.ensure_default_store(lambda s: print(s, file=sys.stderr))
-  try:
+
+  def work():
+    model = FLAGS.model
+    if model is None:
+      from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel
+      model = default_model.ensure_default_store(lambda s: print(s, file=sys.stderr))
     summary = evaluate(model, FLAGS.text_file, FLAGS.prompts_jsonl, FLAGS.output, FLAGS.context,
                        FLAGS.stride, FLAGS.max_new_tokens,
                        Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed),
                        FLAGS.expert_slots, FLAGS.memory_budget_gb, FLAGS.kv_bits)
-  except (LazyMoEError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+  cli.run(work)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import lazymoe_jax
-from lazymoe_jax.errors import LazyMoEError, StoreError
+from lazymoe_jax import cli
+from lazymoe_jax.errors import StoreError
 from lazymoe_jax.sampling import Sampler
 
 DEFAULT_PROMPT = 'def read_file(path):\n    """Return the contents of the file."""\n'
@@ -103,14 +104,10 @@ def _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out,
 
 def main(argv) -> None:
   del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  try:
-    run(FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
-        Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), FLAGS.expert_slots,
-        kv_bits=FLAGS.kv_bits, memory_budget_gb=FLAGS.memory_budget_gb)
-  except (LazyMoEError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  cli.run(lambda: run(
+      FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
+      Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), FLAGS.expert_slots,
+      kv_bits=FLAGS.kv_bits, memory_budget_gb=FLAGS.memory_budget_gb))
 
 
 if __name__ == "__main__":

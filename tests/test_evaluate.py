@@ -1,7 +1,6 @@
 """python -m lazymoe_jax.evaluate: perplexity parity, resumable prompt runs, bad lines."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

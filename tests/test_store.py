@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 import lazymoe_jax
 from lazymoe_jax.model.routers import softmax_topk
 from lazymoe_jax.store import format as fmt
-from tests.conftest import convert_cli, make_hf_model, token_ids
+from tests.conftest import convert_cli, token_ids
 
 
 @pytest.fixture(scope="module")
