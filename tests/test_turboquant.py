@@ -89,3 +89,27 @@ def test_bad_settings():
     TurboQuant(96, 4)
   with pytest.raises(ValueError, match="not supported"):
     TurboQuant(128, 5)
+
+
+@pytest.mark.parametrize("variant", ["mse", "prod"])
+def test_cache_attention_equals_dense_attention_on_decoded_vectors(variant):
+  import jax  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax.kv import DenseKV, TurboQuantKV  # pylint: disable=import-outside-toplevel
+
+  class Cfg:
+    num_hidden_layers, num_key_value_heads, head_dim = 1, 2, 64
+  rng = np.random.default_rng(0)
+  t, s = 16, 256
+  k = jnp.asarray(rng.standard_normal((t, 2, 64)).astype(np.float32) * 3)
+  v = jnp.asarray(rng.standard_normal((t, 2, 64)).astype(np.float32))
+  q = jnp.asarray(rng.standard_normal((t, 4, 64)).astype(np.float32))
+  pos = jnp.arange(t)
+  tkv = TurboQuantKV(4.0, 3.0, k_variant=variant)
+  cache = tkv.update(tkv.init(Cfg, s)[0], k, v, 0)
+  kq, vq = tkv.quantisers(64)
+  first = lambda c: jax.tree.map(lambda a: a[:, :t], c)  # noqa: E731
+  kd, vd = kq.decode(first(cache["k"])), vq.decode(first(cache["v"]))  # [K, T, D]
+  dense = DenseKV()
+  dc = dense.update(dense.init(Cfg, s)[0], kd.transpose(1, 0, 2), vd.transpose(1, 0, 2), 0)
+  np.testing.assert_allclose(np.asarray(tkv.attend(cache, q, pos, None, 0.125)),
+                             np.asarray(dense.attend(dc, q, pos, None, 0.125)), atol=2e-5)

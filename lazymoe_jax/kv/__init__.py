@@ -12,7 +12,7 @@ from lazymoe_jax.kv.turboquant import TurboQuantKV
 
 
 def make(kv_bits: float | None = None, k_bits: float | None = None,
-         v_bits: float | None = None, seed: int = 0):
+         v_bits: float | None = None, seed: int = 0, k_variant: str = "mse"):
   """DenseKV without bits; TurboQuantKV with kv_bits (both) or k_bits / v_bits (each)."""
   k_bits = k_bits if k_bits is not None else kv_bits
   v_bits = v_bits if v_bits is not None else kv_bits
@@ -20,4 +20,4 @@ def make(kv_bits: float | None = None, k_bits: float | None = None,
     return DenseKV()
   if k_bits is None or v_bits is None:
     raise ValueError("give kv_bits, or both k_bits and v_bits.")
-  return TurboQuantKV(float(k_bits), float(v_bits), seed)
+  return TurboQuantKV(float(k_bits), float(v_bits), seed, k_variant)

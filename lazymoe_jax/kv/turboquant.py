@@ -213,9 +213,10 @@ class TurboQuantKV:
   k_bits: float
   v_bits: float
   seed: int = 0
+  k_variant: str = "mse"  # "prod": keys get b-1 MSE bits + the 1-bit QJL residual sketch
 
   def quantisers(self, head_dim: int) -> tuple[TurboQuant, TurboQuant]:
-    return (TurboQuant(head_dim, self.k_bits, self.seed),
+    return (TurboQuant(head_dim, self.k_bits, self.seed, self.k_variant),
             TurboQuant(head_dim, self.v_bits, self.seed + 1))
 
   def validate(self, cfg) -> None:
@@ -253,10 +254,15 @@ class TurboQuantKV:
     keys = kq._centroids(cache["k"]) * cache["k"]["norm"].astype(F32)  # [K, S, D] rotated
     values = vq._centroids(cache["v"]) * cache["v"]["norm"].astype(F32)
 
+    if kq.variant == "prod":  # the QJL term lives in the original space: add it there
+      qjl = kq._qjl_term(cache["k"]) * cache["k"]["norm"].astype(F32)  # [K, S, D]
+
     def one(q, q_pos):
       t, hq, _ = q.shape
       g = hq // kv_heads
       scores = jnp.einsum("kmd,ksd->kms", to_rows(kq.rotate(q), kv_heads), keys)
+      if kq.variant == "prod":
+        scores = scores + jnp.einsum("kmd,ksd->kms", to_rows(q.astype(F32), kv_heads), qjl)
       probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window)
       out_r = jnp.einsum("kms,ksd->kmd", probs.reshape(kv_heads, g * t, -1), values)
       return vq.unrotate(from_rows(out_r, t))
