@@ -127,9 +127,9 @@ class Engine:
       raise ValueError("max_new_tokens must be >= 0")
     limit = self.max_context
     if len(tokens) + max_new_tokens > limit:
+      whose = "planned" if self.plan else "model's"
       raise ValueError(f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                       f"{'planned' if self.plan else 'model' + chr(39) + 's'} context of "
-                       f"{limit} positions; shorten one of them.")
+                       f"{whose} context of {limit} positions; shorten one of them.")
     return self._stream(tokens, max_new_tokens, sampler)
 
   def _stream(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
