@@ -35,10 +35,11 @@ def test_4_bit_cache_keeps_top1_and_is_small(demo_store, windows):
   ppl = {k: float(np.exp(np.mean(np.concatenate(v)))) for k, v in nll.items()}
   print(f"kv_bits=4: top-1 agreement {agree / total:.2%}, perplexity {ppl['tq']:.3f} vs dense "
         f"{ppl['dense']:.3f}")
-  # The issue asks 99%; measured 92.9% on this 4-layer model (see BUILD_NOTES): a guard
-  # against regressions until the quantiser reaches the target.
-  assert agree / total >= 0.90
-  assert ppl["tq"] <= ppl["dense"] * 1.03
+  # The issue asks 99%; measured 94.3% here (93.99% over 16 windows) with centering, and a
+  # bf16 cache itself flips 0.17% on this model's near-ties (see BUILD_NOTES): a regression
+  # guard, not the target.
+  assert agree / total >= 0.93
+  assert ppl["tq"] <= ppl["dense"] * 1.01
   # bytes really held, norms included, against a bf16 cache of the same capacity
   cfg = tq.cfg
   capacity = tq.stats()["kv_cache_bytes"] / (cfg.num_hidden_layers * cfg.num_key_value_heads * 2

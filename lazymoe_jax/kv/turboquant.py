@@ -208,12 +208,20 @@ class TurboQuantKV:
 
   Scores are computed in the rotated space (the query is rotated once per head); values are
   summed there and rotated back once per query.
+
+  Centering (center=True): the cache quantises k - m_k and v - m_v, where m_k, m_v [K, D] are
+  the means of the first chunk written (the prompt), fixed for the rest of the sequence. Both
+  are exact rewrites of attention: q.(k_i - m_k) differs from q.k_i by q.m_k, the same for
+  every key, which the softmax cancels; sum_i p_i (v_i - m_v) + m_v = sum_i p_i v_i since the
+  p_i sum to one. What changes is what gets quantised: trained models' keys and values share a
+  large common component, and the codebook's error scales with the norm of what it encodes.
   """
 
   k_bits: float
   v_bits: float
   seed: int = 0
   k_variant: str = "mse"  # "prod": keys get b-1 MSE bits + the 1-bit QJL residual sketch
+  center: bool = True  # quantise k - mean(k), v - mean(v) of the first chunk (exact, see below)
 
   def quantisers(self, head_dim: int) -> tuple[TurboQuant, TurboQuant]:
     return (TurboQuant(head_dim, self.k_bits, self.seed, self.k_variant),
@@ -229,7 +237,9 @@ class TurboQuantKV:
     self.validate(cfg)
     kq, vq = self.quantisers(cfg.head_dim)
     zeros = jnp.zeros((cfg.num_key_value_heads, capacity, cfg.head_dim), F32)
-    return [{"k": kq.encode(zeros), "v": vq.encode(zeros)} for _ in range(cfg.num_hidden_layers)]
+    shift = (cfg.num_key_value_heads, cfg.head_dim)
+    return [{"k": kq.encode(zeros), "v": vq.encode(zeros), "k_shift": jnp.zeros(shift, F32),
+             "v_shift": jnp.zeros(shift, F32)} for _ in range(cfg.num_hidden_layers)]
 
   @staticmethod
   def nbytes(cache: list) -> int:
@@ -239,7 +249,13 @@ class TurboQuantKV:
     kq, vq = self.quantisers(k.shape[-1])
     out = {}
     for name, tq, x in (("k", kq, k), ("v", vq, v)):
-      new = tq.encode(jnp.transpose(x, (1, 0, 2)))  # [K, T, ...]
+      x = jnp.transpose(x, (1, 0, 2)).astype(F32)  # [K, T, D]
+      # The shift is fixed by the first chunk written (the prompt) and kept for the sequence.
+      shift = cache[f"{name}_shift"]
+      if self.center:
+        shift = jnp.where(start == 0, jnp.mean(x, axis=1), shift)
+      out[f"{name}_shift"] = shift
+      new = tq.encode(x - shift[:, None, :])
       out[name] = jax.tree.map(
           lambda c, n: jax.lax.dynamic_update_slice(c, n, (0, start) + (0,) * (c.ndim - 2)),
           cache[name], new)
@@ -265,5 +281,7 @@ class TurboQuantKV:
         scores = scores + jnp.einsum("kmd,ksd->kms", to_rows(q.astype(F32), kv_heads), qjl)
       probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window)
       out_r = jnp.einsum("kms,ksd->kmd", probs.reshape(kv_heads, g * t, -1), values)
+      # probabilities sum to one: adding the value shift back after the sum is exact
+      out_r = out_r + vq.rotate(cache["v_shift"])[:, None, :]
       return vq.unrotate(from_rows(out_r, t))
     return blocked(one, q, q_pos)
