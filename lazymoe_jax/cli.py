@@ -8,6 +8,30 @@ from collections.abc import Callable
 from absl import flags, logging
 
 from lazymoe_jax.errors import LazyMoEError
+from lazymoe_jax.store.pool import POLICIES
+
+
+def define_engine_flags() -> None:
+  """The flags of `lazymoe_jax.load`, shared by every CLI that loads a store."""
+  flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers "
+                       "(min num_experts_per_tok; default: as many as half the free RAM holds).")
+  flags.DEFINE_float("memory_budget_gb", None, "Plan dense + KV + expert pool to fit this "
+                     "many GB (instead of --expert_slots); prints the plan.")
+  flags.DEFINE_float("kv_bits", None, "TurboQuant KV cache bits (1-4, also 2.5 / 3.5); "
+                     "default: float32 cache.")
+  flags.DEFINE_float("k_bits", None, "TurboQuant bits for keys only (with --v_bits).")
+  flags.DEFINE_float("v_bits", None, "TurboQuant bits for values only (with --k_bits).")
+  flags.DEFINE_bool("prefetch", True, "Speculative prefetch of the next layer's experts.")
+  flags.DEFINE_enum("cache_policy", "lru", POLICIES, "Expert pool eviction policy.")
+  flags.DEFINE_integer("max_context", None, "Longest sequence (prompt + new tokens); the "
+                       "memory plan sizes the KV cache for it.")
+
+
+def engine_options() -> dict:
+  """The values of define_engine_flags() as keyword arguments of `lazymoe_jax.load`."""
+  f = flags.FLAGS
+  return {n: f[n].value for n in ("expert_slots", "memory_budget_gb", "kv_bits", "k_bits",
+                                   "v_bits", "prefetch", "cache_policy", "max_context")}
 
 
 def run(work: Callable[[], object]) -> None:

@@ -55,7 +55,8 @@ class Engine:
   def __init__(self, store_dir: str, expert_slots: int | None = None,
                memory_budget_gb: float | None = None, kv_bits: float | None = None,
                k_bits: float | None = None, v_bits: float | None = None,
-               prefetch: bool = True):
+               prefetch: bool = True, cache_policy: str = "lru",
+               max_context: int | None = None):
     if memory_budget_gb is not None and expert_slots is not None:
       raise LazyMoEError("give memory_budget_gb or expert_slots, not both: the budget plans "
                          "the slots.")
@@ -71,10 +72,13 @@ class Engine:
     self.layers = [jax.device_put(parts[f"layer_{i:03d}"]) for i in range(cfg.num_hidden_layers)]
     self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((self.globals, self.layers)))
     total = len(self.experts.layers) * cfg.num_experts
-    self.max_context = cfg.max_position_embeddings
+    if max_context is not None and not 0 < max_context <= cfg.max_position_embeddings:
+      raise ValueError(f"max_context={max_context} must be in [1, "
+                       f"{cfg.max_position_embeddings}] (the model's max_position_embeddings).")
+    self.max_context = max_context or cfg.max_position_embeddings
     self.plan: MemoryPlan | None = None
     if memory_budget_gb is not None:
-      self.max_context = min(cfg.max_position_embeddings, MAX_PLANNED_CONTEXT)
+      self.max_context = max_context or min(cfg.max_position_embeddings, MAX_PLANNED_CONTEXT)
       kv_shapes = jax.eval_shape(lambda: self.kv.init(cfg, self.max_context))
       i, h = cfg.moe_intermediate_size, cfg.hidden_size
       self.plan = make_plan(memory_budget_gb, resident_bytes(),
@@ -86,7 +90,7 @@ class Engine:
       fit = int(_available_ram() * DEFAULT_RAM_FRACTION) // self.experts.bytes_per_expert
       expert_slots = max(cfg.num_experts_per_tok, min(total, fit))
     self.pool = ExpertPool(self.experts, min(expert_slots, total) if total else expert_slots,
-                           cfg.num_experts_per_tok)
+                           cfg.num_experts_per_tok, cache_policy)
     # Speculative prefetch in decode: layer l computes the next MoE layer's routing guess.
     self.prefetch = prefetch
     moe = list(cfg.moe_layers)
@@ -168,6 +172,8 @@ class Engine:
         "pool_zero_copy": self.pool.zero_copy,
         "prefetch_reads": self.pool.prefetch_reads,
         "prefetch_used": self.pool.prefetch_used,
+        "cache_policy": self.pool.policy,
+        "io_wait_s": self.pool.io_wait_s,
         "dense_bytes": self.dense_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **self._last,
@@ -178,16 +184,16 @@ class Engine:
     tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if tokens.size == 0:
       raise ValueError("token_ids is empty: give at least one token.")
-    if self.plan is not None and tokens.size > self.max_context:
-      raise ValueError(f"{tokens.size} tokens exceed the planned context of {self.max_context} "
-                       "positions (the memory plan's KV cache).")
+    if tokens.size > self.max_context:
+      raise ValueError(f"{tokens.size} tokens exceed the context of {self.max_context} "
+                       "positions (max_context, or the model's max_position_embeddings).")
     if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
       raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); got "
                        f"[{tokens.min()}, {tokens.max()}].")
     return tokens.astype(np.int32)
 
   def _new_cache(self, needed: int) -> list[dict]:
-    capacity = -(-needed // KV_ROUND) * KV_ROUND
+    capacity = min(-(-needed // KV_ROUND) * KV_ROUND, max(needed, self.max_context))
     cache = self.kv.init(self.cfg, capacity)
     self._kv_capacity = capacity
     self._kv_bytes = self.kv.nbytes(cache)
@@ -251,12 +257,17 @@ class Engine:
 
 def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,
          kv_bits: float | None = None, k_bits: float | None = None,
-         v_bits: float | None = None, prefetch: bool = True) -> Engine:
+         v_bits: float | None = None, prefetch: bool = True,
+         cache_policy: str = "lru", max_context: int | None = None) -> Engine:
   """Opens a converted store. See `Engine` for the API.
 
   kv_bits (or k_bits / v_bits separately): TurboQuant KV cache at 1-4 bits per coordinate
   (2.5 and 3.5 too); None keeps a float32 cache. prefetch: in decode, start reading the
   experts the next layer's router predicts while this layer's experts run.
+  cache_policy: which pool slot a miss refills, "lru", "lfu" or "layer" (store/pool.py).
+  max_context: positions a sequence may reach (prompt + new tokens); default the model's
+  max_position_embeddings (with a memory budget: at most 4096, the KV cache is planned for it).
   """
   return Engine(store_dir, expert_slots=expert_slots, memory_budget_gb=memory_budget_gb,
-                kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, prefetch=prefetch)
+                kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, prefetch=prefetch,
+                cache_policy=cache_policy, max_context=max_context)

@@ -194,10 +194,10 @@ def _engine_summary(engine) -> dict:
 
 def evaluate(model: str, text_file: str | None = None, prompts_jsonl: str | None = None,
              output: str | None = None, context: int | None = None, stride: int | None = None,
-             max_new_tokens: int = 64, sampler: Sampler = Sampler(),
-             expert_slots: int | None = None, memory_budget_gb: float | None = None,
-             kv_bits: int | None = None, progress: bool = True) -> dict:
-  """The CLI as a function: returns the summary (also written to OUTPUT.summary.json)."""
+             max_new_tokens: int = 64, sampler: Sampler = Sampler(), progress: bool = True,
+             **load_options) -> dict:
+  """The CLI as a function: returns the summary (also written to OUTPUT.summary.json).
+  load_options go to `lazymoe_jax.load` (expert_slots, memory_budget_gb, kv_bits, ...)."""
   if (text_file is None) == (prompts_jsonl is None):
     raise ValueError("give exactly one of --text_file and --prompts_jsonl.")
   for path in (text_file, prompts_jsonl):
@@ -205,8 +205,7 @@ def evaluate(model: str, text_file: str | None = None, prompts_jsonl: str | None
       raise ValueError(f"input file {path} does not exist.")
   if prompts_jsonl is not None and output is None:
     raise ValueError("--prompts_jsonl needs --output (the JSONL file results are appended to).")
-  engine = lazymoe_jax.load(model, memory_budget_gb=memory_budget_gb, expert_slots=expert_slots,
-                            kv_bits=kv_bits)
+  engine = lazymoe_jax.load(model, **load_options)
   if text_file is not None:
     with open(text_file, encoding="utf-8") as f:
       ids = engine.tokenizer.encode(f.read())
@@ -235,9 +234,7 @@ def define_flags() -> None:
   flags.DEFINE_float("top_p", 1.0, "Default nucleus mass.")
   flags.DEFINE_integer("top_k", 0, "Default top-k (0 = all).")
   flags.DEFINE_integer("seed", 0, "Default sampling seed.")
-  flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers.")
-  flags.DEFINE_float("memory_budget_gb", None, "Memory budget to plan the pool within.")
-  flags.DEFINE_integer("kv_bits", None, "TurboQuant KV-cache bits.")
+  cli.define_engine_flags()
 
 
 FLAGS = flags.FLAGS
@@ -254,7 +251,7 @@ def main(argv) -> None:
     summary = evaluate(model, FLAGS.text_file, FLAGS.prompts_jsonl, FLAGS.output, FLAGS.context,
                        FLAGS.stride, FLAGS.max_new_tokens,
                        Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed),
-                       FLAGS.expert_slots, FLAGS.memory_budget_gb, FLAGS.kv_bits)
+                       **cli.engine_options())
     print(json.dumps(summary, indent=1))
   cli.run(work)
 

@@ -31,12 +31,7 @@ def define_flags() -> None:
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_float("memory_budget_gb", None, "Plan dense + KV + expert pool to fit this "
-                     "many GB (instead of --expert_slots); prints the plan.")
-  flags.DEFINE_float("kv_bits", None, "TurboQuant KV cache bits (1-4, also 2.5 / 3.5); "
-                     "default: float32 cache.")
-  flags.DEFINE_integer("expert_slots", None, "Expert pool slots shared by all layers "
-                       "(min num_experts_per_tok; default: as many as half the free RAM holds).")
+  cli.define_engine_flags()
 
 
 FLAGS = flags.FLAGS
@@ -53,28 +48,25 @@ def summary_line(stats: dict, prompt_tokens: int, new_tokens: int) -> str:
 
 
 def run(model: str | None, prompt: str, prompt_ids: list[int] | None, max_new_tokens: int,
-        sampler: Sampler, expert_slots: int | None, out=sys.stdout,
-        kv_bits: float | None = None, memory_budget_gb: float | None = None) -> list[int]:
-  """Loads the store, streams the continuation to `out`, prints the summary; returns new ids."""
+        sampler: Sampler, out=sys.stdout, **load_options) -> list[int]:
+  """Loads the store (`lazymoe_jax.load(model, **load_options)`), streams the continuation to
+  `out`, prints the summary; returns the new ids."""
   if model is None:
     from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel
     print(f"No --model: using {default_model.DESCRIPTION}.", file=sys.stderr)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     try:
       return _run(default_model.ensure_default_store(log), prompt, prompt_ids, max_new_tokens,
-                  sampler, expert_slots, out, kv_bits, memory_budget_gb)
+                  sampler, out, load_options)
     except StoreError as e:  # a damaged cache is rebuilt once, never trusted
       print(f"the cached demo store is damaged ({e}); rebuilding it", file=sys.stderr)
       return _run(default_model.ensure_default_store(log, rebuild=True), prompt, prompt_ids,
-                  max_new_tokens, sampler, expert_slots, out, kv_bits, memory_budget_gb)
-  return _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out, kv_bits,
-              memory_budget_gb)
+                  max_new_tokens, sampler, out, load_options)
+  return _run(model, prompt, prompt_ids, max_new_tokens, sampler, out, load_options)
 
 
-def _run(model, prompt, prompt_ids, max_new_tokens, sampler, expert_slots, out,
-         kv_bits=None, memory_budget_gb=None) -> list[int]:
-  engine = lazymoe_jax.load(model, expert_slots=expert_slots, kv_bits=kv_bits,
-                            memory_budget_gb=memory_budget_gb)
+def _run(model, prompt, prompt_ids, max_new_tokens, sampler, out, load_options) -> list[int]:
+  engine = lazymoe_jax.load(model, **load_options)
   if engine.plan is not None:
     print(engine.plan.describe(), file=sys.stderr)
   ids = [int(i) for i in prompt_ids] if prompt_ids else engine.tokenizer.encode(prompt)
@@ -106,8 +98,7 @@ def main(argv) -> None:
   del argv
   cli.run(lambda: run(
       FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
-      Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), FLAGS.expert_slots,
-      kv_bits=FLAGS.kv_bits, memory_budget_gb=FLAGS.memory_budget_gb))
+      Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), **cli.engine_options()))
 
 
 if __name__ == "__main__":

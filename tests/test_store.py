@@ -1,5 +1,6 @@
 """Store format, conversion of sharded checkpoints, exact counters, and every bad input."""
 
+import collections
 import json
 import os
 import shutil
@@ -347,3 +348,37 @@ def test_read_error_during_prefetch_is_a_clear_error(family_models, tmp_path):
   engine.eos_ids = set()
   with pytest.raises(lazymoe_jax.StoreError, match=r"c/1/\d/0/0 is missing"):
     engine.generate(token_ids(1), 5)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "layer"])
+def test_every_cache_policy_gives_identical_results(family_models, policy):
+  model, _, store = family_models["mixtral"]
+  k = model.config.num_experts_per_tok
+  prompt, ids = token_ids(6, seed=3), token_ids(20, seed=4)
+  resident = lazymoe_jax.load(store, expert_slots=10_000)
+  resident.eos_ids = set()
+  want_tokens, want_logits = resident.generate(prompt, 16), resident.logits(ids)
+  for slots in (k, k + 1, 3 * k):
+    engine = lazymoe_jax.load(store, expert_slots=slots, cache_policy=policy)
+    engine.eos_ids = set()
+    assert engine.generate(prompt, 16) == want_tokens
+    np.testing.assert_array_equal(engine.logits(ids), want_logits)
+    st = engine.stats()
+    assert st["cache_policy"] == policy and st["io_wait_s"] >= 0
+    assert st["bytes_read"] == (st["expert_misses"] + st["prefetch_reads"]) * \
+        engine.experts.bytes_per_expert
+    assert len(engine.pool.table) <= slots
+  with pytest.raises(ValueError, match="not one of lru, lfu, layer"):
+    lazymoe_jax.load(store, cache_policy="fifo")
+
+
+def test_layer_policy_keeps_each_layers_share(family_models):
+  model, _, store = family_models["mixtral"]
+  k = model.config.num_experts_per_tok
+  n_layers = model.config.num_hidden_layers
+  engine = lazymoe_jax.load(store, expert_slots=k * n_layers, cache_policy="layer",
+                            prefetch=False)
+  engine.eos_ids = set()
+  engine.generate(token_ids(1, seed=9), 24)
+  held = collections.Counter(layer for layer, _ in engine.pool.table)
+  assert held == {layer: k for layer in range(n_layers)}  # a miss evicts within its own layer

@@ -1,4 +1,4 @@
-"""A fixed pool of preallocated expert slots shared by all layers, with LRU eviction.
+"""A fixed pool of preallocated expert slots shared by all layers, with a choice of eviction.
 
 Each slot owns one page-aligned numpy buffer per expert tensor, allocated (and touched) once.
 A miss reads the expert from disk straight into the victim slot's buffers. The jax array
@@ -7,11 +7,20 @@ aligned numpy memory (checked at start-up and reported in `stats()["pool_zero_co
 refill is the disk read and nothing else. Callers must not refill a slot while a dispatched
 computation may still read it: the engine synchronises on the router ids (which depend on
 every earlier expert computation) or on the accumulator between prefill waves.
+
+Eviction policies (`policy=`), compared on the demo model's traces in BUILD_NOTES.md:
+  lru    least recently used slot, whatever its layer;
+  lfu    least often used (layer, expert) over the whole run, ties by recency;
+  layer  per-layer quotas: every MoE layer is visited once per decoded token, so each gets an
+         equal share of the slots and a miss evicts the least recently used slot of its own
+         layer (or of a layer above its share); within a layer it is LRU.
+All misses of one acquire are read concurrently (tensorstore's threads), then checked.
 """
 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Sequence
 
 import jax
@@ -21,6 +30,7 @@ from lazymoe_jax.errors import PlanError
 from lazymoe_jax.store.experts import ExpertStore
 
 ALIGN = 4096
+POLICIES = ("lru", "lfu", "layer")
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -33,7 +43,9 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 class ExpertPool:
   """`acquire(layer, experts) -> slots`; `arrays(slot) -> {tensor: {suffix: array}}`."""
 
-  def __init__(self, store: ExpertStore, num_slots: int, min_slots: int):
+  def __init__(self, store: ExpertStore, num_slots: int, min_slots: int, policy: str = "lru"):
+    if policy not in POLICIES:
+      raise ValueError(f"cache_policy={policy!r} is not one of {', '.join(POLICIES)}.")
     if num_slots < min_slots:
       raise PlanError(f"expert_slots={num_slots} is too small: one token needs "
                       f"num_experts_per_tok={min_slots} experts resident at once; use at least "
@@ -61,6 +73,10 @@ class ExpertPool:
     self.prefetched: set[tuple[int, int]] = set()  # landed by prefetch, not yet acquired
     self.prefetch_reads = 0
     self.prefetch_used = 0
+    self.policy = policy
+    self.uses: collections.Counter[tuple[int, int]] = collections.Counter()  # for lfu
+    self.quota = max(1, num_slots // max(1, len(store.layers)))  # for layer
+    self.io_wait_s = 0.0  # time blocked on reads (misses and landing prefetches)
 
   def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, dict[str, jax.Array]]:
     return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
@@ -86,6 +102,27 @@ class ExpertPool:
     self.owner[slot] = key
     self.table[key] = slot
 
+  def _victim(self, layer: int, busy: set[int]) -> int | None:
+    """The slot a miss of `layer` refills under the policy, never one in `busy`."""
+    free = [s for s in self.lru if s not in busy]  # least recently used first
+    if not free:
+      return None
+    empty = next((s for s in free if self.owner[s] is None), None)
+    if empty is not None:
+      return empty
+    if self.policy == "lfu":
+      rank = {s: i for i, s in enumerate(free)}
+      return min(free, key=lambda s: (self.uses[self.owner[s]], rank[s]))
+    if self.policy == "layer":
+      held = collections.Counter(self.owner[s][0] for s in self.table.values())
+      own = [s for s in free if self.owner[s][0] == layer]
+      if held[layer] >= self.quota and own:
+        return own[0]
+      over = [s for s in free if held[self.owner[s][0]] > self.quota]
+      if over:
+        return over[0]
+    return free[0]
+
   def prefetch(self, layer: int, experts: Sequence[int]) -> None:
     """Starts reading experts predicted for `layer` (asynchronously, tensorstore's threads)
     into least-recently-used slots, never into one the last acquire handed out. A wrong guess
@@ -95,7 +132,7 @@ class ExpertPool:
       if key in self.table or key in self.pending:
         continue
       busy = self.in_use | {slot for slot, _ in self.pending.values()}
-      slot = next((s for s in self.lru if s not in busy), None)
+      slot = self._victim(layer, busy)
       if slot is None:
         return
       self._evict(slot)
@@ -105,10 +142,15 @@ class ExpertPool:
   def _land_prefetches(self) -> None:
     """Waits for the prefetch reads in flight; they become resident, least recently used
     first (a wrong guess is the next victim)."""
+    t0 = time.perf_counter()
     while self.pending:
       key, (slot, handle) = next(iter(self.pending.items()))
       del self.pending[key]
-      self.bytes_read += self.store.finish_read(handle)
+      try:
+        self.bytes_read += self.store.finish_read(handle)
+      finally:
+        self.io_wait_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
       self._install(slot, key)
       self.prefetched.add(key)
       self.lru.move_to_end(slot, last=False)
@@ -121,23 +163,43 @@ class ExpertPool:
                       f"{self.num_slots} slots.")
     self._land_prefetches()
     pinned: set[int] = set()
-    slots = []
+    slots, reads = [], []
     for e in experts:
       key = (layer, e)
       slot = self.table.get(key)
       if slot is not None:
-        self.hits += 1
+        if slot not in pinned:
+          self.hits += 1
         if key in self.prefetched:
           self.prefetched.discard(key)
           self.prefetch_used += 1
-      else:
-        slot = next(s for s in self.lru if s not in pinned)  # least recently used, unpinned
+      else:  # start every miss's read before waiting for any of them
+        slot = self._victim(layer, pinned)
         self._evict(slot)
-        self.bytes_read += self.store.read_into(layer, e, self.buffers[slot])
-        self._install(slot, key)
+        reads.append((slot, key, self.store.start_read(layer, e, self.buffers[slot])))
+        self.owner[slot] = key  # reserved: a repeat of e in `experts` maps here
+        self.table[key] = slot
         self.misses += 1
+      self.uses[key] += 1
       self.lru.move_to_end(slot)
       pinned.add(slot)
       slots.append(slot)
+    t0 = time.perf_counter()
+    try:
+      for i, (slot, key, handle) in enumerate(reads):
+        try:
+          self.bytes_read += self.store.finish_read(handle)
+        except BaseException:
+          for s, _, h in reads[i:]:  # nothing half-read stays resident
+            if s != slot:
+              try:
+                self.store.finish_read(h)
+              except Exception:  # pylint: disable=broad-except
+                pass
+            self._evict(s)
+          raise
+        self._install(slot, key)
+    finally:
+      self.io_wait_s += time.perf_counter() - t0
     self.in_use = pinned
     return slots

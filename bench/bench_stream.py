@@ -1,0 +1,299 @@
+r"""Streaming a model several times larger than the memory budget, under a real memory cap.
+
+  python -m bench.bench_stream [--budget_gb=2] [--layers=32] [--tokens=48] [--workdir=/tmp/lazymoe_bench]
+
+Builds (once) a synthetic Mixtral-layout bf16 model with bench.make_synthetic (32 layers, 16
+experts, hidden 1024, expert width 2816: 8.7 GB of experts), then runs each configuration in a
+child process inside a cgroup v1 memory cgroup whose limit is the budget (page cache included),
+with the store's files dropped from the page cache first (cold). The engine plans its pool with
+`memory_budget_gb` equal to the same budget. Configurations:
+  naive     synchronous reads into top-k slots: no cache to speak of, no prefetch
+  <policy>  the planned pool with that eviction policy, with and without speculative prefetch
+and, without a cap, `resident`: every expert in RAM (the compute bound).
+Tokens: the demo tokenizer's ids of held-out stdlib text (all < 2048), decoded teacher-forced one
+token at a time, so routing follows real text's token repetitions; the routing statistics of
+every run (top expert share, entropy, previous-token reuse) are printed beside its figures.
+Also measured in the same run: the disk's cold read bandwidth on the store's own chunk files
+(sequential, and 8 reads in flight) and memory copy bandwidth. The disk here varies 2-3x from
+minute to minute, so each configuration's I/O bound uses the mean of two samples (48 random
+chunks, 8 in flight) taken just before and just after it: I/O bound = that bandwidth / bytes
+read per token of the run; compute bound = resident decode tokens/s.
+Needs root (cgroup v1 at /sys/fs/cgroup/memory); run nothing else heavy meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+CGROUP_ROOT = "/sys/fs/cgroup/memory"
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  flags.DEFINE_float("budget_gb", 2.0, "Memory budget = cgroup limit (GB, 1e9 bytes).")
+  flags.DEFINE_integer("layers", 32, "Synthetic model layers.")
+  flags.DEFINE_integer("experts", 16, "Synthetic model experts.")
+  flags.DEFINE_string("expert_dtype", "bf16", "Expert encoding of the store (converter name).")
+  flags.DEFINE_integer("tokens", 48, "Decode steps timed (after 2 warm-up steps).")
+  flags.DEFINE_integer("prompt", 32, "Prompt tokens (prefill timed).")
+  flags.DEFINE_list("configs", ["naive", "lru", "lfu", "layer", "lfu+prefetch",
+                                "lru+prefetch", "resident"], "Configurations to run.")
+  flags.DEFINE_string("workdir", "/tmp/lazymoe_bench", "Where the synthetic model goes.")
+  flags.DEFINE_string("json", None, "Write the rows here too.")
+  flags.DEFINE_string("child", None, "(internal) run one configuration, given as JSON.")
+
+
+FLAGS = flags.FLAGS
+
+
+# ---- the measured machine -----------------------------------------------------------------------
+def drop_page_cache(paths: list[str]) -> None:
+  for p in paths:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def disk_bandwidth(paths: list[str], in_flight: int) -> float:
+  """Cold read bandwidth (GB/s) of whole files into preallocated buffers, `in_flight` at once."""
+  drop_page_cache(paths)
+  size = max(os.path.getsize(p) for p in paths)
+  bufs = [bytearray(size) for _ in range(in_flight)]
+
+  def read(i_path):
+    i, path = i_path
+    with open(path, "rb", buffering=0) as f:
+      return f.readinto(memoryview(bufs[i % in_flight])[:os.path.getsize(path)])
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(in_flight) as ex:
+    total = 0
+    for start in range(0, len(paths), in_flight):
+      total += sum(ex.map(read, enumerate(paths[start:start + in_flight], start)))
+  dt = time.perf_counter() - t0
+  drop_page_cache(paths)
+  return total / dt / 1e9
+
+
+def sample_chunks(chunks: list[str], n: int = 48) -> list[str]:
+  return list(np.random.default_rng().choice(chunks, min(n, len(chunks)), replace=False))
+
+
+def copy_bandwidth() -> float:
+  a = np.ones(1 << 26, np.float32)  # 256 MB
+  b = np.empty_like(a)
+  best = math.inf
+  for _ in range(5):
+    t0 = time.perf_counter()
+    np.copyto(b, a)
+    best = min(best, time.perf_counter() - t0)
+  return 2 * a.nbytes / best / 1e9  # read + write
+
+
+# ---- one configuration, in a child process --------------------------------------------------------
+def routing_summary(trace: list[tuple[int, np.ndarray]], num_experts: int) -> dict:
+  by_layer: dict[int, list[np.ndarray]] = {}
+  for layer, ids in trace:
+    by_layer.setdefault(layer, []).append(ids)
+  top, ent, reuse = [], [], []
+  for seq in by_layer.values():
+    picks = np.concatenate(seq)
+    share = np.bincount(picks, minlength=num_experts) / picks.size
+    top.append(share.max())
+    nz = share[share > 0]
+    ent.append(float(-(nz * np.log2(nz)).sum()))
+    reuse += [len(set(a) & set(b)) / len(a) for a, b in zip(seq[:-1], seq[1:])]
+  return {"top_share": float(np.mean(top)), "entropy_bits": float(np.mean(ent)),
+          "uniform_entropy_bits": math.log2(num_experts), "prev_token_reuse": float(np.mean(reuse))}
+
+
+def run_child(conf: dict) -> dict:
+  import lazymoe_jax  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)
+  store, name = conf["store"], conf["name"]
+  n_prompt, n_tok = conf["prompt"], conf["tokens"]
+  context = n_prompt + n_tok + 8
+  policy, prefetch = name.split("+")[0], name.endswith("+prefetch")
+  if name == "naive":
+    engine = lazymoe_jax.load(store, expert_slots=2, prefetch=False, max_context=context)
+  elif name == "resident":
+    engine = lazymoe_jax.load(store, expert_slots=10**9, prefetch=False, max_context=context)
+    for layer in engine.cfg.moe_layers:
+      engine.pool.acquire(layer, range(engine.cfg.num_experts))
+  else:
+    engine = lazymoe_jax.load(store, memory_budget_gb=conf["budget_gb"], cache_policy=policy,
+                              prefetch=prefetch, max_context=context)
+  ids = np.array(conf["ids"], np.int32)
+  cache = engine._new_cache(context)  # pylint: disable=protected-access
+  forward = engine._forward  # pylint: disable=protected-access
+  t0 = time.perf_counter()
+  _, cache = forward(ids[:n_prompt], 0, cache)
+  prompt_s = time.perf_counter() - t0
+  for i in range(n_prompt, n_prompt + 2):  # warm-up: compiles the decode programs
+    _, cache = forward(ids[i:i + 1], i, cache)
+  p = engine.pool
+  before = (p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used, p.io_wait_s)
+  trace: list[tuple[int, np.ndarray]] = []
+  engine.trace = lambda layer, e, h: trace.append((layer, e[0].copy()))
+  t0 = time.perf_counter()
+  for i in range(n_prompt + 2, n_prompt + 2 + n_tok):
+    x, cache = forward(ids[i:i + 1], i, cache)
+  x.block_until_ready()
+  wall = time.perf_counter() - t0
+  hits, misses, nbytes, pf, pf_used, io = (
+      a - b for a, b in zip((p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used,
+                             p.io_wait_s), before))
+  import resource  # pylint: disable=import-outside-toplevel
+  mem = {}
+  for line in open("/proc/self/cgroup"):
+    if ":memory:" in line:
+      path = CGROUP_ROOT + line.strip().split(":", 2)[2]
+      if os.path.exists(os.path.join(path, "memory.stat")) and path != CGROUP_ROOT + "/":
+        with open(os.path.join(path, "memory.stat")) as f:
+          stat = dict(l.split() for l in f)
+        mem = {k + "_MB_at_end": int(stat[k]) / 1e6 for k in ("rss", "cache", "mapped_file")}
+  return {"config": name, "slots": p.num_slots,
+          "plan": engine.plan.describe() if engine.plan else None, **mem, "decode_tok_s": n_tok / wall,
+          "prompt_tok_s": n_prompt / prompt_s, "MB_read_per_token": nbytes / n_tok / 1e6,
+          "hit_rate": hits / max(1, hits + misses),
+          "prefetch_accuracy": pf_used / pf if pf else None,
+          "io_wait_s_per_token": io / n_tok, "compute_s_per_token": (wall - io) / n_tok,
+          "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "expert_MB": engine.experts.bytes_per_expert / 1e6,
+          **routing_summary(trace, engine.cfg.num_experts)}
+
+
+# ---- the parent: cgroups, cold cache, table --------------------------------------------------------
+def run_in_cgroup(conf: dict, limit: int | None) -> dict:
+  cg = None
+  if limit is not None:
+    cg = os.path.join(CGROUP_ROOT, f"lazymoe_bench_{os.getpid()}_{conf['name'].replace('+', '_')}")
+    os.makedirs(cg, exist_ok=True)
+    with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
+      f.write(str(limit))
+    with open(os.path.join(cg, "memory.max_usage_in_bytes"), "w") as f:
+      f.write("0")
+
+  def join():  # runs in the child before exec: everything it ever maps is charged
+    if cg:
+      with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+  try:
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_stream", "--child", json.dumps(conf)],
+                          capture_output=True, text=True, preexec_fn=join, check=False)
+    row = {"config": conf["name"]}
+    for line in proc.stdout.splitlines():
+      if line.startswith("RESULT "):
+        row = json.loads(line[7:])
+    if proc.returncode != 0:
+      row["error"] = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
+    if cg:
+      with open(os.path.join(cg, "memory.max_usage_in_bytes")) as f:
+        row["cgroup_peak_MB"] = int(f.read()) / 1e6
+      with open(os.path.join(cg, "memory.oom_control")) as f:
+        row["oom_kills"] = int(dict(l.split() for l in f.read().splitlines()).get("oom_kill", 0))
+    return row
+  finally:
+    if cg:
+      os.rmdir(cg)
+
+
+def ensure_model() -> str:
+  from bench import make_synthetic  # pylint: disable=import-outside-toplevel
+  from checkpoints_tools import convert_hf  # pylint: disable=import-outside-toplevel
+  hf = os.path.join(FLAGS.workdir, f"synthetic-{FLAGS.layers}x{FLAGS.experts}-1024")
+  if not os.path.exists(os.path.join(hf, "config.json")):
+    make_synthetic.make_synthetic(hf, FLAGS.layers, 1024, 2816, FLAGS.experts, 2, 32000, 16, 4,
+                                  64, "bfloat16")
+  names = {"bf16": "bfloat16"}
+  store = f"{hf}-{names.get(FLAGS.expert_dtype, FLAGS.expert_dtype)}"
+  if not os.path.exists(os.path.join(store, "manifest.json")):
+    convert_hf.convert(hf, store, expert_dtype=FLAGS.expert_dtype, overwrite=True,
+                       log=lambda s: None)
+  return store
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.child:
+    print("RESULT " + json.dumps(run_child(json.loads(FLAGS.child))), flush=True)
+    return
+  logging.set_verbosity(logging.WARNING)
+  if not os.access(CGROUP_ROOT, os.W_OK):
+    sys.exit(f"error: {CGROUP_ROOT} is not writable: this benchmark needs root and cgroup v1.")
+  store = ensure_model()
+  chunks = sorted(glob.glob(os.path.join(store, "experts", "**", "c", "**", "*"), recursive=True))
+  chunks = [c for c in chunks if os.path.isfile(c)]
+  model_gb = sum(os.path.getsize(c) for c in chunks) / 1e9
+  drop_page_cache(chunks)
+  sample = list(np.random.default_rng(0).choice(chunks, min(96, len(chunks)), replace=False))
+  disk1, disk8 = disk_bandwidth(sample[:48], 1), disk_bandwidth(sample[48:], 8)
+  copy = copy_bandwidth()
+  print(f"store {store}: {len(chunks)} expert chunk files, {model_gb:.2f} GB of experts; budget "
+        f"{FLAGS.budget_gb} GB ({model_gb / FLAGS.budget_gb:.1f}x smaller)")
+  print(f"disk cold reads on the store's chunks: {disk1:.2f} GB/s one at a time, {disk8:.2f} GB/s "
+        f"8 in flight; memory copy {copy:.1f} GB/s")
+  import lazymoe_jax  # pylint: disable=import-outside-toplevel
+  from checkpoints_tools import corpus, default_model  # pylint: disable=import-outside-toplevel
+  demo = lazymoe_jax.load(default_model.ensure_default_store(lambda s: None), expert_slots=2)
+  ids = demo.tokenizer.encode(corpus.stdlib_corpus(1 << 16, held_out=True))
+  ids = [int(i) for i in ids[:FLAGS.prompt + FLAGS.tokens + 2]]
+  del demo
+  rows = []
+  limit = int(FLAGS.budget_gb * 1e9)
+  for name in FLAGS.configs:
+    disk_before = disk_bandwidth(sample_chunks(chunks), 8)
+    drop_page_cache(chunks)
+    conf = {"store": store, "name": name, "budget_gb": FLAGS.budget_gb,
+            "prompt": FLAGS.prompt, "tokens": FLAGS.tokens, "ids": ids}
+    row = run_in_cgroup(conf, None if name == "resident" else limit)
+    row["disk_GBps"] = (disk_before + disk_bandwidth(sample_chunks(chunks), 8)) / 2
+    rows.append(row)
+    if "error" in row:
+      print(f"{name:14s} FAILED {row['error']}", flush=True)
+      continue
+    row["io_bound_tok_s"] = row["disk_GBps"] * 1e3 / row["MB_read_per_token"] if row[
+        "MB_read_per_token"] else math.inf
+    print(f"{name:14s} decode {row['decode_tok_s']:6.2f} tok/s | prompt {row['prompt_tok_s']:6.1f}"
+          f" tok/s | {row['slots']:4d} slots | {row['MB_read_per_token']:7.1f} MB/tok | hit "
+          f"{row['hit_rate']:5.1%} | prefetch acc "
+          f"{'-' if row['prefetch_accuracy'] is None else format(row['prefetch_accuracy'], '.0%')}"
+          f" | io wait {row['io_wait_s_per_token'] * 1e3:6.0f} ms/tok, rest "
+          f"{row['compute_s_per_token'] * 1e3:5.0f} ms/tok | cgroup peak "
+          f"{row.get('cgroup_peak_MB', float('nan')):6.0f} MB, RSS {row['peak_rss_MB']:5.0f} MB"
+          f" | routing: top {row['top_share']:.0%}, H {row['entropy_bits']:.2f}/"
+          f"{row['uniform_entropy_bits']:.0f} bits, reuse {row['prev_token_reuse']:.0%} | disk "
+          f"{row['disk_GBps']:.2f} GB/s", flush=True)
+  by = {r["config"]: r for r in rows if "error" not in r}
+  if "resident" in by:
+    compute = by["resident"]["decode_tok_s"]
+    print(f"compute bound (resident decode): {compute:.2f} tok/s")
+    for r in rows:
+      if "error" in r or r["config"] in ("resident",):
+        continue
+      bound = min(r["io_bound_tok_s"], compute)
+      r["ratio_to_bound"] = r["decode_tok_s"] / bound
+      r["x_naive"] = r["decode_tok_s"] / by["naive"]["decode_tok_s"] if "naive" in by else None
+      print(f"  {r['config']:14s} {r['decode_tok_s']:6.2f} tok/s = {r['ratio_to_bound']:.0%} of "
+            f"min(I/O bound {r['io_bound_tok_s']:.2f}, compute {compute:.2f})"
+            + (f", {r['x_naive']:.2f}x naive" if r["x_naive"] else ""))
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump({"disk_GBps_1": disk1, "disk_GBps_8": disk8, "copy_GBps": copy,
+                 "model_GB": model_gb, "budget_gb": FLAGS.budget_gb, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
