@@ -118,6 +118,15 @@ def routing_summary(trace: list[tuple[int, np.ndarray]], num_experts: int) -> di
           "uniform_entropy_bits": math.log2(num_experts), "prev_token_reuse": float(np.mean(reuse))}
 
 
+def rss_anon() -> int:
+  """Anonymous resident bytes of this process now (heap, pool, jax buffers; no file pages)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("RssAnon:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
 def run_child(conf: dict) -> dict:
   import lazymoe_jax  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)
@@ -146,9 +155,11 @@ def run_child(conf: dict) -> dict:
   before = (p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used, p.io_wait_s)
   trace: list[tuple[int, np.ndarray]] = []
   engine.trace = lambda layer, e, h: trace.append((layer, e[0].copy()))
+  anon = 0
   t0 = time.perf_counter()
   for i in range(n_prompt + 2, n_prompt + 2 + n_tok):
     x, cache = forward(ids[i:i + 1], i, cache)
+    anon = max(anon, rss_anon())
   x.block_until_ready()
   wall = time.perf_counter() - t0
   hits, misses, nbytes, pf, pf_used, io = (
@@ -169,6 +180,7 @@ def run_child(conf: dict) -> dict:
           "hit_rate": hits / max(1, hits + misses),
           "prefetch_accuracy": pf_used / pf if pf else None,
           "io_wait_s_per_token": io / n_tok, "compute_s_per_token": (wall - io) / n_tok,
+          "peak_anon_rss_MB": anon / 1e6,
           "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "expert_MB": engine.experts.bytes_per_expert / 1e6,
           **routing_summary(trace, engine.cfg.num_experts)}
@@ -271,7 +283,8 @@ def main(argv) -> None:
           f"{'-' if row['prefetch_accuracy'] is None else format(row['prefetch_accuracy'], '.0%')}"
           f" | io wait {row['io_wait_s_per_token'] * 1e3:6.0f} ms/tok, rest "
           f"{row['compute_s_per_token'] * 1e3:5.0f} ms/tok | cgroup peak "
-          f"{row.get('cgroup_peak_MB', float('nan')):6.0f} MB, RSS {row['peak_rss_MB']:5.0f} MB"
+          f"{row.get('cgroup_peak_MB', float('nan')):6.0f} MB, anon RSS "
+          f"{row['peak_anon_rss_MB']:5.0f} MB"
           f" | routing: top {row['top_share']:.0%}, H {row['entropy_bits']:.2f}/"
           f"{row['uniform_entropy_bits']:.0f} bits, reuse {row['prev_token_reuse']:.0%} | disk "
           f"{row['disk_GBps']:.2f} GB/s", flush=True)

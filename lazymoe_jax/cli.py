@@ -22,7 +22,7 @@ def define_engine_flags() -> None:
   flags.DEFINE_float("k_bits", None, "TurboQuant bits for keys only (with --v_bits).")
   flags.DEFINE_float("v_bits", None, "TurboQuant bits for values only (with --k_bits).")
   flags.DEFINE_bool("prefetch", True, "Speculative prefetch of the next layer's experts.")
-  flags.DEFINE_enum("cache_policy", "lru", POLICIES, "Expert pool eviction policy.")
+  flags.DEFINE_enum("cache_policy", "lfu", POLICIES, "Expert pool eviction policy.")
   flags.DEFINE_integer("max_context", None, "Longest sequence (prompt + new tokens); the "
                        "memory plan sizes the KV cache for it.")
 

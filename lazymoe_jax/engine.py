@@ -55,7 +55,7 @@ class Engine:
   def __init__(self, store_dir: str, expert_slots: int | None = None,
                memory_budget_gb: float | None = None, kv_bits: float | None = None,
                k_bits: float | None = None, v_bits: float | None = None,
-               prefetch: bool = True, cache_policy: str = "lru",
+               prefetch: bool = True, cache_policy: str = "lfu",
                max_context: int | None = None):
     if memory_budget_gb is not None and expert_slots is not None:
       raise LazyMoEError("give memory_budget_gb or expert_slots, not both: the budget plans "
@@ -258,7 +258,7 @@ class Engine:
 def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,
          kv_bits: float | None = None, k_bits: float | None = None,
          v_bits: float | None = None, prefetch: bool = True,
-         cache_policy: str = "lru", max_context: int | None = None) -> Engine:
+         cache_policy: str = "lfu", max_context: int | None = None) -> Engine:
   """Opens a converted store. See `Engine` for the API.
 
   kv_bits (or k_bits / v_bits separately): TurboQuant KV cache at 1-4 bits per coordinate

@@ -3,7 +3,7 @@
 The plan is made after the dense params are loaded, from the process's measured resident
 memory (the jax runtime and the dense params, as they really are), the KV cache for the
 planned context computed from its shapes (nothing allocated), and a working margin for the
-largest temporary of the expert programs (one expert upcast to float32) plus 192 MiB for
+largest temporary of the expert programs (one expert upcast to float32) plus 384 MiB for
 compiling and running the programs (measured, see MARGIN_BASE).
 Whatever remains is expert slots; fewer than num_experts_per_tok is a clear error naming the
 minimum budget.
@@ -16,9 +16,12 @@ import os
 
 from lazymoe_jax.errors import PlanError
 
-# XLA compiling and running the programs: measured peak RSS 342 MiB for the demo model planned
-# at 0.30 GB with a 64 MiB margin (RSS after loading 0.21 GB, pool + KV 14 MB): ~140 MB more.
-MARGIN_BASE = 192 << 20
+# What the process grows by after the plan is made: compiling and running the programs (anon
+# memory) and the library code pages the compiler touches the first time (file pages, charged
+# to a memory cgroup like everything else). Measured: the demo model grew ~140 MB; a 32-layer
+# bf16 model under a 2 GB cgroup cap grew 196 MB of anon memory alone, and with a 192 MiB
+# margin a 4 GB cap was OOM-killed (bench/bench_stream.py, BUILD_NOTES.md).
+MARGIN_BASE = 384 << 20
 GB = 1e9
 
 

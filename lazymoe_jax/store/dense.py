@@ -27,4 +27,20 @@ def load_parts(store_dir: str, parts: list[str]) -> dict[str, dict[str, np.ndarr
       except Exception as e:  # orbax raises several types for missing/partial checkpoints
         raise StoreError(f"dense checkpoint {path} cannot be restored ({type(e).__name__}: {e}); "
                          "re-convert the model with --overwrite.") from e
+      _drop_from_page_cache(path)
   return out
+
+
+def _drop_from_page_cache(folder: str) -> None:
+  """The dense params now live in process memory: their file pages would be a second copy
+  charged to a memory cgroup (the expert reads drop theirs too, see store/experts.py)."""
+  for root, _, files in os.walk(folder):
+    for name in files:
+      try:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      except OSError:
+        continue
+      try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      finally:
+        os.close(fd)

@@ -8,7 +8,8 @@ refill is the disk read and nothing else. Callers must not refill a slot while a
 computation may still read it: the engine synchronises on the router ids (which depend on
 every earlier expert computation) or on the accumulator between prefill waves.
 
-Eviction policies (`policy=`), compared on the demo model's traces in BUILD_NOTES.md:
+Eviction policies (`policy=`, lfu by default), compared on the demo model's traces and on a
+9 GB model streamed under a 2 GB cgroup cap in BUILD_NOTES.md (lfu read the fewest experts):
   lru    least recently used slot, whatever its layer;
   lfu    least often used (layer, expert) over the whole run, ties by recency;
   layer  per-layer quotas: every MoE layer is visited once per decoded token, so each gets an
@@ -43,7 +44,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 class ExpertPool:
   """`acquire(layer, experts) -> slots`; `arrays(slot) -> {tensor: {suffix: array}}`."""
 
-  def __init__(self, store: ExpertStore, num_slots: int, min_slots: int, policy: str = "lru"):
+  def __init__(self, store: ExpertStore, num_slots: int, min_slots: int, policy: str = "lfu"):
     if policy not in POLICIES:
       raise ValueError(f"cache_policy={policy!r} is not one of {', '.join(POLICIES)}.")
     if num_slots < min_slots:
