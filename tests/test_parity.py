@@ -58,3 +58,37 @@ def test_long_prompt_attends_in_query_blocks(family_models):
   with torch.no_grad():
     ref = model(torch.tensor(ids)[None]).logits[0].numpy()
   assert np.abs(lazymoe_jax.load(store).logits(ids) - ref).max() <= TOL
+
+
+def _gpt_oss_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)[None]).logits[0].numpy()
+
+
+def test_gpt_oss_parity_is_sensitive_to_window_sinks_and_clamp(family_models):
+  """The gpt-oss parity above means something: each of its own features moves the 20-token
+  logits far beyond the tolerance, and the YaRN frequencies equal transformers' own."""
+  import copy  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax.config import SLIDING  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax.model import layers  # pylint: disable=import-outside-toplevel
+  model, _, store = family_models["gpt_oss"]
+  ids = token_ids(N_TOKENS)
+  ref = _gpt_oss_logits(model, ids)
+  cfg = lazymoe_jax.load(store, expert_slots=2).cfg
+  assert cfg.sliding_window < N_TOKENS and SLIDING in cfg.layer_types
+  no_window = copy.deepcopy(model)
+  no_window.config.sliding_window = 10_000
+  no_sinks = copy.deepcopy(model)
+  no_clamp = copy.deepcopy(model)
+  with torch.no_grad():
+    for layer in no_sinks.model.layers:
+      layer.self_attn.sinks.fill_(-1e9)
+    for layer in no_clamp.model.layers:
+      layer.mlp.experts.limit = 1e9
+  for name, m in (("window", no_window), ("sinks", no_sinks), ("clamp", no_clamp)):
+    moved = np.abs(_gpt_oss_logits(m, ids) - ref).max()
+    print(f"gpt_oss without {name}: logits move by {moved:.2e}")
+    assert moved > 1e3 * TOL, name
+  rotary = model.model.rotary_emb
+  np.testing.assert_allclose(layers.rope_inv_freq(cfg), rotary.inv_freq.numpy(), rtol=1e-6)
+  assert cfg.rope_type == "yarn" and cfg.rope_attention_factor == rotary.attention_scaling != 1
