@@ -279,6 +279,9 @@ class TurboQuantKV:
       scores = jnp.einsum("kmd,ksd->kms", to_rows(kq.rotate(q), kv_heads), keys)
       if kq.variant == "prod":
         scores = scores + jnp.einsum("kmd,ksd->kms", to_rows(q.astype(F32), kv_heads), qjl)
+      if sinks is not None:  # the softmax cancels q.m_k of the centred keys, a sink does not
+        scores = scores + jnp.einsum("kmd,kd->km", to_rows(q.astype(F32), kv_heads),
+                                     cache["k_shift"].astype(F32))[..., None]
       probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window, sinks)
       out_r = jnp.einsum("kms,ksd->kmd", probs.reshape(kv_heads, g * t, -1), values)
       # probabilities sum to one (to their mass with sinks): adding the value shift back
