@@ -164,9 +164,11 @@ def _rope(hf: dict[str, Any], default_theta: float,
     raise UnsupportedModelError(
         f"rope scaling type {kind!r} is not supported (supported: 'default', 'yarn'). "
         "Remove rope_scaling from config.json only if the model was trained without it.")
-  if "original_max_position_embeddings" not in params:
-    raise UnsupportedModelError("yarn rope scaling needs original_max_position_embeddings.")
-  orig = int(params["original_max_position_embeddings"])
+  # as transformers' standardize_rope_params: a top-level key wins, then the rope dict's, then
+  # max_position_embeddings
+  orig = int(hf.get("original_max_position_embeddings") or
+             params.get("original_max_position_embeddings") or
+             hf.get("max_position_embeddings", 4096))
   factor = params.get("factor")
   factor = float(factor if factor is not None else hf["max_position_embeddings"] / orig)
 

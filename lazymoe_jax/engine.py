@@ -102,8 +102,8 @@ class Engine:
                                         cfg.bos_token_id)
     self.eos_ids = set(cfg.eos_token_ids) | set(
         self.manifest.get("generation", {}).get("eos_token_ids", []))
+    self._act = layers.ExpertAct.of(cfg)  # the experts' activation, a static jit argument
     # Optional observer: trace(layer, ids [T, k], h [T, H]) after each router (benchmarks).
-    self._act = layers.ExpertAct.of(cfg)
     self.trace: Callable[[int, np.ndarray, jax.Array], None] | None = None
     self._kv_bytes = 0
     self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
