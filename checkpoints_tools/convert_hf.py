@@ -32,7 +32,7 @@ from lazymoe_jax.store import format as fmt
 
 EXPERT_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32",
                  "float32": "float32", "f16": "float16", "float16": "float16", "int8": "int8",
-                 "int4": "int4"}
+                 "int4": "int4", "mxfp4": "mxfp4"}
 TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "json"))
 
 
@@ -73,12 +73,68 @@ class SafetensorsFolder:
   def get(self, key: str) -> np.ndarray:
     return self.handles[self.where[key]].get_tensor(key)
 
+  def get_row(self, key: str, i: int) -> np.ndarray:
+    """tensor[i] only (one expert of a fused [E, ...] tensor), without reading the rest."""
+    return self.handles[self.where[key]].get_slice(key)[i:i + 1][0]
 
-def _plan(cfg: config_lib.MoEConfig):
-  """[(part name, {param: [hf names]}, {expert tensor: [hf templates]} or None)] per part."""
+
+class LayerExperts:
+  """The routed experts of one MoE layer in the checkpoint: per-expert tensors (Mixtral, Qwen,
+  OLMoE) or fused [E, ...] tensors (gpt-oss, float or MXFP4). `read` gives one expert in the
+  store's layout: weights [out, in] encoded, gate rows before up rows, biases float32."""
+
+  def __init__(self, cfg: config_lib.MoEConfig, layer: int, mxfp4: bool):
+    self.cfg = cfg
+    self.fused = cfg.model_type in hf_layout.FUSED_EXPERTS
+    self.mxfp4 = mxfp4
+    self.names = (hf_layout.fused_expert_names(cfg, layer, mxfp4) if self.fused
+                  else hf_layout.expert_names(cfg, layer))
+
+  def expected(self) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for validation."""
+    if self.fused:
+      shapes = hf_layout.fused_expert_shapes(self.cfg)
+      return {name: shapes[tensor][key] for tensor, names in self.names.items()
+              for key, name in names.items()}
+    shapes = hf_layout.piece_shapes(self.cfg)
+    out = {}
+    for param, templates in self.names.items():
+      for e in range(self.cfg.num_experts):
+        out |= dict(zip((t.format(e=e) for t in templates), shapes["expert_" + param]))
+    return out
+
+  def first_weight(self) -> str:
+    """An expert weight's HF name (its dtype is the source dtype)."""
+    names = self.names["w_gate_up"]
+    return names["blocks"] if self.mxfp4 else names[""] if self.fused else names[0].format(e=0)
+
+  def read(self, folder: "SafetensorsFolder", e: int,
+           enc: encodings.Encoding) -> dict[str, dict[str, np.ndarray]]:
+    """Expert e as {tensor: {suffix: array}}."""
+    if not self.fused:
+      return {tensor: enc.encode(_gather(folder, [t.format(e=e) for t in templates]))
+              for tensor, templates in self.names.items()}
+    out = {}
+    for tensor, names in self.names.items():
+      if tensor.startswith("b_"):
+        out[tensor] = {"": hf_layout.deinterleave(
+            tensor, folder.get_row(names[""], e).astype(np.float32))}
+      elif self.mxfp4:  # published [out, in] blocks: rows reordered, bytes kept
+        packed = {"": hf_layout.deinterleave(tensor, folder.get_row(names["blocks"], e)),
+                  "scale": hf_layout.deinterleave(tensor, folder.get_row(names["scales"], e))}
+        out[tensor] = (packed if enc.kind == "mxfp4" else
+                       enc.encode(encodings.get("mxfp4").decode(packed)))
+      else:  # [in, out] -> [out, in]
+        w = folder.get_row(names[""], e).astype(np.float32).T
+        out[tensor] = enc.encode(hf_layout.deinterleave(tensor, w))
+    return out
+
+
+def _plan(cfg: config_lib.MoEConfig, mxfp4: bool):
+  """[(part name, {param: [hf names]}, LayerExperts or None)] per part."""
   parts = [("globals", hf_layout.globals_names(cfg), None)]
   for layer in range(cfg.num_hidden_layers):
-    experts = (hf_layout.expert_names(cfg, layer)
+    experts = (LayerExperts(cfg, layer, mxfp4)
                if cfg.mlp_layer_types[layer] == config_lib.MOE else None)
     parts.append((f"layer_{layer:03d}", hf_layout.layer_names(cfg, layer), experts))
   return parts
@@ -91,9 +147,8 @@ def _validate(cfg, folder: SafetensorsFolder, plan) -> None:
   for _, dense, experts in plan:
     for param, names in dense.items():
       expected |= dict(zip(names, shapes[param]))
-    for param, templates in (experts or {}).items():
-      for e in range(cfg.num_experts):
-        expected |= dict(zip((t.format(e=e) for t in templates), shapes["expert_" + param]))
+    if experts is not None:
+      expected |= experts.expected()
   present = set(folder.where)
   missing = sorted(set(expected) - present)
   ignorable = {k for k in present if k.endswith(hf_layout.IGNORED_SUFFIXES)}
@@ -211,8 +266,9 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
             log: Callable[[str], None] = print, group_size: int = 32) -> dict:
   """Converts HF folder `src` into a store at `dst`; returns the manifest.
 
-  expert_dtype: None keeps the source dtype; bf16 | f16 | f32 | int8 (per-row scales) |
-  int4 (groups of `group_size` = 32, 64 or 128 inputs with one f16 scale each).
+  expert_dtype: None keeps the source dtype (MXFP4 experts stay MXFP4, as published);
+  bf16 | f16 | f32 | int8 (per-row scales) | int4 (groups of `group_size` = 32, 64 or 128
+  inputs with one f16 scale each) | mxfp4 (blocks of 32 e2m1 values, one e8m0 scale each).
   """
   cfg_path = os.path.join(src, "config.json")
   if not os.path.exists(cfg_path):
@@ -229,12 +285,15 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
                           f"{list(encodings.INT4_GROUPS)}.")
   dst = _check_destination(src, dst, overwrite)
   folder = SafetensorsFolder(src)
-  plan = _plan(cfg)
+  mxfp4 = (cfg.model_type in hf_layout.FUSED_EXPERTS and
+           any(k.endswith("_blocks") for k in folder.where))
+  plan = _plan(cfg, mxfp4)
   _validate(cfg, folder, plan)
 
   moe_layers = list(cfg.moe_layers)
-  first = hf_layout.expert_names(cfg, moe_layers[0])["w_gate_up"][0].format(e=0)
-  src_dtype = str(folder.get(first).dtype)
+  first = plan[1 + moe_layers[0]][2].first_weight()
+  src_dtype = "mxfp4" if mxfp4 else folder.dtype(first).lower()
+  src_dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(src_dtype, src_dtype)
   name = EXPERT_DTYPES[expert_dtype] if expert_dtype else src_dtype
   name = f"int4-g{group_size}" if name == "int4" else name
   try:
@@ -268,8 +327,7 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
         crc[aname].append([])
       row = len(crc[next(iter(layout))]) - 1
       for e in range(cfg.num_experts):
-        for tensor, templates in experts.items():
-          encoded = enc.encode(_gather(folder, [t.format(e=e) for t in templates]))
+        for tensor, encoded in experts.read(folder, e, enc).items():
           for suffix, data in encoded.items():
             aname = fmt.array_name(tensor, suffix)
             data = np.ascontiguousarray(data)
@@ -304,7 +362,7 @@ def define_flags() -> None:
   flags.DEFINE_string("src", None, "Hugging Face model folder (config.json + *.safetensors).")
   flags.DEFINE_string("dst", None, "Store folder to write.")
   flags.DEFINE_string("expert_dtype", None,
-                      "Re-encode experts: bf16 | f16 | f32 | int8 | int4 (default: keep).")
+                      "Re-encode experts: bf16 | f16 | f32 | int8 | int4 | mxfp4 (default: keep).")
   flags.DEFINE_integer("group_size", 32, "int4 group size: 32, 64 or 128.")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty destination.")
   flags.mark_flags_as_required(["src", "dst"])

@@ -6,6 +6,8 @@ fuse into one [2I, H] `w_gate_up`). Expert templates contain `{e}`.
 
 from __future__ import annotations
 
+import numpy as np
+
 from lazymoe_jax.config import MOE, MoEConfig
 
 # family -> (MoE block prefix, router name, expert gate, up, down names)
@@ -14,7 +16,19 @@ MOE_NAMES = {
     "qwen2_moe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "qwen3_moe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "olmoe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    "gpt_oss": ("mlp", "router.weight", "", "", ""),  # experts fused: see FUSED_EXPERTS
 }
+# Families whose checkpoints hold every expert of a layer in one tensor, [E, ...] (gpt-oss):
+# store tensor -> HF name under `model.layers.{layer}.mlp.experts.`. Float weights are
+# [E, in, out] (transposed against the store's [out, in]), gate and up interleaved on `out`
+# (column 2j gate j, 2j+1 up j); MXFP4 releases publish `{name}_blocks` [E, out, in/32, 16]
+# and `{name}_scales` [E, out, in/32] instead, already [out, in].
+FUSED_EXPERTS = {
+    "gpt_oss": {"w_gate_up": "gate_up_proj", "w_down": "down_proj",
+                "b_gate_up": "gate_up_proj_bias", "b_down": "down_proj_bias"},
+}
+INTERLEAVED = ("w_gate_up", "b_gate_up")  # in FUSED_EXPERTS: gate/up alternate on the outputs
+MXFP4_BLOCK = 32
 # Tensors some exporters write that carry no weights we need.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -47,9 +61,13 @@ def layer_names(cfg: MoEConfig, layer: int) -> dict[str, list[str]]:
   if cfg.qk_norm != "none":
     names["q_norm"] = [att + "q_norm.weight"]
     names["k_norm"] = [att + "k_norm.weight"]
+  if cfg.attention_sinks:
+    names["sinks"] = [att + "sinks"]
   block, router, *_ = MOE_NAMES[cfg.model_type]
   if cfg.mlp_layer_types[layer] == MOE:
     names["router"] = [f"{pre}{block}.{router}"]
+    if cfg.router_bias:
+      names["router_bias"] = [f"{pre}{block}.{router.removesuffix('.weight')}.bias"]
     if cfg.shared_expert_intermediate_size:
       names |= {"shared_" + k: v for k, v in _swiglu(
           pre + "mlp.shared_expert.", "gate_proj.weight", "up_proj.weight",
@@ -61,9 +79,34 @@ def layer_names(cfg: MoEConfig, layer: int) -> dict[str, list[str]]:
 
 
 def expert_names(cfg: MoEConfig, layer: int) -> dict[str, list[str]]:
-  """Routed-expert tensors of one layer, templated on {e}."""
+  """Routed-expert tensors of one layer, templated on {e} (families with per-expert tensors)."""
   block, _, gate, up, down = MOE_NAMES[cfg.model_type]
   return _swiglu(f"model.layers.{layer}.{block}.experts.{{e}}.", gate, up, down)
+
+
+def fused_expert_names(cfg: MoEConfig, layer: int, mxfp4: bool) -> dict[str, dict[str, str]]:
+  """Families in FUSED_EXPERTS: store tensor -> {"": HF name} for float weights and biases,
+  {"blocks": ..., "scales": ...} for MXFP4 weights."""
+  pre = f"model.layers.{layer}.{MOE_NAMES[cfg.model_type][0]}.experts."
+  out = {}
+  for tensor, hf in FUSED_EXPERTS[cfg.model_type].items():
+    out[tensor] = ({"blocks": f"{pre}{hf}_blocks", "scales": f"{pre}{hf}_scales"}
+                   if mxfp4 and tensor.startswith("w_") else {"": pre + hf})
+  return out
+
+
+def fused_expert_shapes(cfg: MoEConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+  """Expected shapes of the tensors `fused_expert_names` gives, by store tensor and key."""
+  e, h, i, b = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, MXFP4_BLOCK
+  return {"w_gate_up": {"": (e, h, 2 * i), "blocks": (e, 2 * i, h // b, b // 2),
+                        "scales": (e, 2 * i, h // b)},
+          "w_down": {"": (e, i, h), "blocks": (e, h, i // b, b // 2), "scales": (e, h, i // b)},
+          "b_gate_up": {"": (e, 2 * i)}, "b_down": {"": (e, h)}}
+
+
+def deinterleave(tensor: str, a):
+  """Store order (all gate rows, then all up rows) from gpt-oss' alternating rows, axis 0."""
+  return a if tensor not in INTERLEAVED else np.concatenate([a[0::2], a[1::2]], axis=0)
 
 
 def piece_shapes(cfg: MoEConfig) -> dict[str, list[tuple[int, ...]]]:
@@ -78,6 +121,7 @@ def piece_shapes(cfg: MoEConfig) -> dict[str, list[tuple[int, ...]]]:
       "wqkv": [(q, h), (kv, h), (kv, h)], "wo": [(h, q)], "bqkv": [(q,), (kv,), (kv,)],
       "bo": [(h,)],
       "q_norm": [norm_q], "k_norm": [norm_k], "router": [(cfg.num_experts, h)],
+      "router_bias": [(cfg.num_experts,)], "sinks": [(cfg.num_attention_heads,)],
       "shared_w_gate_up": [(s, h), (s, h)], "shared_w_down": [(h, s)], "shared_gate": [(1, h)],
       "w_gate_up": [(m, h), (m, h)], "w_down": [(h, m)],
       "expert_w_gate_up": [(i, h), (i, h)], "expert_w_down": [(h, i)],

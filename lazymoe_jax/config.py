@@ -9,6 +9,7 @@ Configs are hashable so jitted functions can take them as static arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 from lazymoe_jax.errors import UnsupportedModelError
@@ -49,11 +50,27 @@ class MoEConfig:
   mlp_layer_types: tuple[str, ...] = ()  # MOE or DENSE_MLP per layer
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
+  # RoPE: "default" or "yarn" (its parameters, with the attention factor already resolved)
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_original_max_position_embeddings: int = 0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_truncate: bool = True
+  rope_attention_factor: float = 1.0  # cos and sin are multiplied by it
+  attention_sinks: bool = False  # a learned per-head logit joins each softmax's denominator
+  router_type: str = "softmax_topk"  # or "topk_softmax": top-k of the logits, softmax over k
+  router_bias: bool = False
+  expert_act: str = "silu"  # or "clamped_swiglu" (gpt-oss): see model/layers.py
+  expert_bias: bool = False  # bias on the experts' gate_up and down products
+  swiglu_alpha: float = 1.702  # clamped_swiglu only
+  swiglu_limit: float = 7.0
 
   family: ClassVar[str] = ""
   # Defaults that transformers uses when config.json omits the key.
   default_rms_norm_eps: ClassVar[float] = 1e-6
   default_rope_theta: ClassVar[float] = 10000.0
+  default_rope_parameters: ClassVar[dict[str, Any] | None] = None  # when config.json has none
 
   # ---- derived -----------------------------------------------------------------------------
   @property
@@ -96,7 +113,7 @@ class MoEConfig:
         num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rms_norm_eps=float(hf.get("rms_norm_eps", cls.default_rms_norm_eps)),
-        rope_theta=_rope_theta(hf, cls.default_rope_theta),
+        **_rope(hf, cls.default_rope_theta, cls.default_rope_parameters),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
@@ -125,21 +142,49 @@ def _require(hf: dict[str, Any], *keys: str) -> None:
     raise UnsupportedModelError(f"config.json lacks required keys {missing}.")
 
 
-def _rope_theta(hf: dict[str, Any], default: float) -> float:
-  """Plain RoPE only; any scaling is refused rather than silently computed wrong."""
+def _rope(hf: dict[str, Any], default_theta: float,
+          default_params: dict[str, Any] | None) -> dict[str, Any]:
+  """RoPE fields: plain, or YaRN as transformers computes it (`_compute_yarn_parameters`);
+  any other scaling is refused rather than silently computed wrong."""
   params = hf.get("rope_parameters")
   scaling = hf.get("rope_scaling")
   if params is None and scaling is not None:
-    params = dict(scaling, rope_theta=hf.get("rope_theta", default))
-  params = params or {"rope_theta": hf.get("rope_theta", default)}
+    params = dict(scaling, rope_theta=hf.get("rope_theta", default_theta))
+  if params is None and default_params is not None:
+    params = dict(default_params, rope_theta=hf.get("rope_theta", default_theta))
+  params = params or {"rope_theta": hf.get("rope_theta", default_theta)}
   kind = params.get("rope_type", params.get("type", "default"))
-  if kind != "default":
-    raise UnsupportedModelError(
-        f"rope scaling type {kind!r} is not supported (supported: 'default', i.e. plain RoPE). "
-        "Remove rope_scaling from config.json only if the model was trained without it.")
-  if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+  if float(hf.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))) != 1.0:
     raise UnsupportedModelError("partial_rotary_factor != 1 is not supported.")
-  return float(params.get("rope_theta", hf.get("rope_theta", default)))
+  out: dict[str, Any] = {
+      "rope_theta": float(params.get("rope_theta", hf.get("rope_theta", default_theta)))}
+  if kind == "default":
+    return out
+  if kind != "yarn":
+    raise UnsupportedModelError(
+        f"rope scaling type {kind!r} is not supported (supported: 'default', 'yarn'). "
+        "Remove rope_scaling from config.json only if the model was trained without it.")
+  # as transformers' standardize_rope_params: a top-level key wins, then the rope dict's, then
+  # max_position_embeddings
+  orig = int(hf.get("original_max_position_embeddings") or
+             params.get("original_max_position_embeddings") or
+             hf.get("max_position_embeddings", 4096))
+  factor = params.get("factor")
+  factor = float(factor if factor is not None else hf["max_position_embeddings"] / orig)
+
+  def mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attn = params.get("attention_factor")
+  if attn is None:
+    m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+    attn = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+  return out | dict(rope_type="yarn", rope_factor=factor,
+                    rope_original_max_position_embeddings=orig,
+                    rope_beta_fast=float(params.get("beta_fast") or 32.0),
+                    rope_beta_slow=float(params.get("beta_slow") or 1.0),
+                    rope_truncate=bool(params.get("truncate", True)),
+                    rope_attention_factor=float(attn))
 
 
 def _sparse_layer_types(hf: dict[str, Any], n: int) -> tuple[str, ...]:
@@ -236,9 +281,43 @@ class OlmoeConfig(MoEConfig):
                layer_types=(FULL,) * n, mlp_layer_types=(MOE,) * n)
 
 
+@dataclasses.dataclass(frozen=True)
+class GptOssConfig(MoEConfig):
+  """gpt-oss: attention sinks, alternating sliding/full attention, YaRN RoPE, biases on every
+  projection, router top-k on biased logits then softmax over the k, clamped SwiGLU experts."""
+
+  family: ClassVar[str] = "gpt_oss"
+  default_rms_norm_eps: ClassVar[float] = 1e-5
+  default_rope_theta: ClassVar[float] = 150000.0
+  # what transformers' GptOssConfig assumes when config.json names no rope scaling
+  default_rope_parameters: ClassVar[dict[str, Any] | None] = {
+      "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+      "truncate": False, "original_max_position_embeddings": 4096}
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "GptOssConfig":
+    c = cls._common(hf)
+    _require(hf, "intermediate_size", "num_local_experts", "num_experts_per_tok")
+    n = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types") or [
+        SLIDING if (i + 1) % 2 else FULL for i in range(n)]
+    bias = bool(hf.get("attention_bias", True))
+    window = hf.get("sliding_window", 128)
+    return cls(**c, moe_intermediate_size=hf["intermediate_size"],
+               num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+               norm_topk_prob=False, attention_bias=bias, o_proj_bias=bias,
+               sliding_window=window,
+               layer_types=tuple(t if window else FULL for t in layer_types),
+               mlp_layer_types=(MOE,) * n, attention_sinks=True, router_type="topk_softmax",
+               router_bias=True, expert_act="clamped_swiglu", expert_bias=True,
+               swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+               swiglu_limit=float(hf.get("swiglu_limit", 7.0)))
+
+
 FAMILIES: dict[str, type[MoEConfig]] = {
-    c.family: c for c in (MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig)}
-ALIASES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+    c.family: c for c in (MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig,
+                          GptOssConfig)}
+ALIASES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gptoss": "gpt_oss"}
 
 
 def family_class(model_type: str) -> type[MoEConfig]:

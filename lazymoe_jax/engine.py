@@ -20,7 +20,7 @@ from lazymoe_jax import tokenizer as tokenizer_lib
 from lazymoe_jax.config import DENSE_MLP, MoEConfig
 from lazymoe_jax.errors import LazyMoEError, PlanError
 from lazymoe_jax import kv as kv_lib
-from lazymoe_jax.model import steps
+from lazymoe_jax.model import layers, steps
 from lazymoe_jax.plan import MemoryPlan, make_plan, resident_bytes
 from lazymoe_jax.sampling import Sampler
 from lazymoe_jax.store import dense as dense_store
@@ -95,12 +95,14 @@ class Engine:
     self.prefetch = prefetch
     moe = list(cfg.moe_layers)
     self._next_moe = dict(zip(moe[:-1], moe[1:]))
-    self._next_router = {l: {"mlp_norm": self.layers[n]["mlp_norm"],
-                             "router": self.layers[n]["router"]} for l, n in self._next_moe.items()}
+    self._next_router = {l: {k: v for k, v in self.layers[n].items()
+                             if k in ("mlp_norm", "router", "router_bias")}
+                         for l, n in self._next_moe.items()}
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         cfg.bos_token_id)
     self.eos_ids = set(cfg.eos_token_ids) | set(
         self.manifest.get("generation", {}).get("eos_token_ids", []))
+    self._act = layers.ExpertAct.of(cfg)  # the experts' activation, a static jit argument
     # Optional observer: trace(layer, ids [T, k], h [T, H]) after each router (benchmarks).
     self.trace: Callable[[int, np.ndarray, jax.Array], None] | None = None
     self._kv_bytes = 0
@@ -250,7 +252,7 @@ class Engine:
         w = np.zeros(b, np.float32)
         w[:len(tok)] = weights[tok, kpos]
         acc = steps.expert_scatter_add(self.experts.encoding, acc, xn, idx, w,
-                                       self.pool.arrays(slot))
+                                       self.pool.arrays(slot), self._act)
       acc.block_until_ready()  # the next wave may refill these slots
     return steps.moe_finish(self.cfg, p, h, xn, acc)
 

@@ -31,6 +31,17 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2,
                    norm_topk_prob=False, clip_qkv=3.0)),
+    # window 8 < the 20-token tests; YaRN with factor 4 over an original context of 64;
+    # swiglu_limit 1 so the clamps bite at these activation sizes (7 would never clamp)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(hidden_size=64, num_hidden_layers=4, head_dim=16, intermediate_size=32,
+                     num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"] * 2,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0,
+                                      "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "original_max_position_embeddings": 64,
+                                      "truncate": False},
+                     swiglu_limit=1.0, attention_bias=True, attn_implementation="eager")),
 }
 
 
@@ -46,6 +57,10 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
         p.normal_(0.0, 1.0)  # std-1 embeddings: varied routing, as trained models have
       elif p.ndim == 1 and "norm" in name:
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif "sinks" in name:
+        p.normal_(0.0, 1.0)  # attention sinks: comparable to the attention logits
+      elif "router" in name:
+        p.normal_(0.0, 0.3)  # gpt-oss router weight and bias
       elif p.ndim == 1:
         p.normal_(0.0, 0.1)
       elif "gate" in name and "proj" not in name:

@@ -7,7 +7,7 @@ import pytest
 
 from lazymoe_jax.model import encodings
 
-NAMES = ["float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+NAMES = ["float32", "bfloat16", "float16", "int8", "int4-g32", "int4-g64", "int4-g128", "mxfp4"]
 
 
 def _weight(rows=96, cols=256, seed=0):
@@ -31,7 +31,7 @@ def test_reconstruction_within_stated_bound(name):
   print(f"{name}: relative RMS reconstruction error {rel_rms:.2e}")
   # the bound is tight enough to mean something: a step of the quantiser at most
   limit = {"float32": 0, "bfloat16": 4e-3, "float16": 5e-4, "int8": 1e-2, "int4-g32": 0.11,
-           "int4-g64": 0.13, "int4-g128": 0.15}[name]
+           "int4-g64": 0.13, "int4-g128": 0.15, "mxfp4": 0.15}[name]
   assert rel_rms <= limit
 
 

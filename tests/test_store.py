@@ -122,9 +122,9 @@ def test_unsupported_model_type_lists_supported(mixtral, tmp_path):
 def test_unsupported_rope_scaling(mixtral, tmp_path):
   src = _copy_hf(mixtral[1], tmp_path)
   cfg = json.loads((src / "config.json").read_text())
-  cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+  cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}
   (src / "config.json").write_text(json.dumps(cfg))
-  assert "rope scaling type 'yarn' is not supported" in _convert_fails(src, tmp_path / "store")
+  assert "rope scaling type 'longrope' is not supported" in _convert_fails(src, tmp_path / "store")
 
 
 def _edit_tensors(src, fn):

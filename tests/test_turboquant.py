@@ -117,6 +117,10 @@ def test_cache_attention_equals_dense_attention_on_decoded_vectors(variant):
   dc = dense.update(dense.init(Cfg, s)[0], kd.transpose(1, 0, 2), vd.transpose(1, 0, 2), 0)
   np.testing.assert_allclose(np.asarray(tkv.attend(cache, q, pos, None, 0.125)),
                              np.asarray(dense.attend(dc, q, pos, None, 0.125)), atol=2e-5)
+  # with gpt-oss attention sinks the probabilities sum below one: the shift must follow
+  sinks = jnp.asarray([2.0, -1.0, 0.5, 3.0])
+  np.testing.assert_allclose(np.asarray(tkv.attend(cache, q, pos, 4, 0.125, sinks=sinks)),
+                             np.asarray(dense.attend(dc, q, pos, 4, 0.125, sinks=sinks)), atol=2e-5)
 
 
 def test_centering_is_exact_and_shrinks_the_error():

@@ -3,7 +3,7 @@
   kv = DenseKV() | TurboQuantKV(k_bits, v_bits)       (frozen, hashable: a static jit argument)
   cache = kv.init(cfg, capacity)                       one pytree per layer
   cache[l] = kv.update(cache[l], k, v, start)          k, v [T, K, D]
-  out = kv.attend(cache[l], q, q_pos, window, scale)   q [T, H, D] -> [T, H, D]
+  out = kv.attend(cache[l], q, q_pos, window, scale, sinks=None)   q [T, H, D] -> [T, H, D]
   kv.nbytes(cache)                                     bytes really held
 """
 

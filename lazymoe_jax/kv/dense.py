@@ -18,13 +18,23 @@ from lazymoe_jax.config import MoEConfig
 QUERY_BLOCK = 128  # long prompts attend in blocks of queries: scores stay [K, G, 128, S]
 
 
-def causal_softmax(scores: jax.Array, q_pos: jax.Array, window: int | None) -> jax.Array:
-  """Softmax over key positions of scores [K, G, T, S], masked causally (and to the window)."""
+def causal_softmax(scores: jax.Array, q_pos: jax.Array, window: int | None,
+                   sinks: jax.Array | None = None) -> jax.Array:
+  """Softmax over key positions of scores [K, G, T, S], masked causally (and to the window).
+
+  sinks [K*G] (gpt-oss): one more logit per head in each denominator, attached to no value,
+  so a head may attend to nothing."""
   k_pos = jnp.arange(scores.shape[-1])[None, :]
   visible = k_pos <= q_pos[:, None]  # [T, S]
   if window is not None:
     visible &= k_pos > q_pos[:, None] - window
-  return jax.nn.softmax(jnp.where(visible[None, None], scores, -jnp.inf), axis=-1)
+  scores = jnp.where(visible[None, None], scores, -jnp.inf)
+  if sinks is None:
+    return jax.nn.softmax(scores, axis=-1)
+  sink = sinks.astype(jnp.float32).reshape(scores.shape[0], scores.shape[1], 1, 1)
+  m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+  e = jnp.exp(scores - m)
+  return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
 
 
 def blocked(attend_fn, q: jax.Array, q_pos: jax.Array) -> jax.Array:
@@ -79,15 +89,15 @@ class DenseKV:
             "v": jax.lax.dynamic_update_slice(cache["v"], v_t, (0, start, 0))}
 
   def attend(self, cache: dict, q: jax.Array, q_pos: jax.Array, window: int | None,
-             scale: float) -> jax.Array:
-    """Attention of q [T, K*G, D] over the cache -> [T, K*G, D]."""
+             scale: float, sinks: jax.Array | None = None) -> jax.Array:
+    """Attention of q [T, K*G, D] over the cache -> [T, K*G, D] (sinks: see causal_softmax)."""
     kv_heads = cache["k"].shape[0]
 
     def one(q, q_pos):
       t, hq, d = q.shape
       g = hq // kv_heads
       scores = jnp.einsum("kmd,kds->kms", to_rows(q, kv_heads), cache["k"].astype(jnp.float32))
-      probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window)
+      probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window, sinks)
       out = jnp.einsum("kms,ksd->kmd", probs.reshape(kv_heads, g * t, -1),
                        cache["v"].astype(jnp.float32))
       return from_rows(out, t)

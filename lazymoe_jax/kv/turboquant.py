@@ -262,7 +262,7 @@ class TurboQuantKV:
     return out
 
   def attend(self, cache: dict, q: jax.Array, q_pos: jax.Array, window: int | None,
-             scale: float) -> jax.Array:
+             scale: float, sinks: jax.Array | None = None) -> jax.Array:
     from lazymoe_jax.kv.dense import (  # pylint: disable=import-outside-toplevel
         blocked, causal_softmax, from_rows, to_rows)
     kq, vq = self.quantisers(q.shape[-1])
@@ -279,9 +279,16 @@ class TurboQuantKV:
       scores = jnp.einsum("kmd,ksd->kms", to_rows(kq.rotate(q), kv_heads), keys)
       if kq.variant == "prod":
         scores = scores + jnp.einsum("kmd,ksd->kms", to_rows(q.astype(F32), kv_heads), qjl)
-      probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window)
+      if sinks is not None:  # the softmax cancels q.m_k of the centred keys, a sink does not
+        scores = scores + jnp.einsum("kmd,kd->km", to_rows(q.astype(F32), kv_heads),
+                                     cache["k_shift"].astype(F32))[..., None]
+      probs = causal_softmax(scores.reshape(kv_heads, g, t, -1) * scale, q_pos, window, sinks)
       out_r = jnp.einsum("kms,ksd->kmd", probs.reshape(kv_heads, g * t, -1), values)
-      # probabilities sum to one: adding the value shift back after the sum is exact
-      out_r = out_r + vq.rotate(cache["v_shift"])[:, None, :]
+      # probabilities sum to one (to their mass with sinks): adding the value shift back
+      # after the sum, times that mass, is exact
+      shift = vq.rotate(cache["v_shift"])[:, None, :]
+      if sinks is not None:
+        shift = shift * jnp.sum(probs, axis=-1).reshape(kv_heads, g * t, 1)
+      out_r = out_r + shift
       return vq.unrotate(from_rows(out_r, t))
     return blocked(one, q, q_pos)

@@ -9,6 +9,12 @@ the kernel reads, so a slot is filled straight from disk) and computes x @ W^T f
   int4-gG (G = 32, 64, 128)     {"": packed int8 [rows, G/2, cols/G],   per (row, group of G
                                  "scale": f16 [rows, cols/G]}            columns): W ~ s * q,
                                                                           q in [-7, 7]
+  mxfp4                         {"": blocks uint8 [rows, cols/32, 16],   per (row, block of 32
+                                 "scale": uint8 [rows, cols/32]}          columns): W = 2^(s-127)
+                                                                          * e2m1 value
+  mxfp4 is gpt-oss' published layout, kept byte for byte: block byte j holds column 2j in its
+  low nibble and column 2j+1 in its high nibble; a nibble is an e2m1 code (bit 3 the sign,
+  magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6); the scale byte is an e8m0 exponent biased by 127.
 int4 packing: byte[o, j, g] = 16 * q[o, g*G + G/2 + j] + (q[o, g*G + j] + 8), i.e. the high
 nibble (signed) holds the second half of the group and the low nibble (biased by 8) the first
 half. The group index is the minor axis, so one reduction over the last two axes does the whole
@@ -28,6 +34,8 @@ import numpy as np
 F32 = jnp.float32
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 INT4_GROUPS = (32, 64, 128)
+MXFP4_BLOCK = 32
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)  # magnitudes by code & 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +59,11 @@ class Encoding:
       return {"": ((rows, cols), self.name)}
     if self.kind == "int8":
       return {"": ((rows, cols), "int8"), "scale": ((rows,), "float32")}
+    if self.kind == "mxfp4":
+      if cols % MXFP4_BLOCK:
+        raise ValueError(f"mxfp4 blocks of {MXFP4_BLOCK} do not divide the input width {cols}.")
+      n = cols // MXFP4_BLOCK
+      return {"": ((rows, n, MXFP4_BLOCK // 2), "uint8"), "scale": ((rows, n), "uint8")}
     g = self.group
     if cols % g:
       fits = [x for x in INT4_GROUPS if cols % x == 0]
@@ -59,8 +72,8 @@ class Encoding:
     return {"": ((rows, g // 2, cols // g), "int8"), "scale": ((rows, cols // g), "float16")}
 
   def bytes_per_weight(self) -> float:
-    return {"float": 4.0 if self.name == "float32" else 2.0, "int8": 1.0}.get(
-        self.kind, 0.5 + 2.0 / max(self.group, 1))
+    return {"float": 4.0 if self.name == "float32" else 2.0, "int8": 1.0,
+            "mxfp4": 0.5 + 1.0 / MXFP4_BLOCK}.get(self.kind, 0.5 + 2.0 / max(self.group, 1))
 
   # ---- encode / decode (numpy, offline) -----------------------------------------------------
   def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,6 +86,8 @@ class Encoding:
       scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
       return {"": np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8),
               "scale": scale}
+    if self.kind == "mxfp4":
+      return _mxfp4_encode(w)
     rows, cols = w.shape
     g = self.group
     wg = w.reshape(rows, cols // g, g)
@@ -91,6 +106,12 @@ class Encoding:
       return np.asarray(a, np.float32)
     if self.kind == "int8":
       return a.astype(np.float32) * np.asarray(arrays["scale"], np.float32)[:, None]
+    if self.kind == "mxfp4":
+      b = a.astype(np.int32)  # [O, N, 16]
+      lut = np.concatenate([E2M1, -E2M1])
+      w = np.stack([lut[b & 15], lut[b >> 4]], axis=-1)  # [O, N, 16, 2]: columns 2j, 2j+1
+      w = np.ldexp(w, np.asarray(arrays["scale"], np.int32)[:, :, None, None] - 127)
+      return w.reshape(a.shape[0], -1).astype(np.float32)
     b = a.astype(np.int16)  # [O, G/2, N]
     hi = np.floor_divide(b, 16)
     lo = b - 16 * hi - 8
@@ -108,6 +129,9 @@ class Encoding:
     if self.kind == "int8":
       return np.broadcast_to((np.abs(w).max(axis=1) / 127.0 * 0.5)[:, None], w.shape) * (1 + 1e-6)
     rows, cols = w.shape
+    if self.kind == "mxfp4":  # half the widest gap (4 to 6) at the block's scale
+      scale = np.ldexp(1.0, _mxfp4_exponents(w.reshape(rows, -1, MXFP4_BLOCK)))
+      return np.repeat(scale, MXFP4_BLOCK, axis=1).astype(np.float32)
     g = self.group
     step = np.abs(w.reshape(rows, -1, g)).max(axis=2) / 7.0
     # half a step, plus the f16 rounding of the scale times the largest level (7)
@@ -141,6 +165,8 @@ class Encoding:
       return (y[:, :t] + y[:, t:2 * t] + y[:, 2 * t:]).T
     if self.kind == "int8":
       return _int8_matmul(a, arrays["scale"], x)
+    if self.kind == "mxfp4":
+      return _mxfp4_matmul(a, arrays["scale"], x)
     return _int4_matmul(a, arrays["scale"], x, self.group)
 
 
@@ -200,9 +226,54 @@ def _int4_matmul(b: jax.Array, scale: jax.Array, x: jax.Array, g: int) -> jax.Ar
   return jnp.stack(outs) - bias
 
 
+def _mxfp4_exponents(wb: np.ndarray) -> np.ndarray:
+  """Per block of 32 ([O, N, 32]): the smallest power of two that brings the block's largest
+  magnitude to <= 6 (e2m1's largest), clipped to e8m0's range."""
+  amax = np.abs(wb).max(axis=-1)
+  with np.errstate(divide="ignore"):
+    e = np.ceil(np.log2(np.where(amax > 0, amax, 1.0) / 6.0))
+  return np.clip(np.where(amax > 0, e, -127), -127, 127).astype(np.int32)
+
+
+def _mxfp4_encode(w: np.ndarray) -> dict[str, np.ndarray]:
+  """Round to nearest e2m1 value at a per-block power-of-two scale (offline, numpy)."""
+  rows, cols = w.shape
+  wb = w.reshape(rows, cols // MXFP4_BLOCK, MXFP4_BLOCK)
+  e = _mxfp4_exponents(wb)
+  v = np.ldexp(wb, -e[..., None])  # |v| <= 6
+  mag = np.argmin(np.abs(np.abs(v)[..., None] - E2M1), axis=-1)  # nearest magnitude code
+  code = (mag + 8 * (v < 0)).astype(np.uint8)
+  return {"": (code[..., 0::2] | (code[..., 1::2] << 4)).astype(np.uint8),
+          "scale": (e + 127).astype(np.uint8)}
+
+
+def _e2m1(code: jax.Array) -> jax.Array:
+  """e2m1 code (0..15, float) -> value, with float ops only (no gather, no integer ops)."""
+  neg = code >= 8.0
+  m = jnp.where(neg, code - 8.0, code)
+  mag = jnp.where(m < 4.0, 0.5 * m, jnp.where(m < 6.0, m - 2.0, 2.0 * m - 8.0))
+  return jnp.where(neg, -mag, mag)
+
+
+def _mxfp4_matmul(blocks: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
+  """Dequantises the expert to float32 (exact: e2m1 times a power of two), then one product.
+
+  Nibbles split with float ops (XLA-CPU's integer shifts are slow loops); the scale 2^(s-127)
+  is built from its bits, s << 23 as a float32, exact for s in 1..254 (s = 0, 2^-127, reads 0).
+  """
+  o, n, half = blocks.shape
+  f = blocks.astype(F32)
+  hi = jnp.floor(f * (1.0 / 16.0))
+  lo = f - 16.0 * hi
+  s = jax.lax.bitcast_convert_type(scale.astype(jnp.int32) * (1 << 23), F32)  # [O, N]
+  w = jnp.stack([_e2m1(lo), _e2m1(hi)], axis=-1) * s[:, :, None, None]  # [O, N, 16, 2]
+  t = x.shape[0]
+  return _dot(w.reshape(o, n * 2 * half), _pad_rows(x.astype(F32)))[:, :t].T
+
+
 def get(name: str) -> Encoding:
-  """Validated encoding by name: float32, bfloat16, float16, int8, int4-g32/64/128."""
-  valid = list(FLOAT_DTYPES) + ["int8"] + [f"int4-g{g}" for g in INT4_GROUPS]
+  """Validated encoding by name: float32, bfloat16, float16, int8, int4-g32/64/128, mxfp4."""
+  valid = list(FLOAT_DTYPES) + ["int8"] + [f"int4-g{g}" for g in INT4_GROUPS] + ["mxfp4"]
   if name not in valid:
     raise ValueError(f"unknown expert encoding {name!r}; choose one of {valid}.")
   return Encoding(name)

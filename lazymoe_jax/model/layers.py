@@ -4,8 +4,12 @@ Weights are [out, in] as Hugging Face stores them; products keep the weight as t
 operand and accumulate in float32. Legend: T = tokens, H = hidden, I = expert width.
 """
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lazymoe_jax.config import MoEConfig
 from lazymoe_jax.model.encodings import Encoding
@@ -24,15 +28,49 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
   return y if b is None else y + b.astype(F32)
 
 
-def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF "rotate_half" convention. x [T, heads, D], pos [T]."""
+def rope_inv_freq(cfg: MoEConfig) -> np.ndarray:
+  """Inverse frequencies [D/2] (float32 numpy, a constant of the jitted programs): plain RoPE,
+  or YaRN, which blends interpolated (divided by `factor`) and original frequencies along a
+  linear ramp between the dimensions that turn beta_fast and beta_slow times over the
+  original context (transformers `_compute_yarn_parameters`)."""
+  d, base = cfg.head_dim, cfg.rope_theta
+  pos_freqs = base ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+  inv_freq = (1.0 / pos_freqs).astype(np.float32)
+  if cfg.rope_type == "default":
+    return inv_freq
+
+  def correction_dim(rotations: float) -> float:
+    orig = cfg.rope_original_max_position_embeddings
+    return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+  if cfg.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, d - 1)
+  if low == high:
+    high += 0.001  # as transformers: no zero-width ramp
+  ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) /
+                 np.float32(high - low), 0, 1)
+  extrapolation = (1 - ramp).astype(np.float32)  # 1: keep the original frequency
+  interpolated = (1.0 / (np.float32(cfg.rope_factor) * pos_freqs)).astype(np.float32)
+  return (interpolated * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32)
+
+
+def rope(x: jax.Array, pos: jax.Array, theta: float, inv_freq: np.ndarray | None = None,
+         scale: float = 1.0) -> jax.Array:
+  """Rotary embedding, HF "rotate_half" convention. x [T, heads, D], pos [T]. `inv_freq`
+  [D/2] overrides the plain frequencies of `theta`; cos and sin are multiplied by `scale`."""
   d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=F32) / d))
-  freqs = pos.astype(F32)[:, None] * inv_freq[None, :]  # [T, D/2]
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=F32) / d))
+  freqs = pos.astype(F32)[:, None] * jnp.asarray(inv_freq, F32)[None, :]  # [T, D/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [T, 1, D]
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x * jnp.cos(emb) + rotated * jnp.sin(emb)
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
+  return x * cos + rotated * sin
 
 
 def attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
@@ -52,18 +90,62 @@ def attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: 
   if cfg.qk_norm == "head":  # Qwen3: norm per head
     q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-  q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
+  inv_freq = rope_inv_freq(cfg)
+  q = rope(q, pos, cfg.rope_theta, inv_freq, cfg.rope_attention_factor)
+  k = rope(k, pos, cfg.rope_theta, inv_freq, cfg.rope_attention_factor)
   cache = kv.update(cache, k, v, pos[0])
-  o = kv.attend(cache, q, pos, window, d ** -0.5)  # [T, hq, D]
+  sinks = p["sinks"] if cfg.attention_sinks else None  # [hq]
+  o = kv.attend(cache, q, pos, window, d ** -0.5, sinks=sinks)  # [T, hq, D]
   return linear(o.reshape(t, hq * d), p["wo"], p.get("bo")), cache
 
 
-def swiglu(enc: Encoding, w_gate_up: dict, w_down: dict, x: jax.Array) -> jax.Array:
-  """One SwiGLU FFN, gate and up fused as w_gate_up [2I, H], w_down [H, I], each in encoding
-  `enc` as {suffix: array}; x [T, H] -> [T, H] float32."""
+@dataclasses.dataclass(frozen=True)
+class ExpertAct:
+  """The gated activation between an expert's two products (hashable: a static argument).
+
+  "silu": silu(gate) * up. "clamped_swiglu" (gpt-oss): gate clamped above at `limit`, up to
+  [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate).
+  """
+
+  kind: str = "silu"
+  alpha: float = 1.702
+  limit: float = 7.0
+
+  @classmethod
+  def of(cls, cfg: MoEConfig) -> "ExpertAct":
+    return cls(cfg.expert_act, cfg.swiglu_alpha, cfg.swiglu_limit)
+
+  def __call__(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+    if self.kind == "silu":
+      return jax.nn.silu(gate) * up
+    if self.kind == "clamped_swiglu":
+      gate = jnp.minimum(gate, self.limit)
+      up = jnp.clip(up, -self.limit, self.limit)
+      return (up + 1.0) * (gate * jax.nn.sigmoid(gate * self.alpha))
+    raise ValueError(f"unknown expert activation {self.kind!r}")
+
+
+SILU = ExpertAct()
+
+
+def swiglu(enc: Encoding, w_gate_up: dict, w_down: dict, x: jax.Array, act: ExpertAct = SILU,
+           b_gate_up: jax.Array | None = None, b_down: jax.Array | None = None) -> jax.Array:
+  """One gated FFN, gate and up fused as w_gate_up [2I, H] (gate rows first), w_down [H, I],
+  each in encoding `enc` as {suffix: array}, optional biases [2I], [H]; x [T, H] -> [T, H]
+  float32."""
   gu = enc.matmul(w_gate_up, x)  # [T, 2I]
+  if b_gate_up is not None:
+    gu = gu + b_gate_up.astype(F32)
   i = gu.shape[1] // 2
-  return enc.matmul(w_down, jax.nn.silu(gu[:, :i]) * gu[:, i:])
+  y = enc.matmul(w_down, act(gu[:, :i], gu[:, i:]))
+  return y if b_down is None else y + b_down.astype(F32)
+
+
+def expert_ffn(enc: Encoding, act: ExpertAct, ex: dict, x: jax.Array) -> jax.Array:
+  """A routed expert as the pool holds it: ex = {tensor: {suffix: array}}; biases optional."""
+  b_gu, b_dn = ex.get("b_gate_up"), ex.get("b_down")
+  return swiglu(enc, ex["w_gate_up"], ex["w_down"], x, act,
+                None if b_gu is None else b_gu[""], None if b_dn is None else b_dn[""])
 
 
 def dense_swiglu(w_gate_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:

@@ -18,6 +18,16 @@ def softmax_topk(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Arra
   return ids.astype(jnp.int32), weights
 
 
+def topk_softmax(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The k largest logits, then a softmax over those k only (gpt-oss)."""
+  top, ids = jax.lax.top_k(logits.astype(jnp.float32), k)
+  return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
+
+
 def route(cfg: MoEConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The router of `cfg`'s family (every family implemented so far uses softmax-top-k)."""
-  return softmax_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+  """The router `cfg.router_type` names."""
+  if cfg.router_type == "softmax_topk":
+    return softmax_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+  if cfg.router_type == "topk_softmax":
+    return topk_softmax(logits, cfg.num_experts_per_tok)
+  raise ValueError(f"unknown router_type {cfg.router_type!r}")

@@ -44,11 +44,11 @@ def attn_router(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, p
   the guess: the next MoE layer's router (`nxt` = its mlp_norm and router) applied to h, what a
   prefetcher can know before this layer's experts run (None without `nxt`)."""
   h, xn, cache = _attention_residual(cfg, kv, window, p, x, pos, cache)
-  ids, weights = route(cfg, layers.linear(xn, p["router"]))
+  ids, weights = route(cfg, layers.linear(xn, p["router"], p.get("router_bias")))
   guess = None
   if nxt is not None:
     guess = route(cfg, layers.linear(layers.rms_norm(h, nxt["mlp_norm"], cfg.rms_norm_eps),
-                                     nxt["router"]))[0]
+                                     nxt["router"], nxt.get("router_bias")))[0]
   return h, xn, ids, weights, cache, guess
 
 
@@ -76,15 +76,16 @@ def moe_decode(cfg: MoEConfig, enc: Encoding, p: dict, h: jax.Array, xn: jax.Arr
     # A barrier per expert: otherwise XLA shares the broadcast activation between the experts'
     # products and materialises it, measured 8.0 ms for 2 experts vs 1.2 ms for one.
     xj, ex = jax.lax.optimization_barrier((xn, ex))
-    routed = routed + weights[:, j:j + 1] * layers.swiglu(enc, ex["w_gate_up"], ex["w_down"], xj)
+    routed = routed + weights[:, j:j + 1] * layers.expert_ffn(enc, layers.ExpertAct.of(cfg), ex,
+                                                              xj)
   return h + (routed + _shared(cfg, p, xn))
 
 
-@functools.partial(jax.jit, static_argnames=("enc",), donate_argnames=("acc",))
+@functools.partial(jax.jit, static_argnames=("enc", "act"), donate_argnames=("acc",))
 def expert_scatter_add(enc: Encoding, acc: jax.Array, xn: jax.Array, idx: jax.Array,
-                       w: jax.Array, ex: dict) -> jax.Array:
+                       w: jax.Array, ex: dict, act: layers.ExpertAct = layers.SILU) -> jax.Array:
   """acc[idx] += w * expert(xn[idx]). idx, w [B] are padded with weight 0 to a bucket size."""
-  y = layers.swiglu(enc, ex["w_gate_up"], ex["w_down"], jnp.take(xn, idx, axis=0))
+  y = layers.expert_ffn(enc, act, ex, jnp.take(xn, idx, axis=0))
   return acc.at[idx].add(y * w[:, None])
 
 

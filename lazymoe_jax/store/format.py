@@ -30,12 +30,22 @@ def array_name(tensor: str, suffix: str) -> str:
   return f"{tensor}_{suffix}" if suffix else tensor
 
 
+def expert_bias_shapes(cfg: MoEConfig) -> dict[str, tuple[int]]:
+  """Routed-expert biases (gpt-oss), kept float32 whatever the weights' encoding: they are
+  (2I + H) / (3 I H) of an expert's bytes."""
+  if not cfg.expert_bias:
+    return {}
+  return {"b_gate_up": (2 * cfg.moe_intermediate_size,), "b_down": (cfg.hidden_size,)}
+
+
 def expert_arrays(cfg: MoEConfig, encoding) -> dict[str, tuple[str, str, tuple, str]]:
   """Array name -> (tensor, suffix, shape of one expert, dtype) for an expert encoding."""
   out = {}
   for tensor, (rows, cols) in expert_shapes(cfg).items():
     for suffix, (shape, dtype) in encoding.arrays(rows, cols).items():
       out[array_name(tensor, suffix)] = (tensor, suffix, shape, dtype)
+  for tensor, shape in expert_bias_shapes(cfg).items():
+    out[tensor] = (tensor, "", shape, "float32")
   return out
 
 
