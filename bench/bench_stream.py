@@ -13,8 +13,8 @@ and, without a cap, `resident`: every expert in RAM (the compute bound).
 Tokens: the demo tokenizer's ids of held-out stdlib text (all < 2048), decoded teacher-forced one
 token at a time, so routing follows real text's token repetitions; the routing statistics of
 every run (top expert share, entropy, previous-token reuse) are printed beside its figures.
-Also measured in the same run: the disk's cold read bandwidth on the store's own chunk files
-(sequential, and 8 reads in flight) and memory copy bandwidth. The disk here varies 2-3x from
+Also measured in the same run: the disk's cold O_DIRECT read bandwidth on the store's own
+chunk files (one file at a time, and 8 in flight) and memory copy bandwidth. The disk here varies 2-3x from
 minute to minute, so each configuration's I/O bound uses the mean of two samples (48 random
 chunks, 8 in flight) taken just before and just after it: I/O bound = that bandwidth / bytes
 read per token of the run; compute bound = resident decode tokens/s.
@@ -67,23 +67,27 @@ def drop_page_cache(paths: list[str]) -> None:
 
 
 def disk_bandwidth(paths: list[str], in_flight: int) -> float:
-  """Cold read bandwidth (GB/s) of whole files into preallocated buffers, `in_flight` at once."""
+  """Cold read bandwidth (GB/s) of whole chunk files with O_DIRECT into aligned buffers,
+  `in_flight` files at once: the raw disk, no page cache."""
+  from lazymoe_jax.store.pool import aligned_empty  # pylint: disable=import-outside-toplevel
   drop_page_cache(paths)
   size = max(os.path.getsize(p) for p in paths)
-  bufs = [bytearray(size) for _ in range(in_flight)]
+  bufs = [aligned_empty((size,), np.uint8) for _ in range(in_flight)]
 
   def read(i_path):
     i, path = i_path
-    with open(path, "rb", buffering=0) as f:
-      return f.readinto(memoryview(bufs[i % in_flight])[:os.path.getsize(path)])
+    n = os.path.getsize(path) // 4096 * 4096
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+      return os.preadv(fd, [memoryview(bufs[i % in_flight])[:n]], 0)
+    finally:
+      os.close(fd)
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(in_flight) as ex:
     total = 0
     for start in range(0, len(paths), in_flight):
       total += sum(ex.map(read, enumerate(paths[start:start + in_flight], start)))
-  dt = time.perf_counter() - t0
-  drop_page_cache(paths)
-  return total / dt / 1e9
+  return total / (time.perf_counter() - t0) / 1e9
 
 
 def sample_chunks(chunks: list[str], n: int = 48) -> list[str]:

@@ -67,8 +67,10 @@ def zarr3_spec(path: str, shape=None, dtype: str | None = None) -> dict[str, Any
   return spec
 
 
-def chunk_path(store_dir: str, name: str, row: int, expert: int) -> str:
-  return os.path.join(store_dir, EXPERTS_DIR, name, "c", str(row), str(expert), "0", "0")
+def chunk_path(store_dir: str, name: str, row: int, expert: int, ndim: int = 4) -> str:
+  """The file of chunk (row, expert) of an expert array of rank ndim (zarr3 default keys)."""
+  return os.path.join(store_dir, EXPERTS_DIR, name, "c", str(row), str(expert),
+                      *["0"] * (ndim - 2))
 
 
 def numpy_dtype(name: str) -> np.dtype:
