@@ -36,6 +36,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("intermediate", 2816, "Synthetic model expert width.")
   flags.DEFINE_integer("experts", 16, "Synthetic model experts.")
   flags.DEFINE_integer("vocab", 32000, "Synthetic model vocabulary.")
+  flags.DEFINE_list("dense_dtypes", ["keep", "int8"], "Dense weights: keep (as stored, bf16) "
+                    "or re-encoded at load (load(dense_dtype=...)).")
   flags.DEFINE_string("json", None, "Also write the rows here.")
 
 
@@ -55,9 +57,33 @@ def active_bytes_per_token(engine) -> int:
   dense = sum(a.nbytes for layer in engine.layers for a in jax.tree.leaves(layer))
   g = engine.globals
   dense += g["final_norm"].nbytes + g["embed"].nbytes // cfg.vocab_size
-  dense += (g["embed"] if cfg.tie_word_embeddings else g["lm_head"]).nbytes
+  dense += sum(a.nbytes for a in jax.tree.leaves(g.get("lm_head", g["embed"])))
   experts = len(cfg.moe_layers) * cfg.num_experts_per_tok * engine.experts.bytes_per_expert
   return dense + experts
+
+
+def measure(store: str, enc: str, dense_dtype: str, ref: float) -> dict:
+  engine = lazymoe_jax.load(store, expert_slots=10**9,
+                            dense_dtype=None if dense_dtype == "keep" else dense_dtype)
+  for layer in engine.cfg.moe_layers:  # every expert resident before timing
+    engine.pool.acquire(layer, range(engine.cfg.num_experts))
+  prompt = np.random.default_rng(0).integers(3, FLAGS.vocab, FLAGS.prompt)
+  engine.eos_ids = set()
+  engine.generate(prompt, 4)  # compile
+  t0 = time.perf_counter()
+  engine.generate(prompt, FLAGS.tokens)
+  wall = time.perf_counter() - t0
+  st = engine.stats()
+  tok_s = st["decode_tokens_per_s"]
+  active = active_bytes_per_token(engine)
+  row = {"encoding": enc, "dense": dense_dtype, "decode_tok_s": tok_s,
+         "active_MB_per_token": active / 1e6, "achieved_GBps": active * tok_s / 1e9,
+         "ratio_to_numpy_gemv": active * tok_s / 1e9 / ref, "numpy_gemv_GBps": ref,
+         "wall_s": wall, "prompt_tok_s": st["prompt_tokens_per_s"]}
+  print(f"experts {enc:9s} dense {dense_dtype:5s}: decode {tok_s:6.1f} tok/s | "
+        f"{active / 1e6:6.1f} MB/token active | {row['achieved_GBps']:5.1f} GB/s = "
+        f"{row['ratio_to_numpy_gemv']:.2f}x numpy gemv", flush=True)
+  return row
 
 
 def main(argv) -> None:
@@ -75,26 +101,8 @@ def main(argv) -> None:
     if not os.path.exists(os.path.join(store, "manifest.json")):
       convert_hf.convert(hf, store, expert_dtype=CONVERTER_NAMES[enc], overwrite=True,
                          log=lambda s: None)
-    engine = lazymoe_jax.load(store, expert_slots=10**9)
-    for layer in engine.cfg.moe_layers:  # every expert resident before timing
-      engine.pool.acquire(layer, range(engine.cfg.num_experts))
-    prompt = np.random.default_rng(0).integers(3, FLAGS.vocab, FLAGS.prompt)
-    engine.eos_ids = set()
-    engine.generate(prompt, 4)  # compile
-    t0 = time.perf_counter()
-    engine.generate(prompt, FLAGS.tokens)
-    wall = time.perf_counter() - t0
-    st = engine.stats()
-    tok_s = st["decode_tokens_per_s"]
-    active = active_bytes_per_token(engine)
-    row = {"encoding": enc, "decode_tok_s": tok_s, "active_MB_per_token": active / 1e6,
-           "achieved_GBps": active * tok_s / 1e9, "ratio_to_numpy_gemv": active * tok_s / 1e9 / ref,
-           "numpy_gemv_GBps": ref, "wall_s": wall, "prompt_tok_s": st["prompt_tokens_per_s"]}
-    rows.append(row)
-    print(f"{enc:9s}: decode {tok_s:6.1f} tok/s | {active / 1e6:6.1f} MB/token active | "
-          f"{row['achieved_GBps']:5.1f} GB/s = {row['ratio_to_numpy_gemv']:.2f}x numpy gemv",
-          flush=True)
-    del engine
+    for dense_dtype in FLAGS.dense_dtypes:
+      rows.append(measure(store, enc, dense_dtype, ref))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(rows, f, indent=1)

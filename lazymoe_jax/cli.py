@@ -23,6 +23,8 @@ def define_engine_flags() -> None:
   flags.DEFINE_float("v_bits", None, "TurboQuant bits for values only (with --k_bits).")
   flags.DEFINE_bool("prefetch", True, "Speculative prefetch of the next layer's experts.")
   flags.DEFINE_enum("cache_policy", "lfu", POLICIES, "Expert pool eviction policy.")
+  flags.DEFINE_enum("dense_dtype", None, ["bfloat16", "int8"], "Re-encode the dense matrices "
+                    "read every token (attention, output head, dense/shared MLPs) at load.")
   flags.DEFINE_integer("max_context", None, "Longest sequence (prompt + new tokens); the "
                        "memory plan sizes the KV cache for it.")
 
@@ -31,7 +33,8 @@ def engine_options() -> dict:
   """The values of define_engine_flags() as keyword arguments of `lazymoe_jax.load`."""
   f = flags.FLAGS
   return {n: f[n].value for n in ("expert_slots", "memory_budget_gb", "kv_bits", "k_bits",
-                                   "v_bits", "prefetch", "cache_policy", "max_context")}
+                                   "v_bits", "prefetch", "cache_policy", "max_context",
+                                   "dense_dtype")}
 
 
 def run(work: Callable[[], object]) -> None:

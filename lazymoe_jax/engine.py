@@ -21,6 +21,7 @@ from lazymoe_jax.config import DENSE_MLP, MoEConfig
 from lazymoe_jax.errors import LazyMoEError, PlanError
 from lazymoe_jax import kv as kv_lib
 from lazymoe_jax.model import layers, steps
+from lazymoe_jax.model.encodings import Encoding
 from lazymoe_jax.plan import MemoryPlan, make_plan, resident_bytes
 from lazymoe_jax.sampling import Sampler
 from lazymoe_jax.store import dense as dense_store
@@ -56,7 +57,7 @@ class Engine:
                memory_budget_gb: float | None = None, kv_bits: float | None = None,
                k_bits: float | None = None, v_bits: float | None = None,
                prefetch: bool = True, cache_policy: str = "lfu",
-               max_context: int | None = None):
+               max_context: int | None = None, dense_dtype: str | None = None):
     if memory_budget_gb is not None and expert_slots is not None:
       raise LazyMoEError("give memory_budget_gb or expert_slots, not both: the budget plans "
                          "the slots.")
@@ -68,6 +69,9 @@ class Engine:
     self.kv.validate(cfg)
     self.experts = ExpertStore(store_dir, self.manifest)
     parts = dense_store.load_parts(store_dir, fmt.dense_part_names(cfg))
+    if dense_dtype is not None:
+      _reencode_dense(parts, cfg, dense_dtype)
+    self.dense_dtype = dense_dtype
     self.globals = jax.device_put(parts.pop("globals"))
     self.layers = [jax.device_put(parts[f"layer_{i:03d}"]) for i in range(cfg.num_hidden_layers)]
     self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((self.globals, self.layers)))
@@ -257,10 +261,34 @@ class Engine:
     return steps.moe_finish(self.cfg, p, h, xn, acc)
 
 
+DENSE_MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_w_gate_up", "shared_w_down")
+DENSE_DTYPES = ("bfloat16", "int8")
+
+
+def _reencode_dense(parts: dict, cfg: MoEConfig, dtype: str) -> None:
+  """In place: every matrix of DENSE_MATRICES and the output head to `dtype` (see load). A tied
+  head gets its own re-encoded copy; the embedding lookup keeps the stored rows."""
+  if dtype not in DENSE_DTYPES:
+    raise ValueError(f"dense_dtype={dtype!r} is not one of {', '.join(DENSE_DTYPES)}.")
+  enc = Encoding(dtype)
+
+  def one(w):
+    arrays = enc.encode(np.asarray(w, np.float32))
+    return arrays[""] if dtype != "int8" else arrays
+  g = parts["globals"]
+  g["lm_head"] = one(g["embed"] if cfg.tie_word_embeddings else g["lm_head"])
+  for name, part in parts.items():
+    if name != "globals":
+      for key in DENSE_MATRICES:
+        if key in part:
+          part[key] = one(part[key])
+
+
 def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,
          kv_bits: float | None = None, k_bits: float | None = None,
          v_bits: float | None = None, prefetch: bool = True,
-         cache_policy: str = "lfu", max_context: int | None = None) -> Engine:
+         cache_policy: str = "lfu", max_context: int | None = None,
+         dense_dtype: str | None = None) -> Engine:
   """Opens a converted store. See `Engine` for the API.
 
   kv_bits (or k_bits / v_bits separately): TurboQuant KV cache at 1-4 bits per coordinate
@@ -269,7 +297,10 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
   cache_policy: which pool slot a miss refills, "lru", "lfu" or "layer" (store/pool.py).
   max_context: positions a sequence may reach (prompt + new tokens); default the model's
   max_position_embeddings (with a memory budget: at most 4096, the KV cache is planned for it).
+  dense_dtype: re-encode the dense matrices read every token (attention, dense and shared MLPs,
+  output head; not the router, norms or embedding lookup) at load: "bfloat16" or "int8" (per
+  output row scales); None keeps the store's. They bound decode speed at small batch.
   """
   return Engine(store_dir, expert_slots=expert_slots, memory_budget_gb=memory_budget_gb,
                 kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, prefetch=prefetch,
-                cache_policy=cache_policy, max_context=max_context)
+                cache_policy=cache_policy, max_context=max_context, dense_dtype=dense_dtype)

@@ -22,9 +22,18 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   return w.astype(F32) * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-  """x [T, in] @ w[out, in]^T (+ b) -> [T, out] in float32, in the weight dtype's fast form."""
-  y = Encoding(w.dtype.name).matmul({"": w}, x)
+def weight_encoding(w) -> tuple[Encoding, dict]:
+  """A dense weight is a float array, or (load(dense_dtype="int8")) an int8 encoded weight
+  {"": int8 [out, in], "scale": [out]}: its Encoding and its arrays by suffix."""
+  if isinstance(w, dict):
+    return Encoding("int8"), w
+  return Encoding(w.dtype.name), {"": w}
+
+
+def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
+  """x [T, in] @ w[out, in]^T (+ b) -> [T, out] in float32, in the weight encoding's fast form."""
+  enc, arrays = weight_encoding(w)
+  y = enc.matmul(arrays, x)
   return y if b is None else y + b.astype(F32)
 
 
@@ -148,6 +157,7 @@ def expert_ffn(enc: Encoding, act: ExpertAct, ex: dict, x: jax.Array) -> jax.Arr
                 None if b_gu is None else b_gu[""], None if b_dn is None else b_dn[""])
 
 
-def dense_swiglu(w_gate_up: jax.Array, w_down: jax.Array, x: jax.Array) -> jax.Array:
-  """SwiGLU with plain float weights (dense MLP layers, shared experts)."""
-  return swiglu(Encoding(w_gate_up.dtype.name), {"": w_gate_up}, {"": w_down}, x)
+def dense_swiglu(w_gate_up, w_down, x: jax.Array) -> jax.Array:
+  """SwiGLU with dense weights (dense MLP layers, shared experts): float or int8 encoded."""
+  enc, gate_up = weight_encoding(w_gate_up)
+  return swiglu(enc, gate_up, weight_encoding(w_down)[1], x)

@@ -26,7 +26,7 @@ def embed(cfg: MoEConfig, g: dict, ids: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def head(cfg: MoEConfig, g: dict, x: jax.Array) -> jax.Array:
-  w = g["embed"] if cfg.tie_word_embeddings else g["lm_head"]
+  w = g["lm_head"] if "lm_head" in g else g["embed"]  # tied: the embedding (or its re-encoding)
   return layers.linear(layers.rms_norm(x, g["final_norm"], cfg.rms_norm_eps), w)  # [T, V]
 
 
