@@ -137,7 +137,7 @@ def run_child(conf: dict) -> dict:
   store, name = conf["store"], conf["name"]
   n_prompt, n_tok = conf["prompt"], conf["tokens"]
   context = n_prompt + n_tok + 8
-  policy, prefetch = name.split("+")[0], name.endswith("+prefetch")
+  policy, prefetch = name.split("+")[0], "+prefetch" in name
   if name == "naive":
     engine = lazymoe_jax.load(store, expert_slots=2, prefetch=False, max_context=context)
   elif name == "resident":
@@ -147,6 +147,8 @@ def run_child(conf: dict) -> dict:
   else:
     engine = lazymoe_jax.load(store, memory_budget_gb=conf["budget_gb"], cache_policy=policy,
                               prefetch=prefetch, max_context=context)
+  if name.endswith("+prefetch1"):  # read only the most likely guess of each layer
+    engine.prefetch_width = 1
   ids = np.array(conf["ids"], np.int32)
   cache = engine._new_cache(context)  # pylint: disable=protected-access
   forward = engine._forward  # pylint: disable=protected-access

@@ -97,6 +97,7 @@ class Engine:
                            cfg.num_experts_per_tok, cache_policy)
     # Speculative prefetch in decode: layer l computes the next MoE layer's routing guess.
     self.prefetch = prefetch
+    self.prefetch_width = cfg.num_experts_per_tok  # guesses read per layer, most likely first
     moe = list(cfg.moe_layers)
     self._next_moe = dict(zip(moe[:-1], moe[1:]))
     self._next_router = {l: {k: v for k, v in self.layers[n].items()
@@ -232,7 +233,7 @@ class Engine:
         x = steps.moe_decode(cfg, self.experts.encoding, p, h, xn, weights,
                              tuple(self.pool.arrays(s) for s in slots))
         if guess is not None:  # reads overlap this layer's expert compute
-          self.pool.prefetch(self._next_moe[layer], np.asarray(guess)[0])
+          self.pool.prefetch(self._next_moe[layer], np.asarray(guess)[0][:self.prefetch_width])
       else:
         x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
     return x, cache

@@ -3,7 +3,7 @@
 The plan is made after the dense params are loaded, from the process's measured resident
 memory (the jax runtime and the dense params, as they really are), the KV cache for the
 planned context computed from its shapes (nothing allocated), and a working margin for the
-largest temporary of the expert programs (one expert upcast to float32) plus 384 MiB for
+largest temporary of the expert programs (one expert upcast to float32) plus 256 MiB for
 compiling and running the programs (measured, see MARGIN_BASE).
 Whatever remains is expert slots; fewer than num_experts_per_tok is a clear error naming the
 minimum budget.
@@ -18,10 +18,11 @@ from lazymoe_jax.errors import PlanError
 
 # What the process grows by after the plan is made: compiling and running the programs (anon
 # memory) and the library code pages the compiler touches the first time (file pages, charged
-# to a memory cgroup like everything else). Measured: the demo model grew ~140 MB; a 32-layer
-# bf16 model under a 2 GB cgroup cap grew 196 MB of anon memory alone, and with a 192 MiB
-# margin a 4 GB cap was OOM-killed (bench/bench_stream.py, BUILD_NOTES.md).
-MARGIN_BASE = 384 << 20
+# to a memory cgroup like everything else). Measured (bench/bench_stream.py, BUILD_NOTES.md):
+# the demo model grew ~140 MB; a 32-layer bf16 model under a 2 GB cgroup cap peaked 336 MB
+# below the cap with a 384 MiB margin once expert reads bypassed the page cache (O_DIRECT);
+# with tensorstore's buffered reads a 192 MiB margin was OOM-killed under 4 GB.
+MARGIN_BASE = 256 << 20
 GB = 1e9
 
 
