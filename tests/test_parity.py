@@ -47,7 +47,7 @@ def test_minimal_pool_is_bit_identical_to_resident(family_models, family):
   small = lazymoe_jax.load(store, expert_slots=k)
   big = lazymoe_jax.load(store, expert_slots=10_000)
   assert small.stats()["pool_slots"] == k
-  assert big.stats()["pool_slots"] == len(small.experts.layers) * model.config.num_experts
+  assert big.stats()["pool_slots"] == len(small.experts.layers) * small.cfg.num_experts
   np.testing.assert_array_equal(small.logits(ids), big.logits(ids))
   small.eos_ids = big.eos_ids = set()
   assert small.generate(ids[:5], 12) == big.generate(ids[:5], 12)
