@@ -58,12 +58,13 @@ FAMILIES = {
                                           "original_max_position_embeddings": 64},
                          attn_implementation="eager")),
     # MLA without q LoRA, biases on kv_a / o_proj, complex-pair RoPE; softmax router
-    # group_limited_greedy (4 groups, 2 eligible), two shared experts, scaling 1.5
+    # group_limited_greedy (4 groups, 2 eligible, top-3: with the group score a group's best
+    # expert, the limit can only bite when k > topk_group), two shared experts, scaling 1.5
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
                     dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                          intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
-                         num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=4,
+                         num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4,
                          topk_group=2, first_k_dense_replace=1, n_shared_experts=2,
                          routed_scaling_factor=1.5, attention_bias=True,
                          attn_implementation="eager")),
