@@ -193,7 +193,8 @@ def test_deepseek_parity_is_sensitive_to_its_router_rope_and_scales(family_model
     engine = lazymoe_jax.load(store, expert_slots=2 * model.config.num_experts_per_tok)
     engine.logits(ids)
     cfg = engine.cfg
-    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * engine._kv_capacity * 4  # pylint: disable=protected-access
+    capacity = engine._kv_capacity  # pylint: disable=protected-access
+    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * capacity * 4  # float32 [c, k_r]
     assert engine.stats()["kv_cache_bytes"] == cfg.num_hidden_layers * latent
 
 
@@ -241,7 +242,8 @@ def test_deepseek_v3_fp8_checkpoint_matches_transformers_on_dequantised_weights(
   """Linear weights published as block-scaled FP8 (`weight` float8_e4m3fn + `weight_scale_inv`,
   8x16 blocks here so the tiny weights have several blocks and partial edge blocks): the
   converter dequantises them, and logits equal transformers' on the same weights dequantised by
-  transformers' own `_dequantize_fp8_weight` (an independent reading of the layout). int8
+  transformers' own `_dequantize_fp8_weight` (an independent reading of the layout); the
+  checkpoint also carries an MTP layer's tensor, which conversion skips. int8
   experts: re-encoded from the dequantised float32 weights (compared with a looser bound)."""
   import json  # pylint: disable=import-outside-toplevel
   from safetensors.torch import load_file, save_file  # pylint: disable=import-outside-toplevel
@@ -276,6 +278,8 @@ def test_deepseek_v3_fp8_checkpoint_matches_transformers_on_dequantised_weights(
         else:
           experts.gate_up_proj[int(e), (0 if proj == "gate" else i):][:i].copy_(deq)
   assert quantised > 20
+  # as the release: a multi-token-prediction layer after the last one (skipped by converter)
+  tensors[f"model.layers.{model.config.num_hidden_layers}.enorm.weight"] = torch.ones(32)
   os.makedirs(tmp_path / "fp8")
   save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
   with open(tmp_path / "float" / "config.json") as f:
@@ -304,3 +308,32 @@ def test_deepseek_v3_fp8_checkpoint_matches_transformers_on_dequantised_weights(
     assert engine.generate(ids[:6], 12) == want
   else:
     assert engine.experts.encoding.name == "int8" and diff <= 0.1
+
+
+def test_deepseek_v3_published_config_parses():
+  """DeepSeek-V3's published config.json (its keys as released): MLA sizes, the RoPE head dim,
+  the YaRN softmax scale (qk_head_dim^-0.5 * mscale(40, 1)^2), the router, the dense layers."""
+  import math  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax import config  # pylint: disable=import-outside-toplevel
+  hf = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+        "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+        "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid",
+        "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000, "num_nextn_predict_layers": 1, "bos_token_id": 0,
+        "eos_token_id": 1, "tie_word_embeddings": False,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                "quant_method": "fp8", "weight_block_size": [128, 128]}}
+  cfg = config.from_hf(hf)
+  assert (cfg.head_dim, cfg.kv_lora_rank, cfg.q_lora_rank) == (64, 512, 1536) and cfg.mla
+  assert cfg.rope_type == "yarn" and cfg.rope_attention_factor == 1.0 and cfg.rope_interleave
+  assert math.isclose(cfg.attention_scale, 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+  assert cfg.router_type == "sigmoid_group_topk" and (cfg.n_group, cfg.topk_group) == (8, 4)
+  assert cfg.moe_layers == tuple(range(3, 61)) and cfg.shared_expert_intermediate_size == 2048
+  assert not cfg.shared_expert_gate and cfg.routed_scaling_factor == 2.5
