@@ -52,6 +52,9 @@ class LatentKV:
              ) -> jax.Array:
     """q [T, H, R + Dr] (absorbed nope part, then rope part) -> [T, H, R]: the attention-
     weighted latents. value_dim: R (the leading rows of the cached key that are the value)."""
+    if value_dim is None:
+      raise ValueError("LatentKV.attend needs value_dim (kv_lora_rank): the cached rows that "
+                       "are the value.")
     keys = cache["k"].astype(jnp.float32)  # [1, R + Dr, S]
     values = keys[:, :value_dim, :]  # [1, R, S]
 
