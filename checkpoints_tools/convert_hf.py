@@ -36,10 +36,28 @@ EXPERT_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32",
 TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "json"))
 
 
-class SafetensorsFolder:
-  """All tensors of a checkpoint folder (one file, or shards with an index json), by name."""
+FP8_SCALE_SUFFIX = "_scale_inv"  # `X.weight` float8_e4m3fn + `X.weight_scale_inv` float32
+FP8_DTYPE = "F8_E4M3"
+SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
-  def __init__(self, src: str):
+
+def fp8_block_dequantise(w: np.ndarray, scale_inv: np.ndarray,
+                         block: tuple[int, int]) -> np.ndarray:
+  """Block-scaled FP8 (DeepSeek-V3): w float8_e4m3fn [out, in], one float32 scale_inv per
+  block x block tile ([ceil(out/b0), ceil(in/b1)], edge tiles partial) -> float32 w * scale."""
+  b0, b1 = block
+  scale = np.repeat(np.repeat(scale_inv.astype(np.float32), b0, axis=0), b1, axis=1)
+  return w.astype(np.float32) * scale[:w.shape[0], :w.shape[1]]
+
+
+class SafetensorsFolder:
+  """All tensors of a checkpoint folder (one file, or shards with an index json), by name.
+
+  Block-scaled FP8 weights (a float8_e4m3fn `X.weight` with a `X.weight_scale_inv`) read as
+  one float tensor, dequantised to the checkpoint's float dtype (`float_dtype`: that of the
+  embeddings); their `*_scale_inv` tensors are then no tensors of their own (`fp8_scales`)."""
+
+  def __init__(self, src: str, fp8_block: tuple[int, int] = (128, 128)):
     index = os.path.join(src, "model.safetensors.index.json")
     if os.path.exists(index):
       with open(index) as f:
@@ -63,18 +81,68 @@ class SafetensorsFolder:
       self.handles[name] = h
       for key in h.keys():
         self.where[key] = name
+    self.src = src
+    self.fp8_block = tuple(fp8_block)
+    self.fp8 = {k for k in self.where if self._raw_dtype(k) == FP8_DTYPE}
+    self.fp8_scales = {k + FP8_SCALE_SUFFIX for k in self.fp8}
+    lonely = sorted(k for k in self.fp8 if k + FP8_SCALE_SUFFIX not in self.where)
+    if lonely:
+      raise CheckpointError(f"{len(lonely)} float8 tensor(s) have no {FP8_SCALE_SUFFIX} scales, "
+                            f"e.g. {lonely[:3]}; only block-scaled FP8 (DeepSeek-V3's layout) is "
+                            "supported.")
+    others = sorted(k for k in self.where if self._raw_dtype(k).startswith("F8"))
+    if set(others) - self.fp8:
+      raise CheckpointError(f"float8 tensors other than e4m3 are not supported, e.g. "
+                            f"{sorted(set(others) - self.fp8)[:3]}.")
+    floats = [SAFETENSORS_FLOATS[self._raw_dtype(k)] for k in sorted(self.where)
+              if "embed" in k and self._raw_dtype(k) in SAFETENSORS_FLOATS]
+    self.float_dtype = floats[0] if floats else "float32"
+    for key in sorted(self.fp8):
+      want = tuple(-(-n // b) for n, b in zip(self.shape(key), self.fp8_block))
+      got = self.shape(key + FP8_SCALE_SUFFIX)
+      if len(self.shape(key)) != 2 or got != want:
+        raise CheckpointError(
+            f"{key + FP8_SCALE_SUFFIX} has shape {list(got)}; a {list(self.shape(key))} FP8 "
+            f"weight in {list(self.fp8_block)} blocks needs {list(want)} (block size from "
+            "config.json quantization_config.weight_block_size).")
+
+  def _raw_dtype(self, key: str) -> str:
+    return self.handles[self.where[key]].get_slice(key).get_dtype()
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
 
   def dtype(self, key: str) -> str:
-    return self.handles[self.where[key]].get_slice(key).get_dtype()
+    """safetensors' dtype name; an FP8 weight reads as its dequantised dtype."""
+    if key in self.fp8:
+      return {v: k for k, v in SAFETENSORS_FLOATS.items()}[self.float_dtype]
+    return self._raw_dtype(key)
 
-  def get(self, key: str) -> np.ndarray:
+  def get(self, key: str, fp8_as_f32: bool = False) -> np.ndarray:
+    """The tensor; an FP8 weight dequantised, to float_dtype or (fp8_as_f32) float32, which
+    routed experts take so that re-encoding them rounds once."""
+    if key in self.fp8:
+      w = fp8_block_dequantise(self._read_fp8(key), self.get(key + FP8_SCALE_SUFFIX),
+                               self.fp8_block)
+      return w if fp8_as_f32 else w.astype(fmt.numpy_dtype(self.float_dtype))
     return self.handles[self.where[key]].get_tensor(key)
+
+  def _read_fp8(self, key: str) -> np.ndarray:
+    """The raw float8_e4m3fn tensor (safetensors' numpy API has no float8): located through
+    the file's JSON header, read as bytes, viewed as ml_dtypes.float8_e4m3fn."""
+    import ml_dtypes  # pylint: disable=import-outside-toplevel  (ships with jax)
+    path = os.path.join(self.src, self.where[key])
+    with open(path, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      begin, end = json.loads(f.read(n))[key]["data_offsets"]
+      f.seek(8 + n + begin)
+      raw = np.frombuffer(f.read(end - begin), np.uint8)
+    return raw.view(ml_dtypes.float8_e4m3fn).reshape(self.shape(key))
 
   def get_row(self, key: str, i: int) -> np.ndarray:
     """tensor[i] only (one expert of a fused [E, ...] tensor), without reading the rest."""
+    if key in self.fp8:
+      raise CheckpointError(f"{key}: FP8 in fused [E, ...] expert tensors is not supported.")
     return self.handles[self.where[key]].get_slice(key)[i:i + 1][0]
 
 
@@ -112,7 +180,8 @@ class LayerExperts:
            enc: encodings.Encoding) -> dict[str, dict[str, np.ndarray]]:
     """Expert e as {tensor: {suffix: array}}."""
     if not self.fused:
-      return {tensor: enc.encode(_gather(folder, [t.format(e=e) for t in templates]))
+      return {tensor: enc.encode(_gather(folder, [t.format(e=e) for t in templates],
+                                         fp8_as_f32=True))
               for tensor, templates in self.names.items()}
     out = {}
     for tensor, names in self.names.items():
@@ -140,8 +209,10 @@ def _plan(cfg: config_lib.MoEConfig, mxfp4: bool):
   return parts
 
 
-def _validate(cfg, folder: SafetensorsFolder, plan) -> None:
-  """Every expected tensor present with the right shape, nothing unexpected. Reads no data."""
+def _validate(cfg, folder: SafetensorsFolder, plan, ignored_prefixes: tuple[str, ...] = ()
+              ) -> None:
+  """Every expected tensor present with the right shape, nothing unexpected. Reads no data.
+  Tensors under `ignored_prefixes` (DeepSeek-V3's multi-token-prediction layers) are skipped."""
   shapes = hf_layout.piece_shapes(cfg)
   expected: dict[str, tuple[int, ...]] = {}
   for _, dense, experts in plan:
@@ -151,7 +222,8 @@ def _validate(cfg, folder: SafetensorsFolder, plan) -> None:
       expected |= experts.expected()
   present = set(folder.where)
   missing = sorted(set(expected) - present)
-  ignorable = {k for k in present if k.endswith(hf_layout.IGNORED_SUFFIXES)}
+  ignorable = {k for k in present if k.endswith(hf_layout.IGNORED_SUFFIXES) or
+               (ignored_prefixes and k.startswith(ignored_prefixes))} | folder.fp8_scales
   if cfg.tie_word_embeddings:
     ignorable.add("lm_head.weight")  # some exporters write the tied head anyway
   unexpected = sorted(present - set(expected) - ignorable)
@@ -169,8 +241,9 @@ def _validate(cfg, folder: SafetensorsFolder, plan) -> None:
                             "config.json.")
 
 
-def _gather(folder: SafetensorsFolder, names: list[str], dtype=None) -> np.ndarray:
-  pieces = [folder.get(n) for n in names]
+def _gather(folder: SafetensorsFolder, names: list[str], dtype=None,
+            fp8_as_f32: bool = False) -> np.ndarray:
+  pieces = [folder.get(n, fp8_as_f32) for n in names]
   out = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
   return np.ascontiguousarray(out if dtype is None else out.astype(dtype))
 
@@ -284,11 +357,20 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
     raise CheckpointError(f"--group_size={group_size} is not supported; choose one of "
                           f"{list(encodings.INT4_GROUPS)}.")
   dst = _check_destination(src, dst, overwrite)
-  folder = SafetensorsFolder(src)
+  block = (hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+  folder = SafetensorsFolder(src, fp8_block=tuple(block))
+  if folder.fp8:
+    log(f"{len(folder.fp8)} block-scaled FP8 weights ({list(block)} blocks): dequantised to "
+        f"{folder.float_dtype} (experts: to --expert_dtype when given)")
   mxfp4 = (cfg.model_type in hf_layout.FUSED_EXPERTS and
            any(k.endswith("_blocks") for k in folder.where))
   plan = _plan(cfg, mxfp4)
-  _validate(cfg, folder, plan)
+  # DeepSeek-V3 ships multi-token-prediction layers after the last decoder layer (unused here,
+  # as transformers ignores them)
+  n = cfg.num_hidden_layers
+  mtp = tuple(f"model.layers.{i}." for i in range(n, n + int(hf.get(
+      "num_nextn_predict_layers") or 0)))
+  _validate(cfg, folder, plan, mtp)
 
   moe_layers = list(cfg.moe_layers)
   first = plan[1 + moe_layers[0]][2].first_weight()

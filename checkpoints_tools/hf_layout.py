@@ -17,7 +17,15 @@ MOE_NAMES = {
     "qwen3_moe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "olmoe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "gpt_oss": ("mlp", "router.weight", "", "", ""),  # experts fused: see FUSED_EXPERTS
+    "deepseek_v2": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight",
+                    "down_proj.weight"),
+    "deepseek_v3": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight",
+                    "down_proj.weight"),
 }
+# Shared experts' module name when it is not Qwen2-MoE's `shared_expert`.
+SHARED_EXPERT_NAMES = {"deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts"}
+# The router's selection-only score bias (`router_score_bias`), under the MoE block.
+ROUTER_SCORE_BIAS = "gate.e_score_correction_bias"
 # Families whose checkpoints hold every expert of a layer in one tensor, [E, ...] (gpt-oss):
 # store tensor -> HF name under `model.layers.{layer}.mlp.experts.`. Float weights are
 # [E, in, out] (transposed against the store's [out, in]), gate and up interleaved on `out`
@@ -50,12 +58,15 @@ def layer_names(cfg: MoEConfig, layer: int) -> dict[str, list[str]]:
   att = pre + "self_attn."
   names = {"attn_norm": [pre + "input_layernorm.weight"],
            "mlp_norm": [pre + "post_attention_layernorm.weight"]}
-  # q, k and v fused on the rows: one product per token instead of three (0.48 -> 0.24 ms
-  # for a 1024-wide bf16 layer, measured)
-  names["wqkv"] = [f"{att}{hf}.weight" for hf in ("q_proj", "k_proj", "v_proj")]
+  if cfg.mla:
+    names |= _latent_attention(cfg, att)
+  else:
+    # q, k and v fused on the rows: one product per token instead of three (0.48 -> 0.24 ms
+    # for a 1024-wide bf16 layer, measured)
+    names["wqkv"] = [f"{att}{hf}.weight" for hf in ("q_proj", "k_proj", "v_proj")]
+    if cfg.attention_bias:
+      names["bqkv"] = [f"{att}{hf}.bias" for hf in ("q_proj", "k_proj", "v_proj")]
   names["wo"] = [att + "o_proj.weight"]
-  if cfg.attention_bias:
-    names["bqkv"] = [f"{att}{hf}.bias" for hf in ("q_proj", "k_proj", "v_proj")]
   if cfg.o_proj_bias:
     names["bo"] = [att + "o_proj.bias"]
   if cfg.qk_norm != "none":
@@ -68,13 +79,34 @@ def layer_names(cfg: MoEConfig, layer: int) -> dict[str, list[str]]:
     names["router"] = [f"{pre}{block}.{router}"]
     if cfg.router_bias:
       names["router_bias"] = [f"{pre}{block}.{router.removesuffix('.weight')}.bias"]
+    if cfg.router_score_bias:
+      names["router_score_bias"] = [f"{pre}{block}.{ROUTER_SCORE_BIAS}"]
     if cfg.shared_expert_intermediate_size:
+      shared = SHARED_EXPERT_NAMES.get(cfg.model_type, "shared_expert")
       names |= {"shared_" + k: v for k, v in _swiglu(
-          pre + "mlp.shared_expert.", "gate_proj.weight", "up_proj.weight",
+          f"{pre}mlp.{shared}.", "gate_proj.weight", "up_proj.weight",
           "down_proj.weight").items()}
-      names["shared_gate"] = [pre + "mlp.shared_expert_gate.weight"]
+      if cfg.shared_expert_gate:
+        names["shared_gate"] = [pre + "mlp.shared_expert_gate.weight"]
   else:
     names |= _swiglu(pre + "mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+  return names
+
+
+def _latent_attention(cfg: MoEConfig, att: str) -> dict[str, list[str]]:
+  """Multi-head latent attention's projections (DeepSeek-V2/V3), unfused: each feeds a
+  different product (see layers.latent_attention)."""
+  names = {"wkv_a": [att + "kv_a_proj_with_mqa.weight"],
+           "kv_a_norm": [att + "kv_a_layernorm.weight"], "wkv_b": [att + "kv_b_proj.weight"]}
+  if cfg.q_lora_rank:
+    names |= {"wq_a": [att + "q_a_proj.weight"], "q_a_norm": [att + "q_a_layernorm.weight"],
+              "wq_b": [att + "q_b_proj.weight"]}
+  else:
+    names["wq"] = [att + "q_proj.weight"]
+  if cfg.attention_bias:  # transformers: on q_a_proj and kv_a_proj_with_mqa (and o_proj)
+    names["bkv_a"] = [att + "kv_a_proj_with_mqa.bias"]
+    if cfg.q_lora_rank:
+      names["bq_a"] = [att + "q_a_proj.bias"]
   return names
 
 
@@ -115,13 +147,21 @@ def piece_shapes(cfg: MoEConfig) -> dict[str, list[tuple[int, ...]]]:
   q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
   i, s, m = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.intermediate_size
   norm_q, norm_k = ((d,), (d,)) if cfg.qk_norm == "head" else ((q,), (kv,))
-  return {
+  heads, r, qr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+  q_mla = heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+  mla = {"wq": [(q_mla, h)], "wq_a": [(qr, h)], "bq_a": [(qr,)], "q_a_norm": [(qr,)],
+         "wq_b": [(q_mla, qr)], "wkv_a": [(r + cfg.qk_rope_head_dim, h)],
+         "bkv_a": [(r + cfg.qk_rope_head_dim,)], "kv_a_norm": [(r,)],
+         "wkv_b": [(heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), r)]}
+  o_in = heads * cfg.v_head_dim if cfg.mla else q  # o_proj's input width
+  return mla | {
       "embed": [(cfg.vocab_size, h)], "final_norm": [(h,)], "lm_head": [(cfg.vocab_size, h)],
       "attn_norm": [(h,)], "mlp_norm": [(h,)],
-      "wqkv": [(q, h), (kv, h), (kv, h)], "wo": [(h, q)], "bqkv": [(q,), (kv,), (kv,)],
+      "wqkv": [(q, h), (kv, h), (kv, h)], "wo": [(h, o_in)], "bqkv": [(q,), (kv,), (kv,)],
       "bo": [(h,)],
       "q_norm": [norm_q], "k_norm": [norm_k], "router": [(cfg.num_experts, h)],
-      "router_bias": [(cfg.num_experts,)], "sinks": [(cfg.num_attention_heads,)],
+      "router_bias": [(cfg.num_experts,)], "router_score_bias": [(cfg.num_experts,)],
+      "sinks": [(cfg.num_attention_heads,)],
       "shared_w_gate_up": [(s, h), (s, h)], "shared_w_down": [(h, s)], "shared_gate": [(1, h)],
       "w_gate_up": [(m, h), (m, h)], "w_down": [(h, m)],
       "expert_w_gate_up": [(i, h), (i, h)], "expert_w_down": [(h, i)],

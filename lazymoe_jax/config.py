@@ -65,6 +65,27 @@ class MoEConfig:
   expert_bias: bool = False  # bias on the experts' gate_up and down products
   swiglu_alpha: float = 1.702  # clamped_swiglu only
   swiglu_limit: float = 7.0
+  # Multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank > 0: q (through a rank
+  # `q_lora_rank` bottleneck when > 0) splits per head into qk_nope_head_dim + qk_rope_head_dim;
+  # keys and values come from one compressed latent [kv_lora_rank] per token plus one roped key
+  # [qk_rope_head_dim] shared by all heads (`head_dim` is then qk_rope_head_dim, the RoPE width).
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  qk_rope_head_dim: int = 0
+  v_head_dim: int = 0
+  latent_norm_eps: float = 1e-6  # the q_a / kv_a RMSNorms (transformers builds them with 1e-6)
+  attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+  rope_interleave: bool = False  # RoPE on (even, odd) pairs instead of the two halves
+  # Router variants (see model/routers.py): "sigmoid_group_topk" (DeepSeek-V3),
+  # "softmax_group_topk" (DeepSeek-V2 group_limited_greedy); experts in `n_group` groups of
+  # which `topk_group` are eligible; `router_score_bias` adds a learned per-expert bias to the
+  # scores for the choice only; the final weights are multiplied by routed_scaling_factor.
+  n_group: int = 1
+  topk_group: int = 1
+  router_score_bias: bool = False
+  routed_scaling_factor: float = 1.0
+  shared_expert_gate: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert
 
   family: ClassVar[str] = ""
   # Defaults that transformers uses when config.json omits the key.
@@ -76,6 +97,10 @@ class MoEConfig:
   @property
   def moe_layers(self) -> tuple[int, ...]:
     return tuple(i for i, t in enumerate(self.mlp_layer_types) if t == MOE)
+
+  @property
+  def mla(self) -> bool:
+    return self.kv_lora_rank > 0
 
   def window(self, layer: int) -> int | None:
     return self.sliding_window if self.layer_types[layer] == SLIDING else None
@@ -142,17 +167,28 @@ def _require(hf: dict[str, Any], *keys: str) -> None:
     raise UnsupportedModelError(f"config.json lacks required keys {missing}.")
 
 
-def _rope(hf: dict[str, Any], default_theta: float,
-          default_params: dict[str, Any] | None) -> dict[str, Any]:
-  """RoPE fields: plain, or YaRN as transformers computes it (`_compute_yarn_parameters`);
-  any other scaling is refused rather than silently computed wrong."""
+def _rope_parameters(hf: dict[str, Any], default_theta: float,
+                     default_params: dict[str, Any] | None) -> dict[str, Any]:
+  """The RoPE parameter dict as transformers standardises it (`rope_parameters`, or the older
+  `rope_scaling` plus `rope_theta`, or the family's default)."""
   params = hf.get("rope_parameters")
   scaling = hf.get("rope_scaling")
   if params is None and scaling is not None:
     params = dict(scaling, rope_theta=hf.get("rope_theta", default_theta))
   if params is None and default_params is not None:
     params = dict(default_params, rope_theta=hf.get("rope_theta", default_theta))
-  params = params or {"rope_theta": hf.get("rope_theta", default_theta)}
+  return params or {"rope_theta": hf.get("rope_theta", default_theta)}
+
+
+def _yarn_mscale(scale: float, m: float = 1.0) -> float:
+  return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+def _rope(hf: dict[str, Any], default_theta: float,
+          default_params: dict[str, Any] | None) -> dict[str, Any]:
+  """RoPE fields: plain, or YaRN as transformers computes it (`_compute_yarn_parameters`);
+  any other scaling is refused rather than silently computed wrong."""
+  params = _rope_parameters(hf, default_theta, default_params)
   kind = params.get("rope_type", params.get("type", "default"))
   if float(hf.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))) != 1.0:
     raise UnsupportedModelError("partial_rotary_factor != 1 is not supported.")
@@ -172,13 +208,11 @@ def _rope(hf: dict[str, Any], default_theta: float,
   factor = params.get("factor")
   factor = float(factor if factor is not None else hf["max_position_embeddings"] / orig)
 
-  def mscale(scale: float, m: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
   attn = params.get("attention_factor")
   if attn is None:
     m, m_all = params.get("mscale"), params.get("mscale_all_dim")
-    attn = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+    attn = (_yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if (m and m_all)
+            else _yarn_mscale(factor))
   return out | dict(rope_type="yarn", rope_factor=factor,
                     rope_original_max_position_embeddings=orig,
                     rope_beta_fast=float(params.get("beta_fast") or 32.0),
@@ -314,10 +348,104 @@ class GptOssConfig(MoEConfig):
                swiglu_limit=float(hf.get("swiglu_limit", 7.0)))
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepseekV3Config(MoEConfig):
+  """DeepSeek-V3: multi-head latent attention (q LoRA, compressed KV latent, shared roped key,
+  interleaved RoPE), the first `first_k_dense_replace` layers dense, shared experts without a
+  gate, sigmoid router with a selection-only score bias, group-limited top-k (group score = sum
+  of its two best experts), weights renormalised (`norm_topk_prob`) and scaled."""
+
+  family: ClassVar[str] = "deepseek_v3"
+  # transformers' DeepseekV3Config defaults, for keys config.json omits
+  defaults: ClassVar[dict[str, Any]] = dict(
+      q_lora_rank=1536, first_k_dense_replace=3, n_shared_experts=1, routed_scaling_factor=2.5,
+      n_group=8, topk_group=4, norm_topk_prob=True, rope_interleave=True)
+
+  @classmethod
+  def _router(cls, hf: dict[str, Any]) -> dict[str, Any]:
+    return dict(router_type="sigmoid_group_topk", router_score_bias=True,
+                norm_topk_prob=bool(_get(hf, "norm_topk_prob", cls.defaults)))
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "MoEConfig":
+    c = cls._common(hf)
+    d = cls.defaults
+    _require(hf, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+             "moe_intermediate_size", "num_experts_per_tok", "intermediate_size")
+    if hf.get("mlp_bias"):
+      raise UnsupportedModelError("mlp_bias=True is not supported (no published DeepSeek model "
+                                  "uses it); the dense MLPs and shared experts have no bias here.")
+    n = hf["num_hidden_layers"]
+    experts = hf.get("n_routed_experts") or hf.get("num_local_experts") or hf.get("num_experts")
+    if not experts:
+      raise UnsupportedModelError("config.json lacks n_routed_experts.")
+    n_group = int(_get(hf, "n_group", d) or 1)
+    topk_group = int(_get(hf, "topk_group", d) or 1)
+    if experts % n_group or not 1 <= topk_group <= n_group:
+      raise UnsupportedModelError(
+          f"n_group={n_group}, topk_group={topk_group} with {experts} experts: the experts must "
+          "split evenly into n_group groups and 1 <= topk_group <= n_group.")
+    first_dense = int(_get(hf, "first_k_dense_replace", d) or 0)
+    rope_dim, nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
+    # softmax scale: transformers' yarn_apply_mscale (YaRN with mscale_all_dim squares it in)
+    scale = (nope + rope_dim) ** -0.5
+    params = _rope_parameters(hf, cls.default_rope_theta, cls.default_rope_parameters)
+    if c.get("rope_type", "default") != "default" and params.get("mscale_all_dim"):
+      scale *= _yarn_mscale(c["rope_factor"], params["mscale_all_dim"]) ** 2
+    moe_width = hf["moe_intermediate_size"]
+    c |= dict(head_dim=rope_dim, num_key_value_heads=c["num_attention_heads"])
+    return cls(**c, moe_intermediate_size=moe_width, num_experts=experts,
+               num_experts_per_tok=hf["num_experts_per_tok"],
+               intermediate_size=hf["intermediate_size"],
+               shared_expert_intermediate_size=moe_width * int(
+                   _get(hf, "n_shared_experts", d) or 0),
+               shared_expert_gate=False,
+               attention_bias=bool(hf.get("attention_bias", False)),
+               o_proj_bias=bool(hf.get("attention_bias", False)),
+               layer_types=(FULL,) * n,
+               mlp_layer_types=tuple(DENSE_MLP if i < first_dense else MOE for i in range(n)),
+               q_lora_rank=int(_get(hf, "q_lora_rank", d) or 0),
+               kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=nope,
+               qk_rope_head_dim=rope_dim, v_head_dim=hf["v_head_dim"], attention_scale=scale,
+               rope_interleave=bool(_get(hf, "rope_interleave", d)),
+               n_group=n_group, topk_group=topk_group,
+               routed_scaling_factor=float(_get(hf, "routed_scaling_factor", d)),
+               **cls._router(hf))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepseekV2Config(DeepseekV3Config):
+  """DeepSeek-V2: V3's attention and layer plan; softmax router, `topk_method` "greedy" (plain
+  top-k) or "group_limited_greedy" (group score = its best expert, others zeroed), weights
+  scaled but never renormalised (transformers' DeepseekV2 ignores `norm_topk_prob`). Its RoPE
+  rotates (even, odd) pairs as complex numbers: the interleaved layout."""
+
+  family: ClassVar[str] = "deepseek_v2"
+  defaults: ClassVar[dict[str, Any]] = dict(
+      q_lora_rank=1536, first_k_dense_replace=0, n_shared_experts=2, routed_scaling_factor=1.0,
+      n_group=None, topk_group=None, norm_topk_prob=False, rope_interleave=True)
+
+  @classmethod
+  def _router(cls, hf: dict[str, Any]) -> dict[str, Any]:
+    method = hf.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+      raise UnsupportedModelError(
+          f"topk_method={method!r} is not supported for deepseek_v2 (supported: 'greedy', "
+          "'group_limited_greedy', as transformers implements).")
+    return dict(norm_topk_prob=False, router_type=(
+        "softmax_topk" if method == "greedy" else "softmax_group_topk"))
+
+
+def _get(hf: dict[str, Any], key: str, defaults: dict[str, Any]) -> Any:
+  """hf[key], or the family default when config.json omits the key (an explicit null stays)."""
+  return hf[key] if key in hf else defaults[key]
+
+
 FAMILIES: dict[str, type[MoEConfig]] = {
     c.family: c for c in (MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig,
-                          GptOssConfig)}
-ALIASES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gptoss": "gpt_oss"}
+                          GptOssConfig, DeepseekV3Config, DeepseekV2Config)}
+ALIASES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gptoss": "gpt_oss",
+                           "deepseekv3": "deepseek_v3", "deepseekv2": "deepseek_v2"}
 
 
 def family_class(model_type: str) -> type[MoEConfig]:

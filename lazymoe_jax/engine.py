@@ -61,11 +61,12 @@ class Engine:
     if memory_budget_gb is not None and expert_slots is not None:
       raise LazyMoEError("give memory_budget_gb or expert_slots, not both: the budget plans "
                          "the slots.")
-    self.kv = kv_lib.make(kv_bits, k_bits, v_bits)  # DenseKV, or TurboQuantKV with bits
     self.store_dir = store_dir
     self.manifest = fmt.read_manifest(store_dir)
     self.cfg: MoEConfig = MoEConfig.from_dict(self.manifest["config"])
     cfg = self.cfg
+    # DenseKV, or TurboQuantKV with bits; LatentKV for multi-head latent attention
+    self.kv = kv_lib.make(kv_bits, k_bits, v_bits, mla=cfg.mla)
     self.kv.validate(cfg)
     self.experts = ExpertStore(store_dir, self.manifest)
     parts = dense_store.load_parts(store_dir, fmt.dense_part_names(cfg))
@@ -101,7 +102,8 @@ class Engine:
     moe = list(cfg.moe_layers)
     self._next_moe = dict(zip(moe[:-1], moe[1:]))
     self._next_router = {l: {k: v for k, v in self.layers[n].items()
-                             if k in ("mlp_norm", "router", "router_bias")}
+                             if k in ("mlp_norm", "router", "router_bias",
+                                      "router_score_bias")}
                          for l, n in self._next_moe.items()}
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         cfg.bos_token_id)

@@ -42,6 +42,32 @@ FAMILIES = {
                                       "original_max_position_embeddings": 64,
                                       "truncate": False},
                      swiglu_limit=1.0, attention_bias=True, attn_implementation="eager")),
+    # MLA with a q LoRA, v_head_dim != qk_nope_head_dim, interleaved RoPE with YaRN (mscale !=
+    # mscale_all_dim: both the cos/sin factor and the softmax scale move); 8 experts in 4 groups,
+    # 2 groups eligible, top-3, layer 0 dense, one shared expert, scaling 2.5
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=12,
+                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                         intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                         num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
+                         n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                         rope_interleave=True,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                          "factor": 4.0, "mscale": 0.8, "mscale_all_dim": 1.0,
+                                          "beta_fast": 32.0, "beta_slow": 1.0,
+                                          "original_max_position_embeddings": 64},
+                         attn_implementation="eager")),
+    # MLA without q LoRA, biases on kv_a / o_proj, complex-pair RoPE; softmax router
+    # group_limited_greedy (4 groups, 2 eligible, top-3: with the group score a group's best
+    # expert, the limit can only bite when k > topk_group), two shared experts, scaling 1.5
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                         intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                         num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4,
+                         topk_group=2, first_k_dense_replace=1, n_shared_experts=2,
+                         routed_scaling_factor=1.5, attention_bias=True,
+                         attn_implementation="eager")),
 }
 
 
@@ -67,6 +93,9 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
         p.normal_(0.0, 0.3)  # routers: decisive, so ties between experts are unlikely
       else:
         p.normal_(0.0, 0.08)
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: zeros at init, not in a
+        b.normal_(0.0, 0.2)  # trained model; large enough to change which experts win
   return model
 
 
@@ -76,18 +105,28 @@ def convert_cli(src: str, dst: str, *args: str) -> subprocess.CompletedProcess:
                         timeout=600)
 
 
-@pytest.fixture(scope="session")
-def family_models(tmp_path_factory):
-  """family -> (HF model, HF dir, store dir), converted once per session through the CLI."""
-  out = {}
-  for family in FAMILIES:
-    base = tmp_path_factory.mktemp(family)
+class _FamilyModels(dict):
+  """family -> (HF model, HF dir, store dir), each made and converted (through the CLI) on
+  first use, so a run selecting a few families converts only those."""
+
+  def __init__(self, tmp_path_factory):
+    super().__init__()
+    self.tmp = tmp_path_factory
+
+  def __missing__(self, family):
+    base = self.tmp.mktemp(family)
     model = make_hf_model(family)
     model.save_pretrained(base / "hf")
     res = convert_cli(str(base / "hf"), str(base / "store"))
     assert res.returncode == 0, res.stderr[-3000:]
-    out[family] = (model, str(base / "hf"), str(base / "store"))
-  return out
+    self[family] = (model, str(base / "hf"), str(base / "store"))
+    return self[family]
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+  """family -> (HF model, HF dir, store dir), converted once per session through the CLI."""
+  return _FamilyModels(tmp_path_factory)
 
 
 def token_ids(n: int, vocab: int = 96, seed: int = 1) -> np.ndarray:

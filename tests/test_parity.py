@@ -1,6 +1,7 @@
 """Logit and greedy-generation parity with Hugging Face transformers, per family."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -47,15 +48,16 @@ def test_minimal_pool_is_bit_identical_to_resident(family_models, family):
   small = lazymoe_jax.load(store, expert_slots=k)
   big = lazymoe_jax.load(store, expert_slots=10_000)
   assert small.stats()["pool_slots"] == k
-  assert big.stats()["pool_slots"] == len(small.experts.layers) * model.config.num_experts
+  assert big.stats()["pool_slots"] == len(small.experts.layers) * small.cfg.num_experts
   np.testing.assert_array_equal(small.logits(ids), big.logits(ids))
   small.eos_ids = big.eos_ids = set()
   assert small.generate(ids[:5], 12) == big.generate(ids[:5], 12)
   assert small.stats()["expert_misses"] > big.stats()["expert_misses"]
 
 
-def test_long_prompt_attends_in_query_blocks(family_models):
-  model, _, store = family_models["qwen3_moe"]
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])  # dense and latent caches
+def test_long_prompt_attends_in_query_blocks(family_models, family):
+  model, _, store = family_models[family]
   ids = token_ids(200, seed=4)  # padded to 256 = 2 blocks of 128 queries
   with torch.no_grad():
     ref = model(torch.tensor(ids)[None]).logits[0].numpy()
@@ -147,3 +149,191 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantised_weights(tm
       want = model.generate(torch.tensor(ids[:6])[None], max_new_tokens=12, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
     assert engine.generate(ids[:6], 12) == want
+
+
+def _ref_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)[None]).logits[0].numpy()
+
+
+def test_deepseek_parity_is_sensitive_to_its_router_rope_and_scales(family_models):
+  """The DeepSeek parity above means something: the score bias, the group limit, the routed
+  scaling, the interleaved RoPE and the YaRN softmax-scale factor each move the 20-token logits
+  well beyond the tolerance (v2: its group limit), and the cache holds only latents."""
+  import copy  # pylint: disable=import-outside-toplevel
+  ids = token_ids(N_TOKENS)
+  changes = {
+      "deepseek_v3": {
+          "score bias": lambda m: [l.mlp.gate.e_score_correction_bias.zero_()
+                                   for l in m.model.layers[1:]],
+          "group limit": lambda m: [setattr(l.mlp.gate, "topk_group", l.mlp.gate.num_group)
+                                    for l in m.model.layers[1:]],
+          "routed scaling": lambda m: [setattr(l.mlp.gate, "routed_scaling_factor", 1.0)
+                                       for l in m.model.layers[1:]],
+          "interleaved rope": lambda m: setattr(m.config, "rope_interleave", False),
+          "yarn softmax scale": lambda m: [setattr(l.self_attn, "scaling",
+                                                   l.self_attn.qk_head_dim ** -0.5)
+                                           for l in m.model.layers],
+      },
+      "deepseek_v2": {
+          "group limit": lambda m: [setattr(l.mlp.gate, "topk_method", "greedy")
+                                    for l in m.model.layers[1:]],
+      },
+  }
+  for family, edits in changes.items():
+    model, _, store = family_models[family]
+    ref = _ref_logits(model, ids)
+    for name, edit in edits.items():
+      changed = copy.deepcopy(model)
+      with torch.no_grad():
+        edit(changed)
+      moved = np.abs(_ref_logits(changed, ids) - ref).max()
+      print(f"{family} without {name}: logits move by {moved:.2e}")
+      assert moved > 30 * TOL, (family, name)  # measured 5e-3 .. 9e-2, see BUILD_NOTES
+    engine = lazymoe_jax.load(store, expert_slots=2 * model.config.num_experts_per_tok)
+    engine.logits(ids)
+    cfg = engine.cfg
+    capacity = engine._kv_capacity  # pylint: disable=protected-access
+    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * capacity * 4  # float32 [c, k_r]
+    assert engine.stats()["kv_cache_bytes"] == cfg.num_hidden_layers * latent
+
+
+def test_deepseek_refuses_kv_bits(family_models):
+  _, _, store = family_models["deepseek_v3"]
+  with pytest.raises(ValueError, match="multi-head latent attention"):
+    lazymoe_jax.load(store, kv_bits=4)
+
+
+def test_deepseek_v2_greedy_router_matches_transformers(tmp_path):
+  """DeepSeek-V2's other topk_method: plain top-k of the softmax, scaled, not renormalised."""
+  from tests.conftest import convert_cli, make_hf_model  # pylint: disable=import-outside-toplevel
+  model = make_hf_model("deepseek_v2", seed=8, topk_method="greedy", n_group=None,
+                        topk_group=None)
+  model.save_pretrained(tmp_path / "hf")
+  res = convert_cli(str(tmp_path / "hf"), str(tmp_path / "store"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  ids = token_ids(N_TOKENS, seed=9)
+  engine = lazymoe_jax.load(str(tmp_path / "store"),
+                            expert_slots=model.config.num_experts_per_tok)
+  assert engine.cfg.router_type == "softmax_topk" and not engine.cfg.norm_topk_prob
+  diff = np.abs(engine.logits(ids) - _ref_logits(model, ids)).max()
+  print(f"deepseek_v2 greedy router: max |logit diff| = {diff:.2e}")
+  assert diff <= TOL
+
+
+def _fp8_block_quantise(w, block):
+  """float32 [out, in] -> (float8_e4m3fn weight, float32 scale_inv [ceil(out/b0), ceil(in/b1)]),
+  DeepSeek-V3's layout: one scale per block, amax mapped to 448."""
+  b0, b1 = block
+  rows, cols = w.shape
+  scale = torch.ones(-(-rows // b0), -(-cols // b1))
+  q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+  for i in range(scale.shape[0]):
+    for j in range(scale.shape[1]):
+      tile = w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
+      scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+      q[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+  return q, scale
+
+
+@pytest.mark.parametrize("expert_dtype", [None, "int8"])
+def test_deepseek_v3_fp8_checkpoint_matches_transformers_on_dequantised_weights(tmp_path,
+                                                                               expert_dtype):
+  """Linear weights published as block-scaled FP8 (`weight` float8_e4m3fn + `weight_scale_inv`,
+  8x16 blocks here so the tiny weights have several blocks and partial edge blocks): the
+  converter dequantises them, and logits equal transformers' on the same weights dequantised by
+  transformers' own `_dequantize_fp8_weight` (an independent reading of the layout); the
+  checkpoint also carries an MTP layer's tensor, which conversion skips. int8
+  experts: re-encoded from the dequantised float32 weights (compared with a looser bound)."""
+  import json  # pylint: disable=import-outside-toplevel
+  from safetensors.torch import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from transformers.integrations.finegrained_fp8 import (  # pylint: disable=import-outside-toplevel
+      _dequantize_fp8_weight)
+  from tests.conftest import convert_cli, make_hf_model  # pylint: disable=import-outside-toplevel
+  block = [8, 16]
+  model = make_hf_model("deepseek_v3", seed=10)
+  model.save_pretrained(tmp_path / "float")
+  tensors = load_file(str(tmp_path / "float" / "model.safetensors"))
+  params = dict(model.named_parameters())
+  quantised = 0
+  for name in sorted(tensors):
+    w = tensors[name]
+    if (w.ndim != 2 or not name.endswith("proj.weight") and "proj_with_mqa" not in name):
+      continue  # embeddings, head, norms, router stay float (as in DeepSeek-V3's release)
+    q, scale_inv = _fp8_block_quantise(w, block)
+    tensors[name], tensors[name + "_scale_inv"] = q.contiguous(), scale_inv.contiguous()
+    deq = _dequantize_fp8_weight(q, scale_inv, block, torch.float32)
+    assert 0 < (deq - w).abs().max() < 0.1 * w.abs().max()  # really quantised, read as meant
+    quantised += 1
+    with torch.no_grad():
+      if name in params:
+        params[name].copy_(deq)
+      else:  # routed experts: transformers holds them fused, [E, 2I, H] and [E, H, I]
+        _, layer, e, proj = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)_proj",
+                                     name).group(0, 1, 2, 3)
+        experts = model.model.layers[int(layer)].mlp.experts
+        i = experts.intermediate_dim
+        if proj == "down":
+          experts.down_proj[int(e)].copy_(deq)
+        else:
+          experts.gate_up_proj[int(e), (0 if proj == "gate" else i):][:i].copy_(deq)
+  assert quantised > 20
+  # as the release: a multi-token-prediction layer after the last one (skipped by converter)
+  tensors[f"model.layers.{model.config.num_hidden_layers}.enorm.weight"] = torch.ones(32)
+  os.makedirs(tmp_path / "fp8")
+  save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
+  with open(tmp_path / "float" / "config.json") as f:
+    hf = json.load(f)
+  hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                               "activation_scheme": "dynamic", "weight_block_size": block}
+  with open(tmp_path / "fp8" / "config.json", "w") as f:
+    json.dump(hf, f)
+  ids = token_ids(N_TOKENS, seed=11)
+  ref = _ref_logits(model, ids)
+  args = () if expert_dtype is None else (f"--expert_dtype={expert_dtype}",)
+  res = convert_cli(str(tmp_path / "fp8"), str(tmp_path / "store"), *args)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "block-scaled FP8 weights" in res.stdout
+  engine = lazymoe_jax.load(str(tmp_path / "store"), expert_slots=3)
+  diff = np.abs(engine.logits(ids) - ref).max()
+  print(f"deepseek_v3 from FP8 ({expert_dtype or 'float32'} experts): "
+        f"max |logit diff| = {diff:.2e}")
+  if expert_dtype is None:
+    assert engine.experts.encoding.name == "float32"
+    assert diff <= TOL
+    engine.eos_ids = set()
+    with torch.no_grad():
+      want = model.generate(torch.tensor(ids[:6])[None], max_new_tokens=12, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    assert engine.generate(ids[:6], 12) == want
+  else:
+    assert engine.experts.encoding.name == "int8" and diff <= 0.1
+
+
+def test_deepseek_v3_published_config_parses():
+  """DeepSeek-V3's published config.json (its keys as released): MLA sizes, the RoPE head dim,
+  the YaRN softmax scale (qk_head_dim^-0.5 * mscale(40, 1)^2), the router, the dense layers."""
+  import math  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax import config  # pylint: disable=import-outside-toplevel
+  hf = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+        "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+        "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid",
+        "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000, "num_nextn_predict_layers": 1, "bos_token_id": 0,
+        "eos_token_id": 1, "tie_word_embeddings": False,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                "quant_method": "fp8", "weight_block_size": [128, 128]}}
+  cfg = config.from_hf(hf)
+  assert (cfg.head_dim, cfg.kv_lora_rank, cfg.q_lora_rank) == (64, 512, 1536) and cfg.mla
+  assert cfg.rope_type == "yarn" and cfg.rope_attention_factor == 1.0 and cfg.rope_interleave
+  assert math.isclose(cfg.attention_scale, 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+  assert cfg.router_type == "sigmoid_group_topk" and (cfg.n_group, cfg.topk_group) == (8, 4)
+  assert cfg.moe_layers == tuple(range(3, 61)) and cfg.shared_expert_intermediate_size == 2048
+  assert not cfg.shared_expert_gate and cfg.routed_scaling_factor == 2.5

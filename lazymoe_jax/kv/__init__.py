@@ -1,6 +1,7 @@
 """KV caches: pytrees plus pure functions, one interface for every variant.
 
-  kv = DenseKV() | TurboQuantKV(k_bits, v_bits)       (frozen, hashable: a static jit argument)
+  kv = DenseKV() | TurboQuantKV(k_bits, v_bits) | LatentKV()   (frozen, hashable: a static
+                                                       jit argument; LatentKV for MLA models)
   cache = kv.init(cfg, capacity)                       one pytree per layer
   cache[l] = kv.update(cache[l], k, v, start)          k, v [T, K, D]
   out = kv.attend(cache[l], q, q_pos, window, scale, sinks=None)   q [T, H, D] -> [T, H, D]
@@ -8,14 +9,20 @@
 """
 
 from lazymoe_jax.kv.dense import DenseKV
-from lazymoe_jax.kv.turboquant import TurboQuantKV
+from lazymoe_jax.kv.latent import LatentKV
+from lazymoe_jax.kv.turboquant import MLA_REFUSAL, TurboQuantKV
 
 
 def make(kv_bits: float | None = None, k_bits: float | None = None,
-         v_bits: float | None = None, seed: int = 0, k_variant: str = "mse"):
-  """DenseKV without bits; TurboQuantKV with kv_bits (both) or k_bits / v_bits (each)."""
+         v_bits: float | None = None, seed: int = 0, k_variant: str = "mse", mla: bool = False):
+  """DenseKV without bits; TurboQuantKV with kv_bits (both) or k_bits / v_bits (each);
+  LatentKV for multi-head latent attention models (`mla`), which refuse bits."""
   k_bits = k_bits if k_bits is not None else kv_bits
   v_bits = v_bits if v_bits is not None else kv_bits
+  if mla:
+    if k_bits is not None or v_bits is not None:
+      raise ValueError(MLA_REFUSAL)
+    return LatentKV()
   if k_bits is None and v_bits is None:
     return DenseKV()
   if k_bits is None or v_bits is None:

@@ -44,7 +44,7 @@ def blocked(attend_fn, q: jax.Array, q_pos: jax.Array) -> jax.Array:
     nb = t // QUERY_BLOCK
     out = jax.lax.map(lambda a: attend_fn(a[0], a[1]),
                       (q.reshape(nb, QUERY_BLOCK, hq, d), q_pos.reshape(nb, QUERY_BLOCK)))
-    return out.reshape(t, hq, d)
+    return out.reshape(t, hq, -1)  # -1: the output width may differ from q's (LatentKV)
   return attend_fn(q, q_pos)
 
 
@@ -69,9 +69,12 @@ class DenseKV:
   dtype: str = "float32"
 
   def validate(self, cfg: MoEConfig) -> None:
-    del cfg
+    if getattr(cfg, "kv_lora_rank", 0):  # getattr: tests pass duck-typed configs
+      raise ValueError("multi-head latent attention (kv_lora_rank > 0) caches latents: use "
+                       "LatentKV (kv.make(..., mla=True)), not DenseKV.")
 
   def init(self, cfg: MoEConfig, capacity: int) -> list[dict[str, jax.Array]]:
+    self.validate(cfg)
     k_shape = (cfg.num_key_value_heads, cfg.head_dim, capacity)
     v_shape = (cfg.num_key_value_heads, capacity, cfg.head_dim)
     return [{"k": jnp.zeros(k_shape, self.dtype), "v": jnp.zeros(v_shape, self.dtype)}

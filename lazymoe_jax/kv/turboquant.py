@@ -27,6 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 F32 = jnp.float32
+MLA_REFUSAL = ("kv_bits / k_bits / v_bits (TurboQuant) are not supported for multi-head latent "
+               "attention models (deepseek_v2, deepseek_v3): their cache holds a compressed "
+               "latent that is read as both key and value, which TurboQuant's separate key and "
+               "value codes do not cover. Run without kv_bits; the latent cache is already "
+               "small.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,6 +233,8 @@ class TurboQuantKV:
             TurboQuant(head_dim, self.v_bits, self.seed + 1))
 
   def validate(self, cfg) -> None:
+    if getattr(cfg, "kv_lora_rank", 0):
+      raise ValueError(MLA_REFUSAL)
     if cfg.head_dim & (cfg.head_dim - 1):
       raise ValueError(f"TurboQuant needs a power-of-two head_dim (Hadamard rotation); this "
                        f"model has {cfg.head_dim}. Run without kv_bits.")

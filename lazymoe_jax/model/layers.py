@@ -66,10 +66,16 @@ def rope_inv_freq(cfg: MoEConfig) -> np.ndarray:
 
 
 def rope(x: jax.Array, pos: jax.Array, theta: float, inv_freq: np.ndarray | None = None,
-         scale: float = 1.0) -> jax.Array:
+         scale: float = 1.0, interleaved: bool = False) -> jax.Array:
   """Rotary embedding, HF "rotate_half" convention. x [T, heads, D], pos [T]. `inv_freq`
-  [D/2] overrides the plain frequencies of `theta`; cos and sin are multiplied by `scale`."""
+  [D/2] overrides the plain frequencies of `theta`; cos and sin are multiplied by `scale`.
+  interleaved (DeepSeek): pairs (x0, x1), (x2, x3), ... rotate by one frequency each; the
+  result comes out de-interleaved (even channels, then odd), as transformers'
+  `apply_rotary_pos_emb_interleave` returns it; q and k get the same order, so their products
+  equal those of the pairs left in place (DeepSeek-V2's complex form)."""
   d = x.shape[-1]
+  if interleaved:
+    x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
   if inv_freq is None:
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=F32) / d))
   freqs = pos.astype(F32)[:, None] * jnp.asarray(inv_freq, F32)[None, :]  # [T, D/2]
@@ -86,6 +92,8 @@ def attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: 
               window: int | None) -> tuple[jax.Array, dict]:
   """Self-attention of x [T, H] at positions pos [T]; writes k, v into the cache first, then
   attends through it (so a compressed cache is what every attention reads)."""
+  if cfg.mla:
+    return latent_attention(cfg, kv, p, x, pos, cache, window)
   t = x.shape[0]
   hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   qkv = linear(x, p["wqkv"], p.get("bqkv"))  # [T, (hq + 2 hk) * D]
@@ -104,8 +112,43 @@ def attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: 
   k = rope(k, pos, cfg.rope_theta, inv_freq, cfg.rope_attention_factor)
   cache = kv.update(cache, k, v, pos[0])
   sinks = p["sinks"] if cfg.attention_sinks else None  # [hq]
-  o = kv.attend(cache, q, pos, window, d ** -0.5, sinks=sinks)  # [T, hq, D]
+  scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+  o = kv.attend(cache, q, pos, window, scale, sinks=sinks)  # [T, hq, D]
   return linear(o.reshape(t, hq * d), p["wo"], p.get("bo")), cache
+
+
+def latent_attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
+                     window: int | None) -> tuple[jax.Array, dict]:
+  """Multi-head latent attention (DeepSeek-V2/V3) through a LatentKV cache (kv/latent.py).
+
+  q = wq x, or wq_b rms_norm(wq_a x) with a q LoRA; per head [nope | rope]. wkv_a x = [latent
+  c (R), shared key k_r (Dr)]; c is normed, k_r and q's rope part roped. The cache keeps [c,
+  k_r] per position. wkv_b [H * (Dn + Dv), R] holds per head W_uk [Dn, R] then W_uv [Dv, R]:
+  the query's nope part is taken into the latent space (W_uk^T q_nope), the attention returns
+  weighted latents, W_uv maps them to the head's values. Legend: R = kv_lora_rank,
+  Dn / Dr = qk_nope / qk_rope_head_dim, Dv = v_head_dim.
+  """
+  t = x.shape[0]
+  h, dn, dr = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+  r, dv = cfg.kv_lora_rank, cfg.v_head_dim
+  if cfg.q_lora_rank:
+    q_a = rms_norm(linear(x, p["wq_a"], p.get("bq_a")), p["q_a_norm"], cfg.latent_norm_eps)
+    q = linear(q_a, p["wq_b"])
+  else:
+    q = linear(x, p["wq"])
+  q = q.reshape(t, h, dn + dr)
+  ckv = linear(x, p["wkv_a"], p.get("bkv_a"))  # [T, R + Dr]
+  c = rms_norm(ckv[:, :r], p["kv_a_norm"], cfg.latent_norm_eps)
+  inv_freq = rope_inv_freq(cfg)
+  q_r, k_r = (rope(a, pos, cfg.rope_theta, inv_freq, cfg.rope_attention_factor,
+                   cfg.rope_interleave) for a in (q[..., dn:], ckv[:, None, r:]))
+  cache = kv.update(cache, jnp.concatenate([c[:, None, :], k_r], axis=-1), None, pos[0])
+  wkv_b = p["wkv_b"].astype(F32).reshape(h, dn + dv, r)
+  q_c = jnp.einsum("thn,hnr->thr", q[..., :dn], wkv_b[:, :dn])  # [T, H, R]
+  o_c = kv.attend(cache, jnp.concatenate([q_c, q_r], axis=-1), pos, window,
+                  cfg.attention_scale, value_dim=r)  # [T, H, R]
+  o = jnp.einsum("thr,hvr->thv", o_c, wkv_b[:, dn:])  # [T, H, Dv]
+  return linear(o.reshape(t, h * dv), p["wo"], p.get("bo")), cache
 
 
 @dataclasses.dataclass(frozen=True)

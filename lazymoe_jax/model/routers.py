@@ -24,10 +24,65 @@ def topk_softmax(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
 
 
-def route(cfg: MoEConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The router `cfg.router_type` names."""
+def _group_mask(choice: jax.Array, n_group: int, topk_group: int,
+                group_score: str) -> jax.Array:
+  """bool [T, E]: experts whose group is among the `topk_group` best of `n_group` equal groups,
+  a group scored by its best expert ("max") or the sum of its best two ("top2_sum")."""
+  t, e = choice.shape
+  grouped = choice.reshape(t, n_group, e // n_group)
+  if group_score == "max":
+    scores = jnp.max(grouped, axis=-1)
+  else:
+    scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+  _, best = jax.lax.top_k(scores, topk_group)  # [T, topk_group]
+  keep = jnp.any(best[:, :, None] == jnp.arange(n_group)[None, None, :], axis=1)  # [T, G]
+  return jnp.repeat(keep, e // n_group, axis=1)
+
+
+def sigmoid_group_topk(logits: jax.Array, k: int, renormalize: bool, n_group: int,
+                       topk_group: int, score_bias: jax.Array | None) -> tuple[jax.Array,
+                                                                              jax.Array]:
+  """DeepSeek-V3: sigmoid scores; experts chosen on scores + score_bias (the learned
+  `e_score_correction_bias`), only within the topk_group best groups (group score = sum of its
+  two best biased scores); weights are the unbiased scores, renormalised (sum + 1e-20) when
+  asked."""
+  scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+  choice = scores if score_bias is None else scores + score_bias.astype(jnp.float32)
+  if n_group > 1:
+    choice = jnp.where(_group_mask(choice, n_group, topk_group, "top2_sum"), choice, -jnp.inf)
+  _, ids = jax.lax.top_k(choice, k)
+  weights = jnp.take_along_axis(scores, ids, axis=-1)
+  if renormalize:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return ids.astype(jnp.int32), weights
+
+
+def softmax_group_topk(logits: jax.Array, k: int, n_group: int,
+                       topk_group: int) -> tuple[jax.Array, jax.Array]:
+  """DeepSeek-V2 "group_limited_greedy": softmax scores, experts outside the topk_group best
+  groups (group score = its best expert) set to 0, then the k largest with their scores."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  probs = jnp.where(_group_mask(probs, n_group, topk_group, "max"), probs, 0.0)
+  weights, ids = jax.lax.top_k(probs, k)
+  return ids.astype(jnp.int32), weights
+
+
+def route(cfg: MoEConfig, logits: jax.Array,
+          score_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The router `cfg.router_type` names; weights times `cfg.routed_scaling_factor`.
+  score_bias [E]: the selection-only bias of "sigmoid_group_topk" (`router_score_bias`)."""
+  k = cfg.num_experts_per_tok
   if cfg.router_type == "softmax_topk":
-    return softmax_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-  if cfg.router_type == "topk_softmax":
-    return topk_softmax(logits, cfg.num_experts_per_tok)
-  raise ValueError(f"unknown router_type {cfg.router_type!r}")
+    ids, weights = softmax_topk(logits, k, cfg.norm_topk_prob)
+  elif cfg.router_type == "topk_softmax":
+    ids, weights = topk_softmax(logits, k)
+  elif cfg.router_type == "sigmoid_group_topk":
+    ids, weights = sigmoid_group_topk(logits, k, cfg.norm_topk_prob, cfg.n_group,
+                                      cfg.topk_group, score_bias)
+  elif cfg.router_type == "softmax_group_topk":
+    ids, weights = softmax_group_topk(logits, k, cfg.n_group, cfg.topk_group)
+  else:
+    raise ValueError(f"unknown router_type {cfg.router_type!r}")
+  if cfg.routed_scaling_factor != 1.0:
+    weights = weights * cfg.routed_scaling_factor
+  return ids, weights

@@ -44,11 +44,13 @@ def attn_router(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, p
   the guess: the next MoE layer's router (`nxt` = its mlp_norm and router) applied to h, what a
   prefetcher can know before this layer's experts run (None without `nxt`)."""
   h, xn, cache = _attention_residual(cfg, kv, window, p, x, pos, cache)
-  ids, weights = route(cfg, layers.linear(xn, p["router"], p.get("router_bias")))
+  ids, weights = route(cfg, layers.linear(xn, p["router"], p.get("router_bias")),
+                       p.get("router_score_bias"))
   guess = None
   if nxt is not None:
     guess = route(cfg, layers.linear(layers.rms_norm(h, nxt["mlp_norm"], cfg.rms_norm_eps),
-                                     nxt["router"], nxt.get("router_bias")))[0]
+                                     nxt["router"], nxt.get("router_bias")),
+                  nxt.get("router_score_bias"))[0]
   return h, xn, ids, weights, cache, guess
 
 
@@ -63,8 +65,10 @@ def dense_layer(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, p
 def _shared(cfg: MoEConfig, p: dict, xn: jax.Array) -> jax.Array:
   if not cfg.shared_expert_intermediate_size:
     return jnp.zeros_like(xn)
-  gate = jax.nn.sigmoid(layers.linear(xn, p["shared_gate"]))  # [T, 1]
-  return gate * layers.dense_swiglu(p["shared_w_gate_up"], p["shared_w_down"], xn)
+  out = layers.dense_swiglu(p["shared_w_gate_up"], p["shared_w_down"], xn)
+  if not cfg.shared_expert_gate:  # DeepSeek: shared experts always count in full
+    return out
+  return jax.nn.sigmoid(layers.linear(xn, p["shared_gate"])) * out  # gate [T, 1]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "enc"))
