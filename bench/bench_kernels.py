@@ -26,7 +26,8 @@ SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768), "gptoss": (2880, 2880)
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
   flags.DEFINE_list("shapes", list(SHAPES), "Expert shapes to run.")
-  flags.DEFINE_list("encodings", ["float32", "bfloat16", "int8", "int4-g32"], "Encodings.")
+  flags.DEFINE_list("encodings", ["float32", "bfloat16", "int8", "int4-g32", "mxfp4"],
+                    "Encodings.")
   flags.DEFINE_float("seconds", 1.0, "Time per measurement.")
   flags.DEFINE_string("json", None, "Also write the rows here.")
 

@@ -9,6 +9,7 @@ with the store's files dropped from the page cache first (cold). The engine plan
 `memory_budget_gb` equal to the same budget. Configurations:
   naive     synchronous reads into top-k slots: no cache to speak of, no prefetch
   <policy>  the planned pool with that eviction policy, with and without speculative prefetch
+            (lfu+prefetch:w1:d3 = read the 1 likeliest guess of each of the next 3 MoE layers)
 and, without a cap, `resident`: every expert in RAM (the compute bound).
 Tokens: the demo tokenizer's ids of held-out stdlib text (all < 2048), decoded teacher-forced one
 token at a time, so routing follows real text's token repetitions; the routing statistics of
@@ -147,8 +148,11 @@ def run_child(conf: dict) -> dict:
   else:
     engine = lazymoe_jax.load(store, memory_budget_gb=conf["budget_gb"], cache_policy=policy,
                               prefetch=prefetch, max_context=context)
-  if name.endswith("+prefetch1"):  # read only the most likely guess of each layer
-    engine.prefetch_width = 1
+  for opt in name.split("+prefetch")[1].split(":")[1:] if "+prefetch" in name else []:
+    if opt.startswith("w"):  # guesses read per layer ahead, most likely first
+      engine.prefetch_width = int(opt[1:])
+    if opt.startswith("d"):  # MoE layers ahead
+      engine.prefetch_depth = int(opt[1:])
   ids = np.array(conf["ids"], np.int32)
   cache = engine._new_cache(context)  # pylint: disable=protected-access
   forward = engine._forward  # pylint: disable=protected-access

@@ -88,6 +88,75 @@ def make_synthetic(dst: str, layers: int, hidden: int, intermediate: int, expert
   return dst
 
 
+def make_gpt_oss_mxfp4(dst: str, layers: int, experts: int = 128, top_k: int = 4,
+                       hidden: int = 2880, intermediate: int = 2880, vocab: int = 201088,
+                       heads: int = 64, kv_heads: int = 8, head_dim: int = 64,
+                       embed_std: float = 1.0, seed: int = 0) -> str:
+  """A gpt-oss-shaped model (defaults: gpt-oss-120b's layer shapes) with its experts in the
+  published MXFP4 layout: `mlp.experts.{gate_up,down}_proj_{blocks,scales}` [E, out, in/32, 16]
+  uint8 / [E, out, in/32] uint8 (random nibbles; e8m0 scales around 2^-7, so weights have
+  std ~0.02), f32 biases, attention with biases and sinks; alternating sliding (128) / full
+  attention, YaRN as released. One shard per layer; memory stays at one layer."""
+  os.makedirs(dst, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+
+  def w(*shape, std=0.02):
+    return (rng.standard_normal(shape, dtype=np.float32) * std).astype(bf16)
+
+  def mxfp4(e, rows, cols):
+    blocks = rng.integers(0, 256, (e, rows, cols // 32, 16), dtype=np.uint8)
+    scales = rng.integers(119, 122, (e, rows, cols // 32), dtype=np.uint8)  # 2^-8 .. 2^-6
+    return blocks, scales
+
+  n_shards = layers + 1
+  names = lambda i: f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
+  weight_map = {}
+
+  def save(i, tensors):
+    save_file(tensors, os.path.join(dst, names(i)), metadata={"format": "pt"})
+    weight_map.update({k: names(i) for k in tensors})
+
+  q, kv = heads * head_dim, kv_heads * head_dim
+  for layer in range(layers):
+    pre = f"model.layers.{layer}."
+    att, ex = pre + "self_attn.", pre + "mlp.experts."
+    t = {pre + "input_layernorm.weight": np.ones(hidden, bf16),
+         pre + "post_attention_layernorm.weight": np.ones(hidden, bf16),
+         att + "q_proj.weight": w(q, hidden), att + "q_proj.bias": w(q),
+         att + "k_proj.weight": w(kv, hidden), att + "k_proj.bias": w(kv),
+         att + "v_proj.weight": w(kv, hidden), att + "v_proj.bias": w(kv),
+         att + "o_proj.weight": w(hidden, q), att + "o_proj.bias": w(hidden),
+         att + "sinks": w(heads, std=1.0),
+         pre + "mlp.router.weight": w(experts, hidden, std=0.1), pre + "mlp.router.bias": w(experts),
+         ex + "gate_up_proj_bias": w(experts, 2 * intermediate),
+         ex + "down_proj_bias": w(experts, hidden)}
+    t[ex + "gate_up_proj_blocks"], t[ex + "gate_up_proj_scales"] = mxfp4(experts, 2 * intermediate,
+                                                                        hidden)
+    t[ex + "down_proj_blocks"], t[ex + "down_proj_scales"] = mxfp4(experts, hidden, intermediate)
+    save(layer, t)
+  save(layers, {"model.embed_tokens.weight": w(vocab, hidden, std=embed_std),
+                "model.norm.weight": np.ones(hidden, bf16), "lm_head.weight": w(vocab, hidden)})
+  with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+  cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": vocab,
+         "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+         "num_local_experts": experts, "num_experts_per_tok": top_k, "hidden_act": "silu",
+         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                         for i in range(layers)],
+         "sliding_window": 128, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+         "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                          "beta_slow": 1.0, "truncate": False,
+                          "original_max_position_embeddings": 4096},
+         "rope_theta": 150000.0, "attention_bias": True, "swiglu_limit": 7.0,
+         "tie_word_embeddings": False, "eos_token_id": 200002, "pad_token_id": 199999,
+         "quantization_config": {"quant_method": "mxfp4"}, "dtype": "bfloat16"}
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  return dst
+
+
 def main(argv) -> None:
   del argv
   print(make_synthetic(FLAGS.dst, FLAGS.layers, FLAGS.hidden, FLAGS.intermediate, FLAGS.experts,

@@ -31,7 +31,8 @@ from lazymoe_jax.store.pool import ExpertPool
 
 KV_ROUND = 256  # cache capacity granularity: few distinct shapes, few compilations
 MAX_PLANNED_CONTEXT = 4096  # with a memory budget, the KV cache is planned for this many
-DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much of free RAM
+DEFAULT_RAM_FRACTION = 0.5
+PREFETCH_DEPTH = 2  # MoE layers ahead whose experts decode prefetches (BUILD_NOTES: measured)  # without expert_slots, the pool may take this much of free RAM
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -96,15 +97,15 @@ class Engine:
       expert_slots = max(cfg.num_experts_per_tok, min(total, fit))
     self.pool = ExpertPool(self.experts, min(expert_slots, total) if total else expert_slots,
                            cfg.num_experts_per_tok, cache_policy)
-    # Speculative prefetch in decode: layer l computes the next MoE layer's routing guess.
+    # Speculative prefetch in decode: layer l applies the routers of the next `prefetch_depth`
+    # MoE layers to its hidden state and starts reading their likeliest experts.
     self.prefetch = prefetch
     self.prefetch_width = cfg.num_experts_per_tok  # guesses read per layer, most likely first
-    moe = list(cfg.moe_layers)
-    self._next_moe = dict(zip(moe[:-1], moe[1:]))
-    self._next_router = {l: {k: v for k, v in self.layers[n].items()
-                             if k in ("mlp_norm", "router", "router_bias",
-                                      "router_score_bias")}
-                         for l, n in self._next_moe.items()}
+    self.prefetch_depth = PREFETCH_DEPTH
+    self._moe_order = list(cfg.moe_layers)
+    self._routers = {n: {k: v for k, v in self.layers[n].items()
+                         if k in ("mlp_norm", "router", "router_bias", "router_score_bias")}
+                     for n in self._moe_order}
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         cfg.bos_token_id)
     self.eos_ids = set(cfg.eos_token_ids) | set(
@@ -189,6 +190,10 @@ class Engine:
     }
 
   # ---- internals -------------------------------------------------------------------------------
+  def _layers_ahead(self, layer: int) -> list[int]:
+    i = self._moe_order.index(layer)
+    return self._moe_order[i + 1:i + 1 + self.prefetch_depth]
+
   def _check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
     tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if tokens.size == 0:
@@ -224,9 +229,9 @@ class Engine:
       if cfg.mlp_layer_types[layer] == DENSE_MLP:
         x, cache[layer] = steps.dense_layer(cfg, self.kv, window, p, x, pos, cache[layer])
         continue
-      nxt = self._next_router.get(layer) if (n == 1 and self.prefetch) else None
-      h, xn, ids, weights, cache[layer], guess = steps.attn_router(
-          cfg, self.kv, window, p, x, pos, cache[layer], nxt)
+      ahead = self._layers_ahead(layer) if (n == 1 and self.prefetch) else []
+      h, xn, ids, weights, cache[layer], guesses = steps.attn_router(
+          cfg, self.kv, window, p, x, pos, cache[layer], tuple(self._routers[a] for a in ahead))
       ids = np.asarray(ids)[:n]  # waits for this layer's router, hence for all earlier work
       if self.trace is not None:
         self.trace(layer, ids, h[:n])
@@ -234,8 +239,8 @@ class Engine:
         slots = self.pool.acquire(layer, ids[0])
         x = steps.moe_decode(cfg, self.experts.encoding, p, h, xn, weights,
                              tuple(self.pool.arrays(s) for s in slots))
-        if guess is not None:  # reads overlap this layer's expert compute
-          self.pool.prefetch(self._next_moe[layer], np.asarray(guess)[0][:self.prefetch_width])
+        for a, guess in zip(ahead, guesses):  # reads overlap compute, nearest layer first
+          self.pool.prefetch(a, np.asarray(guess)[0][:self.prefetch_width])
       else:
         x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
     return x, cache

@@ -332,7 +332,7 @@ def test_prefetch_changes_nothing_even_when_it_guesses_wrong(family_models):
   wrong = lazymoe_jax.load(store, expert_slots=2 * k)
   wrong.eos_ids = set()
   rng = np.random.default_rng(0)
-  for nxt in wrong._next_router.values():  # a router that guesses at random
+  for nxt in wrong._routers.values():  # the guessing routers, not the real ones, at random
     nxt["router"] = rng.standard_normal(nxt["router"].shape).astype(np.float32)
   assert wrong.generate(prompt, 20) == want
   assert wrong.stats()["prefetch_reads"] > 0

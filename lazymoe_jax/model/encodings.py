@@ -256,19 +256,36 @@ def _e2m1(code: jax.Array) -> jax.Array:
 
 
 def _mxfp4_matmul(blocks: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
-  """Dequantises the expert to float32 (exact: e2m1 times a power of two), then one product.
+  """blocks [O, N, 16] uint8 (two e2m1 codes a byte, low nibble first), scale [O, N] e8m0.
 
-  Nibbles split with float ops (XLA-CPU's integer shifts are slow loops); the scale 2^(s-127)
-  is built from its bits, s << 23 as a float32, exact for s in 1..254 (s = 0, 2^-127, reads 0).
+  Up to 4 tokens: per token, a table of what each of the 256 byte values contributes with the
+  two inputs it multiplies (256 per (block, byte position): x-sized work), gathered by the
+  weight bytes and summed with the block scales: 12.9 ms for a gpt-oss gate_up (8.3 MB packed)
+  against 22.9 ms for dequantise-then-product (BUILD_NOTES). More tokens: dequantise once
+  (exact: e2m1 times a power of two), then one product. Nibbles are split with float ops
+  (XLA-CPU's integer shifts are slow loops); the scale 2^(s-127) is built from its bits,
+  s << 23 as a float32, exact for s in 1..254 (s = 0, 2^-127, reads 0).
   """
   o, n, half = blocks.shape
+  t = x.shape[0]
+  s = jax.lax.bitcast_convert_type(scale.astype(jnp.int32) * (1 << 23), F32)  # [O, N]
+  xr = x.astype(F32).reshape(t, n, half, 2)
+  if t <= 4:
+    codes = jnp.arange(256, dtype=F32)
+    hi_code = jnp.floor(codes * (1.0 / 16.0))
+    lo_v, hi_v = _e2m1(codes - 16.0 * hi_code), _e2m1(hi_code)  # [256]
+    idx = blocks.astype(jnp.int32)[..., None]
+    outs = []
+    for i in range(t):
+      table = lo_v * xr[i, :, :, 0, None] + hi_v * xr[i, :, :, 1, None]  # [N, 16, 256]
+      g = jnp.take_along_axis(table[None], idx, axis=-1)[..., 0]  # [O, N, 16]
+      outs.append(jnp.sum(g * s[:, :, None], axis=(1, 2)))
+    return jnp.stack(outs)
   f = blocks.astype(F32)
   hi = jnp.floor(f * (1.0 / 16.0))
   lo = f - 16.0 * hi
-  s = jax.lax.bitcast_convert_type(scale.astype(jnp.int32) * (1 << 23), F32)  # [O, N]
   w = jnp.stack([_e2m1(lo), _e2m1(hi)], axis=-1) * s[:, :, None, None]  # [O, N, 16, 2]
-  t = x.shape[0]
-  return _dot(w.reshape(o, n * 2 * half), _pad_rows(x.astype(F32)))[:, :t].T
+  return _dot(w.reshape(o, n * 2 * half), _pad_rows(xr.reshape(t, -1)))[:, :t].T
 
 
 def get(name: str) -> Encoding:

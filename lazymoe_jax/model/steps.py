@@ -39,18 +39,16 @@ def _attention_residual(cfg, kv, window, p, x, pos, cache):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv", "window"), donate_argnames=("cache",))
 def attn_router(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
-                cache: dict, nxt: dict | None = None):
+                cache: dict, ahead: tuple = ()):
   """Attention + residual + norm + router. Returns h, xn [T, H], ids/weights [T, k], cache, and
-  the guess: the next MoE layer's router (`nxt` = its mlp_norm and router) applied to h, what a
-  prefetcher can know before this layer's experts run (None without `nxt`)."""
+  the guesses: the routers of the next MoE layers (`ahead`, each its mlp_norm and router)
+  applied to h, what a prefetcher can know before this layer's experts run."""
   h, xn, cache = _attention_residual(cfg, kv, window, p, x, pos, cache)
   ids, weights = route(cfg, layers.linear(xn, p["router"], p.get("router_bias")),
                        p.get("router_score_bias"))
-  guess = None
-  if nxt is not None:
-    guess = route(cfg, layers.linear(layers.rms_norm(h, nxt["mlp_norm"], cfg.rms_norm_eps),
-                                     nxt["router"], nxt.get("router_bias")),
-                  nxt.get("router_score_bias"))[0]
+  guess = tuple(route(cfg, layers.linear(layers.rms_norm(h, nxt["mlp_norm"], cfg.rms_norm_eps),
+                                         nxt["router"], nxt.get("router_bias")),
+                      nxt.get("router_score_bias"))[0] for nxt in ahead)
   return h, xn, ids, weights, cache, guess
 
 

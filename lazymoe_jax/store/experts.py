@@ -19,7 +19,11 @@ from lazymoe_jax.store import format as fmt
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, offset and length aligned (4 KiB is safe)
+# Reads a computation waits for, and speculative ones on their own threads, so that a queue of
+# prefetches never delays a miss.
 _READERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="lazymoe-read")
+_PREFETCHERS = concurrent.futures.ThreadPoolExecutor(max_workers=4,
+                                                     thread_name_prefix="lazymoe-prefetch")
 
 
 def _drop_from_page_cache(fd: int) -> None:
@@ -126,14 +130,20 @@ class ExpertStore:
     """Reads expert `expert` of model layer `layer` into `buffers`; returns bytes read."""
     return self.finish_read(self.start_read(layer, expert, buffers))
 
-  def start_read(self, layer: int, expert: int, buffers: dict[str, np.ndarray]) -> tuple:
+  def start_read(self, layer: int, expert: int, buffers: dict[str, np.ndarray],
+                 speculative: bool = False) -> tuple:
     """Starts reading every array of the expert into `buffers` (each chunk file on a reader
     thread, see read_chunk); returns a handle for finish_read."""
     row = self.row[layer]
-    futures = {name: _READERS.submit(read_chunk, self.chunk_path(name, row, expert),
+    pool = _PREFETCHERS if speculative else _READERS
+    futures = {name: pool.submit(read_chunk, self.chunk_path(name, row, expert),
                                      buffers[name], self.crc32[name][row][expert])
                for name in self.arrays}
     return layer, expert, futures, buffers
+
+  @staticmethod
+  def read_done(handle: tuple) -> bool:
+    return all(f.done() for f in handle[2].values())
 
   def finish_read(self, handle: tuple) -> int:
     """Waits for a started read (every chunk of it, before judging any); returns bytes read.

@@ -125,27 +125,30 @@ class ExpertPool:
     return free[0]
 
   def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-    """Starts reading experts predicted for `layer` (asynchronously, tensorstore's threads)
-    into least-recently-used slots, never into one the last acquire handed out. A wrong guess
-    costs only bandwidth and a slot; it never changes results."""
+    """Starts reading experts predicted for `layer` (asynchronously, on the prefetch threads)
+    into the policy's victims, never into a slot the last acquire handed out or one holding a
+    prefetch that still awaits its layer. A wrong guess costs only bandwidth and a slot; it
+    never changes results."""
     for e in experts:
       key = (layer, int(e))
       if key in self.table or key in self.pending:
         continue
-      busy = self.in_use | {slot for slot, _ in self.pending.values()}
-      slot = self._victim(layer, busy)
+      slot = self._victim(layer, self.in_use | self._reserved())
       if slot is None:
         return
       self._evict(slot)
-      self.pending[key] = (slot, self.store.start_read(layer, key[1], self.buffers[slot]))
+      self.pending[key] = (slot, self.store.start_read(layer, key[1], self.buffers[slot],
+                                                       speculative=True))
       self.prefetch_reads += 1
 
-  def _land_prefetches(self) -> None:
-    """Waits for the prefetch reads in flight; they become resident, least recently used
-    first (a wrong guess is the next victim)."""
+  def _land_prefetches(self, layer: int) -> None:
+    """Waits for the prefetch reads in flight for `layer`, and lands any other that is done;
+    they become resident, least recently used first (a wrong guess is the next victim). Reads
+    for later layers stay in flight, their slots reserved."""
     t0 = time.perf_counter()
-    while self.pending:
-      key, (slot, handle) = next(iter(self.pending.items()))
+    for key, (slot, handle) in list(self.pending.items()):
+      if key[0] != layer and not self.store.read_done(handle):
+        continue
       del self.pending[key]
       try:
         self.bytes_read += self.store.finish_read(handle)
@@ -156,13 +159,24 @@ class ExpertPool:
       self.prefetched.add(key)
       self.lru.move_to_end(slot, last=False)
 
+  def _reserved(self) -> set[int]:
+    """Slots no miss or prefetch may take: reads in flight, and landed prefetches whose layer
+    has not been acquired yet."""
+    return ({slot for slot, _ in self.pending.values()} |
+            {self.table[key] for key in self.prefetched if key in self.table})
+
+  def drain(self) -> None:
+    """Waits for every read in flight (before the pool's buffers may be reused or freed)."""
+    for layer in {key[0] for key in self.pending}:
+      self._land_prefetches(layer)
+
   def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
     """Makes every expert of `experts` resident for `layer` at once; returns their slots."""
     experts = [int(e) for e in experts]
     if len(set(experts)) > self.num_slots:
       raise PlanError(f"{len(set(experts))} experts requested at once but the pool has "
                       f"{self.num_slots} slots.")
-    self._land_prefetches()
+    self._land_prefetches(layer)
     pinned: set[int] = set()
     slots, reads = [], []
     for e in experts:
@@ -175,7 +189,11 @@ class ExpertPool:
           self.prefetched.discard(key)
           self.prefetch_used += 1
       else:  # start every miss's read before waiting for any of them
-        slot = self._victim(layer, pinned)
+        slot = self._victim(layer, pinned | self._reserved())
+        if slot is None:  # every other slot awaits a prefetch for a later layer
+          self.drain()
+          self.prefetched.clear()
+          slot = self._victim(layer, pinned)
         self._evict(slot)
         reads.append((slot, key, self.store.start_read(layer, e, self.buffers[slot])))
         self.owner[slot] = key  # reserved: a repeat of e in `experts` maps here
@@ -203,4 +221,6 @@ class ExpertPool:
     finally:
       self.io_wait_s += time.perf_counter() - t0
     self.in_use = pinned
+    # this layer's unused guesses lose their protection (they stay resident, first victims)
+    self.prefetched = {key for key in self.prefetched if key[0] != layer}
     return slots
