@@ -123,6 +123,17 @@ def routing_summary(trace: list[tuple[int, np.ndarray]], num_experts: int) -> di
           "uniform_entropy_bits": math.log2(num_experts), "prev_token_reuse": float(np.mean(reuse))}
 
 
+def timeit_head(fn, n: int = 5) -> float:
+  """Median seconds of fn() (a jitted call) after one warm-up call."""
+  fn().block_until_ready()
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn().block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def rss_anon() -> int:
   """Anonymous resident bytes of this process now (heap, pool, jax buffers; no file pages)."""
   with open("/proc/self/status") as f:
@@ -197,7 +208,9 @@ def run_child(conf: dict) -> dict:
 
 
 # ---- the parent: cgroups, cold cache, table --------------------------------------------------------
-def run_in_cgroup(conf: dict, limit: int | None) -> dict:
+def run_in_cgroup(conf: dict, limit: int | None, module: str = "bench.bench_stream") -> dict:
+  """Runs `python -m module --child JSON` (in a fresh memory cgroup capped at `limit` bytes
+  when given); returns the child's RESULT row plus the cgroup's peak and OOM kills."""
   cg = None
   if limit is not None:
     cg = os.path.join(CGROUP_ROOT, f"lazymoe_bench_{os.getpid()}_{conf['name'].replace('+', '_')}")
@@ -212,7 +225,7 @@ def run_in_cgroup(conf: dict, limit: int | None) -> dict:
       with open(os.path.join(cg, "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
   try:
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_stream", "--child", json.dumps(conf)],
+    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(conf)],
                           capture_output=True, text=True, preexec_fn=join, check=False)
     row = {"config": conf["name"]}
     for line in proc.stdout.splitlines():
