@@ -8,6 +8,7 @@ waves when the pool is smaller than the set of experts the prompt needs.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -74,8 +75,10 @@ class Engine:
     if dense_dtype is not None:
       _reencode_dense(parts, cfg, dense_dtype)
     self.dense_dtype = dense_dtype
-    self.globals = jax.device_put(parts.pop("globals"))
-    self.layers = [jax.device_put(parts[f"layer_{i:03d}"]) for i in range(cfg.num_hidden_layers)]
+    self.globals = _to_device(parts.pop("globals"))
+    self.layers = [_to_device(parts.pop(f"layer_{i:03d}")) for i in range(cfg.num_hidden_layers)]
+    del parts  # the plan below measures resident memory: no host copies may linger
+    _return_freed_memory()
     self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((self.globals, self.layers)))
     total = len(self.experts.layers) * cfg.num_experts
     if max_context is not None and not 0 < max_context <= cfg.max_position_embeddings:
@@ -271,6 +274,32 @@ class Engine:
     return steps.moe_finish(self.cfg, p, h, xn, acc)
 
 
+def _return_freed_memory() -> None:
+  """Hands the heap's free pages back to the OS (glibc malloc_trim): restoring and re-encoding
+  the dense params frees gigabytes that would otherwise stay resident, and be planned around
+  (measured: 2.26 -> 2.13 GB resident after loading a gpt-oss-120b slice)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass  # not glibc: nothing to do
+
+
+def _to_device(tree: dict) -> dict:
+  """jax.device_put leaf by leaf, dropping each host array as soon as it is on the device, so
+  loading never holds two copies of the dense params (a 200k-vocab head is 1.2 GB). Measured
+  on a gpt-oss slice: with one asynchronous device_put of every part, the copies landed after
+  the plan had measured memory and took 0.94 GB the plan had given to expert slots."""
+  out = {}
+  for key in list(tree):
+    leaf = tree.pop(key)
+    # device_put is asynchronous: wait, so that the host copy is really gone and the memory
+    # plan (made right after loading) measures the copies that will stay
+    out[key] = _to_device(leaf) if isinstance(leaf, dict) else jax.device_put(
+        leaf).block_until_ready()
+    del leaf
+  return out
+
+
 DENSE_MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_w_gate_up", "shared_w_down")
 DENSE_DTYPES = ("bfloat16", "int8")
 
@@ -283,10 +312,12 @@ def _reencode_dense(parts: dict, cfg: MoEConfig, dtype: str) -> None:
   enc = Encoding(dtype)
 
   def one(w):
-    arrays = enc.encode(np.asarray(w, np.float32))
+    # row blocks: both encodings are per row, and a 200k-row head in float32 would be 2.3 GB
+    blocks = [enc.encode(np.asarray(w[r:r + 4096], np.float32)) for r in range(0, len(w), 4096)]
+    arrays = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
     return arrays[""] if dtype != "int8" else arrays
   g = parts["globals"]
-  g["lm_head"] = one(g["embed"] if cfg.tie_word_embeddings else g["lm_head"])
+  g["lm_head"] = one(g["embed"] if cfg.tie_word_embeddings else g.pop("lm_head"))
   for name, part in parts.items():
     if name != "globals":
       for key in DENSE_MATRICES:

@@ -21,6 +21,7 @@ All misses of one acquire are read concurrently (tensorstore's threads), then ch
 from __future__ import annotations
 
 import collections
+import mmap
 import time
 from collections.abc import Sequence
 
@@ -41,6 +42,29 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
+def _round_up(n: int) -> int:
+  return -(-n // ALIGN) * ALIGN
+
+
+def slot_arena(num_slots: int, shapes: dict, dtypes: dict) -> tuple[mmap.mmap, list[dict]]:
+  """Every slot's buffers carved out of one private anonymous mapping, each page-aligned
+  (as O_DIRECT reads and zero-copy device_put need): exactly the touched pages are resident,
+  whatever state the heap is in after the dense params were restored and freed."""
+  sizes = {n: _round_up(int(np.prod(shapes[n])) * np.dtype(dtypes[n]).itemsize) for n in shapes}
+  per_slot = sum(sizes.values())
+  arena = mmap.mmap(-1, max(per_slot * num_slots, ALIGN),
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  slots, off = [], 0
+  for _ in range(num_slots):
+    bufs = {}
+    for n in shapes:
+      count = int(np.prod(shapes[n]))
+      bufs[n] = np.frombuffer(arena, dtypes[n], count, off).reshape(shapes[n])
+      off += sizes[n]
+    slots.append(bufs)
+  return arena, slots
+
+
 class ExpertPool:
   """`acquire(layer, experts) -> slots`; `arrays(slot) -> {tensor: {suffix: array}}`."""
 
@@ -53,12 +77,10 @@ class ExpertPool:
                       f"{min_slots}.")
     self.store = store
     self.num_slots = num_slots
-    self.buffers: list[dict[str, np.ndarray]] = []
-    for _ in range(num_slots):
-      bufs = {n: aligned_empty(store.shapes[n], store.dtypes[n]) for n in store.specs}
+    self._arena, self.buffers = slot_arena(num_slots, store.shapes, store.dtypes)
+    for bufs in self.buffers:
       for b in bufs.values():
         b.view(np.uint8).fill(0)  # touch now: page faults here, not in the decode loop
-      self.buffers.append(bufs)
     self._arrays = [self._wrap(b) for b in self.buffers]
     first = self.buffers[0]["w_gate_up"]
     self.zero_copy = self._arrays[0]["w_gate_up"][""].unsafe_buffer_pointer() == first.ctypes.data
