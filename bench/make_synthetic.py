@@ -39,23 +39,36 @@ def define_flags() -> None:
 FLAGS = flags.FLAGS
 
 
+class _Shards:
+  """One safetensors shard per `save`, then the index naming them and config.json."""
+
+  def __init__(self, dst: str, n_shards: int):
+    os.makedirs(dst, exist_ok=True)
+    self.dst, self.n, self.weight_map = dst, n_shards, {}
+
+  def save(self, i: int, tensors: dict) -> None:
+    name = f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
+    save_file(tensors, os.path.join(self.dst, name), metadata={"format": "pt"})
+    self.weight_map.update({k: name for k in tensors})
+
+  def finish(self, cfg: dict) -> str:
+    with open(os.path.join(self.dst, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {}, "weight_map": self.weight_map}, f, indent=1)
+    with open(os.path.join(self.dst, "config.json"), "w") as f:
+      json.dump(cfg, f, indent=2)
+    return self.dst
+
+
 def make_synthetic(dst: str, layers: int, hidden: int, intermediate: int, experts: int,
                    top_k: int, vocab: int, heads: int, kv_heads: int, head_dim: int,
                    dtype: str = "bfloat16", embed_std: float = 1.0, seed: int = 0) -> str:
-  os.makedirs(dst, exist_ok=True)
   rng = np.random.default_rng(seed)
   npd = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
 
   def w(*shape, std=0.02):
     return (rng.standard_normal(shape, dtype=np.float32) * std).astype(npd)
 
-  n_shards = layers + 1
-  names = lambda i: f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
-  weight_map = {}
-
-  def save(i, tensors):
-    save_file(tensors, os.path.join(dst, names(i)), metadata={"format": "pt"})
-    weight_map.update({k: names(i) for k in tensors})
+  shards = _Shards(dst, layers + 1)
 
   q, kv = heads * head_dim, kv_heads * head_dim
   for layer in range(layers):
@@ -70,11 +83,9 @@ def make_synthetic(dst: str, layers: int, hidden: int, intermediate: int, expert
       t[ex + "w1.weight"] = w(intermediate, hidden)
       t[ex + "w3.weight"] = w(intermediate, hidden)
       t[ex + "w2.weight"] = w(hidden, intermediate)
-    save(layer, t)
-  save(layers, {"model.embed_tokens.weight": w(vocab, hidden, std=embed_std),
+    shards.save(layer, t)
+  shards.save(layers, {"model.embed_tokens.weight": w(vocab, hidden, std=embed_std),
                 "model.norm.weight": np.ones(hidden, npd), "lm_head.weight": w(vocab, hidden)})
-  with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
   cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
          "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
          "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
@@ -83,9 +94,7 @@ def make_synthetic(dst: str, layers: int, hidden: int, intermediate: int, expert
          "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
          "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1,
          "eos_token_id": 2, "dtype": dtype}
-  with open(os.path.join(dst, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  return dst
+  return shards.finish(cfg)
 
 
 def make_gpt_oss_mxfp4(dst: str, layers: int, experts: int = 128, top_k: int = 4,
@@ -97,7 +106,6 @@ def make_gpt_oss_mxfp4(dst: str, layers: int, experts: int = 128, top_k: int = 4
   uint8 / [E, out, in/32] uint8 (random nibbles; e8m0 scales around 2^-7, so weights have
   std ~0.02), f32 biases, attention with biases and sinks; alternating sliding (128) / full
   attention, YaRN as released. One shard per layer; memory stays at one layer."""
-  os.makedirs(dst, exist_ok=True)
   rng = np.random.default_rng(seed)
   bf16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -109,13 +117,7 @@ def make_gpt_oss_mxfp4(dst: str, layers: int, experts: int = 128, top_k: int = 4
     scales = rng.integers(119, 122, (e, rows, cols // 32), dtype=np.uint8)  # 2^-8 .. 2^-6
     return blocks, scales
 
-  n_shards = layers + 1
-  names = lambda i: f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
-  weight_map = {}
-
-  def save(i, tensors):
-    save_file(tensors, os.path.join(dst, names(i)), metadata={"format": "pt"})
-    weight_map.update({k: names(i) for k in tensors})
+  shards = _Shards(dst, layers + 1)
 
   q, kv = heads * head_dim, kv_heads * head_dim
   for layer in range(layers):
@@ -134,11 +136,9 @@ def make_gpt_oss_mxfp4(dst: str, layers: int, experts: int = 128, top_k: int = 4
     t[ex + "gate_up_proj_blocks"], t[ex + "gate_up_proj_scales"] = mxfp4(experts, 2 * intermediate,
                                                                         hidden)
     t[ex + "down_proj_blocks"], t[ex + "down_proj_scales"] = mxfp4(experts, hidden, intermediate)
-    save(layer, t)
-  save(layers, {"model.embed_tokens.weight": w(vocab, hidden, std=embed_std),
+    shards.save(layer, t)
+  shards.save(layers, {"model.embed_tokens.weight": w(vocab, hidden, std=embed_std),
                 "model.norm.weight": np.ones(hidden, bf16), "lm_head.weight": w(vocab, hidden)})
-  with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
   cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": vocab,
          "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
          "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
@@ -152,9 +152,7 @@ def make_gpt_oss_mxfp4(dst: str, layers: int, experts: int = 128, top_k: int = 4
          "rope_theta": 150000.0, "attention_bias": True, "swiglu_limit": 7.0,
          "tie_word_embeddings": False, "eos_token_id": 200002, "pad_token_id": 199999,
          "quantization_config": {"quant_method": "mxfp4"}, "dtype": "bfloat16"}
-  with open(os.path.join(dst, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  return dst
+  return shards.finish(cfg)
 
 
 def main(argv) -> None:
