@@ -382,3 +382,29 @@ def test_layer_policy_keeps_each_layers_share(family_models):
   engine.generate(token_ids(1, seed=9), 24)
   held = collections.Counter(layer for layer, _ in engine.pool.table)
   assert held == {layer: k for layer in range(n_layers)}  # a miss evicts within its own layer
+
+
+def test_tokenizer_json_through_the_tokenizers_library(family_models, tmp_path):
+  """A tokenizer.json (gpt-oss, Qwen ship these) is copied into the store and used through the
+  `tokenizers` library: the engine's ids and text equal the library's own."""
+  from tokenizers import (  # pylint: disable=import-outside-toplevel
+      Tokenizer, decoders, models, pre_tokenizers, trainers)
+  model, _, _ = family_models["gpt_oss"]
+  src = tmp_path / "hf"
+  model.save_pretrained(src)
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  text = ["def read_file(path): return open(path).read() # héllo wörld ✓"] * 20
+  tok.train_from_iterator(text, trainers.BpeTrainer(
+      vocab_size=model.config.vocab_size, special_tokens=["<unk>"], show_progress=False))
+  assert 40 < tok.get_vocab_size() <= model.config.vocab_size
+  tok.save(str(src / "tokenizer.json"))
+  res = convert_cli(str(src), str(tmp_path / "store"))
+  assert res.returncode == 0, res.stderr[-2000:]
+  engine = lazymoe_jax.load(str(tmp_path / "store"), expert_slots=10_000)
+  sample = "def read(path): return héllo(path) # ✓"
+  ids = engine.tokenizer.encode(sample)
+  assert ids == tok.encode(sample, add_special_tokens=False).ids
+  assert engine.tokenizer.decode(ids) == sample
+  assert len(engine.generate(ids, 4)) == 4
