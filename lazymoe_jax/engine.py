@@ -36,6 +36,15 @@ DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much 
 PREFETCH_DEPTH = 3  # MoE layers ahead whose experts decode prefetches (BUILD_NOTES: measured)
 
 
+HEAD_ROWS = 256  # logits() applies the output head to this many rows at a time
+
+
+class KVCache(list):
+  """The per-layer cache pytrees of one sequence, and how many positions they hold."""
+
+  capacity: int = 0
+
+
 def _bucket(n: int, minimum: int) -> int:
   """Next power of two >= max(n, minimum): bounds the number of compiled shapes."""
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -125,10 +134,14 @@ class Engine:
   def logits(self, token_ids: Sequence[int]) -> np.ndarray:
     """Teacher-forced logits float32 [len(token_ids), vocab] with a fresh cache."""
     tokens = self._check_tokens(token_ids)
-    cache = self._new_cache(_bucket(len(tokens), 8))
+    cache = self._new_cache(len(tokens))
     t0 = time.perf_counter()
     x, cache = self._forward(tokens, 0, cache)
-    out = np.asarray(steps.head(self.cfg, self.globals, x))[:len(tokens)]
+    # the head in blocks of rows: [T, vocab] temporaries of a 200k vocabulary are gigabytes
+    out = np.empty((len(tokens), self.cfg.vocab_size), np.float32)
+    for r in range(0, len(tokens), HEAD_ROWS):
+      out[r:r + HEAD_ROWS] = np.asarray(steps.head(self.cfg, self.globals, x[r:r + HEAD_ROWS]))[
+          :len(tokens) - r]
     self._last = {"prompt_tokens_per_s": len(tokens) / (time.perf_counter() - t0),
                   "decode_tokens_per_s": 0.0}
     return out
@@ -153,7 +166,7 @@ class Engine:
 
   def _stream(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
     n = len(tokens)
-    cache = self._new_cache(max(_bucket(n, 8), n + max_new_tokens))
+    cache = self._new_cache(n + max_new_tokens)
     self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
     if max_new_tokens == 0:
       return
@@ -211,20 +224,24 @@ class Engine:
                        f"[{tokens.min()}, {tokens.max()}].")
     return tokens.astype(np.int32)
 
-  def _new_cache(self, needed: int) -> list[dict]:
-    capacity = min(-(-needed // KV_ROUND) * KV_ROUND, max(needed, self.max_context))
-    cache = self.kv.init(self.cfg, capacity)
-    self._kv_capacity = capacity
-    self._kv_bytes = self.kv.nbytes(cache)
+  def _new_cache(self, needed: int) -> "KVCache":
+    """A cache for `needed` positions: rounded up (few shapes, few compilations) to a
+    multiple of KV_ROUND or to the bucket a prompt of that length is padded to, but never
+    beyond max_context (the memory plan's)."""
+    padded = max(-(-needed // KV_ROUND) * KV_ROUND, _bucket(needed, 8))
+    cache = KVCache(self.kv.init(self.cfg, min(padded, max(needed, self.max_context))))
+    cache.capacity = min(padded, max(needed, self.max_context))
+    self._kv_bytes = self.kv.nbytes(list(cache))
     return cache
 
-  def _forward(self, tokens: np.ndarray, start: int, cache: list[dict]):
+  def _forward(self, tokens: np.ndarray, start: int, cache: "KVCache"):
     """Runs tokens at positions start.. through every layer. Returns (x [Tb, H], cache)."""
     cfg = self.cfg
     n = len(tokens)
-    tb = 1 if n == 1 else _bucket(n, 8)
-    if start + tb > self._kv_capacity:
-      raise PlanError(f"KV cache too small for {start + tb} positions.")
+    if start + n > cache.capacity:
+      raise PlanError(f"KV cache too small for {start + n} positions.")
+    # pad the prompt to a bucket (few compiled shapes) if the cache has room, else exactly
+    tb = 1 if n == 1 else min(_bucket(n, 8), cache.capacity - start)
     padded = np.zeros(tb, np.int32)
     padded[:n] = tokens
     pos = jnp.asarray(start + np.arange(tb, dtype=np.int32))

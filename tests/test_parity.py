@@ -193,7 +193,7 @@ def test_deepseek_parity_is_sensitive_to_its_router_rope_and_scales(family_model
     engine = lazymoe_jax.load(store, expert_slots=2 * model.config.num_experts_per_tok)
     engine.logits(ids)
     cfg = engine.cfg
-    capacity = engine._kv_capacity  # pylint: disable=protected-access
+    capacity = engine._new_cache(len(ids)).capacity  # pylint: disable=protected-access
     latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * capacity * 4  # float32 [c, k_r]
     assert engine.stats()["kv_cache_bytes"] == cfg.num_hidden_layers * latent
 

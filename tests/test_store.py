@@ -408,3 +408,76 @@ def test_tokenizer_json_through_the_tokenizers_library(family_models, tmp_path):
   assert ids == tok.encode(sample, add_special_tokens=False).ids
   assert engine.tokenizer.decode(ids) == sample
   assert len(engine.generate(ids, 4)) == 4
+
+
+# ---- the pool's failure paths (found by an independent review) ----------------------------------
+
+def _damaged_copy(src, tmp_path, chunks):
+  store = tmp_path / "store"
+  shutil.copytree(src, store)
+  for name, row, expert in chunks:
+    os.remove(fmt.chunk_path(str(store), name, row, expert))
+  return str(store)
+
+
+def test_a_guess_whose_read_fails_changes_nothing(family_models, tmp_path):
+  """A damaged expert that was only guessed never fails a run that does not route to it; when
+  it is routed to, the miss reports it."""
+  store = _damaged_copy(family_models["mixtral"][2], tmp_path, [("w_down", 2, 5)])
+  engine = lazymoe_jax.load(store, expert_slots=6, prefetch=False)
+  pool = engine.pool
+  pool.acquire(0, [0, 1])
+  pool.prefetch(2, [5])
+  pool.acquire(1, [0, 1])  # lands (drops) the failed guess for layer 2 if done; no error
+  assert pool.acquire(2, [0, 1]) and pool.prefetch_errors == 1
+  assert (2, 5) not in pool.table
+  with pytest.raises(lazymoe_jax.StoreError, match=r"c/2/5/0/0 is missing"):
+    pool.acquire(2, [5])
+
+
+def test_a_failed_acquire_leaves_nothing_unchecked_resident(family_models, tmp_path):
+  store = _damaged_copy(family_models["mixtral"][2], tmp_path, [("w_gate_up", 1, 3)])
+  engine = lazymoe_jax.load(store, expert_slots=4, prefetch=False)
+  with pytest.raises(lazymoe_jax.StoreError, match=r"c/1/3/0/0 is missing"):
+    engine.pool.acquire(1, [2, 3])
+  assert (1, 2) not in engine.pool.table and (1, 3) not in engine.pool.table
+  assert engine.pool.acquire(1, [2]) and engine.pool.misses == 3  # read again, checked
+
+
+def test_hits_are_pinned_before_misses_choose_victims(family_models):
+  engine = lazymoe_jax.load(family_models["mixtral"][2], expert_slots=2, prefetch=False,
+                            cache_policy="lru")
+  engine.pool.acquire(0, [0, 1])
+  engine.pool.acquire(0, [2, 0])  # the miss (2) must evict 1, not the hit (0)
+  assert engine.pool.misses == 3 and engine.pool.hits == 1
+
+
+def test_all_zero_expert_chunk_is_not_missing(family_models, tmp_path):
+  """tensorstore writes no file for a chunk equal to the fill value: a zeroed expert is read as
+  zeros (checked against the manifest's crc32), not reported missing."""
+  src = _copy_hf(family_models["mixtral"][1], tmp_path)
+  weights = load_file(str(src / "model.safetensors"))
+  name = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+  weights[name] = np.zeros_like(weights[name])
+  save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+  res = convert_cli(str(src), str(tmp_path / "store"))
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert not os.path.exists(fmt.chunk_path(str(tmp_path / "store"), "w_down", 0, 1))
+  engine = lazymoe_jax.load(str(tmp_path / "store"), expert_slots=4)
+  slot = engine.pool.acquire(0, [1])[0]
+  assert not engine.pool.buffers[slot]["w_down"].any()
+
+
+def test_kv_cache_stays_within_max_context_and_per_sequence(family_models):
+  engine = lazymoe_jax.load(family_models["mixtral"][2], max_context=150, expert_slots=100)
+  ids = token_ids(140)
+  full = lazymoe_jax.load(family_models["mixtral"][2], expert_slots=100).logits(ids)
+  np.testing.assert_allclose(engine.logits(ids), full, atol=1e-5)
+  cfg = engine.cfg
+  per_position = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 4
+  assert engine.stats()["kv_cache_bytes"] == 150 * per_position  # not the 256-token bucket
+  # two sequences on one engine: each keeps its own capacity
+  a = engine.stream(token_ids(100, seed=2), 45)
+  next(a)
+  b = list(engine.stream(token_ids(4, seed=3), 3))
+  assert len(b) == 3 and len(list(a)) == 44

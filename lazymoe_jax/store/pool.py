@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from lazymoe_jax.errors import PlanError
+from lazymoe_jax.errors import PlanError, StoreError
 from lazymoe_jax.store.experts import ExpertStore
 
 ALIGN = 4096
@@ -100,6 +100,7 @@ class ExpertPool:
     self.uses: collections.Counter[tuple[int, int]] = collections.Counter()  # for lfu
     self.quota = max(1, num_slots // max(1, len(store.layers)))  # for layer
     self.io_wait_s = 0.0  # time blocked on reads (misses and landing prefetches)
+    self.prefetch_errors = 0  # guesses whose read failed (dropped; see _land_prefetches)
 
   def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, dict[str, jax.Array]]:
     return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
@@ -165,21 +166,26 @@ class ExpertPool:
 
   def _land_prefetches(self, layer: int) -> None:
     """Waits for the prefetch reads in flight for `layer`, and lands any other that is done;
-    they become resident, least recently used first (a wrong guess is the next victim). Reads
-    for later layers stay in flight, their slots reserved."""
+    they become resident, least recently used first. Reads for later layers stay in flight,
+    their slots reserved. A guess whose read fails is dropped (its slot left empty): it was
+    never asked for, and if it is, the miss reads it again and reports the error then."""
     t0 = time.perf_counter()
-    for key, (slot, handle) in list(self.pending.items()):
-      if key[0] != layer and not self.store.read_done(handle):
-        continue
-      del self.pending[key]
-      try:
-        self.bytes_read += self.store.finish_read(handle)
-      finally:
-        self.io_wait_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-      self._install(slot, key)
-      self.prefetched.add(key)
-      self.lru.move_to_end(slot, last=False)
+    try:
+      for key, (slot, handle) in list(self.pending.items()):
+        if key[0] != layer and not self.store.read_done(handle):
+          continue
+        try:
+          self.bytes_read += self.store.finish_read(handle)
+        except StoreError:
+          del self.pending[key]
+          self.prefetch_errors += 1
+          continue
+        del self.pending[key]  # only now: an interrupted wait leaves the slot reserved
+        self._install(slot, key)
+        self.prefetched.add(key)
+        self.lru.move_to_end(slot, last=False)
+    finally:
+      self.io_wait_s += time.perf_counter() - t0
 
   def _reserved(self) -> set[int]:
     """Slots no miss or prefetch may take: reads in flight, and landed prefetches whose layer
@@ -199,49 +205,49 @@ class ExpertPool:
       raise PlanError(f"{len(set(experts))} experts requested at once but the pool has "
                       f"{self.num_slots} slots.")
     self._land_prefetches(layer)
-    pinned: set[int] = set()
+    # pin every hit first, so a miss never evicts an expert this same call asks for
+    pinned = {self.table[(layer, e)] for e in experts if (layer, e) in self.table}
     slots, reads = [], []
-    for e in experts:
-      key = (layer, e)
-      slot = self.table.get(key)
-      if slot is not None:
-        if slot not in pinned:
-          self.hits += 1
-        if key in self.prefetched:
-          self.prefetched.discard(key)
-          self.prefetch_used += 1
-      else:  # start every miss's read before waiting for any of them
-        slot = self._victim(layer, pinned | self._reserved())
-        if slot is None:  # every other slot awaits a prefetch for a later layer
-          self.drain()
-          self.prefetched.clear()
-          slot = self._victim(layer, pinned)
-        self._evict(slot)
-        reads.append((slot, key, self.store.start_read(layer, e, self.buffers[slot])))
-        self.owner[slot] = key  # reserved: a repeat of e in `experts` maps here
-        self.table[key] = slot
-        self.misses += 1
-      self.uses[key] += 1
-      self.lru.move_to_end(slot)
-      pinned.add(slot)
-      slots.append(slot)
-    t0 = time.perf_counter()
     try:
-      for i, (slot, key, handle) in enumerate(reads):
-        try:
+      for e in experts:
+        key = (layer, e)
+        slot = self.table.get(key)
+        if slot is not None:
+          if not any(r[1] == key for r in reads):
+            self.hits += 1
+          if key in self.prefetched:
+            self.prefetched.discard(key)
+            self.prefetch_used += 1
+        else:  # start every miss's read before waiting for any of them
+          slot = self._victim(layer, pinned | self._reserved())
+          if slot is None:  # every other slot awaits a prefetch for a later layer
+            self.drain()
+            self.prefetched.clear()
+            slot = self._victim(layer, pinned | self._reserved())
+          self._evict(slot)
+          self.owner[slot] = key  # reserved: a repeat of e in `experts` maps here
+          self.table[key] = slot
+          reads.append((slot, key, None))
+          reads[-1] = (slot, key, self.store.start_read(layer, e, self.buffers[slot]))
+          self.misses += 1
+        self.uses[key] += 1
+        self.lru.move_to_end(slot)
+        pinned.add(slot)
+        slots.append(slot)
+      t0 = time.perf_counter()
+      try:
+        for slot, key, handle in reads:
           self.bytes_read += self.store.finish_read(handle)
-        except BaseException:
-          for s, _, h in reads[i:]:  # nothing half-read stays resident
-            if s != slot:
-              try:
-                self.store.finish_read(h)
-              except Exception:  # pylint: disable=broad-except
-                pass
-            self._evict(s)
-          raise
-        self._install(slot, key)
-    finally:
-      self.io_wait_s += time.perf_counter() - t0
+          self._install(slot, key)
+      finally:
+        self.io_wait_s += time.perf_counter() - t0
+    except BaseException:
+      # nothing unchecked stays resident, and no reader thread still writes into a free slot
+      for slot, key, handle in reads:
+        if handle is not None:
+          self.store.wait_quietly(handle)
+        self._evict(slot)
+      raise
     self.in_use = pinned
     # this layer's unused guesses lose their protection (they stay resident, first victims)
     self.prefetched = {key for key in self.prefetched if key[0] != layer}
