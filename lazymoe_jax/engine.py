@@ -200,6 +200,7 @@ class Engine:
         "pool_zero_copy": self.pool.zero_copy,
         "prefetch_reads": self.pool.prefetch_reads,
         "prefetch_used": self.pool.prefetch_used,
+        "prefetch_errors": self.pool.prefetch_errors,
         "cache_policy": self.pool.policy,
         "io_wait_s": self.pool.io_wait_s,
         "dense_bytes": self.dense_bytes,
