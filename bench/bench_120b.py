@@ -28,7 +28,6 @@ import glob
 import json
 import os
 import sys
-import time
 
 import numpy as np
 from absl import app, flags, logging
@@ -77,33 +76,12 @@ def run_child(conf: dict) -> dict:
   engine = _load(conf, memory_budget_gb=conf["budget_gb"])
   print("LOADED", flush=True)  # the parent now caps the cgroup at the budget
   sys.stdin.readline()
-  ids = np.array(conf["ids"], np.int32)
-  n_prompt, n_tok = conf["prompt"], conf["tokens"]
-  cache = engine._new_cache(conf["context"])  # pylint: disable=protected-access
-  forward = engine._forward  # pylint: disable=protected-access
-  _, cache = forward(ids[:n_prompt], 0, cache)
-  for i in range(n_prompt, n_prompt + 2):  # warm-up: compiles the decode programs
-    x, cache = forward(ids[i:i + 1], i, cache)
-  p = engine.pool
-  before = (p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used, p.io_wait_s)
-  trace: list = []
-  engine.trace = lambda layer, e, h: trace.append((layer, e[0].copy()))
-  anon = 0
-  t0 = time.perf_counter()
-  for i in range(n_prompt + 2, n_prompt + 2 + n_tok):
-    x, cache = forward(ids[i:i + 1], i, cache)
-    anon = max(anon, bench_stream.rss_anon())
-  x.block_until_ready()
-  wall = time.perf_counter() - t0
-  hits, misses, nbytes, pf, pf_used, io = (
-      a - b for a, b in zip((p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used,
-                             p.io_wait_s), before))
+  d = bench_stream.timed_decode(engine, np.array(conf["ids"], np.int32), conf["prompt"],
+                                conf["tokens"], conf["context"])
+  x = d.pop("x")
   head = bench_stream.timeit_head(lambda: steps.head(engine.cfg, engine.globals, x))
-  return {"plan": engine.plan.describe(), "slots": p.num_slots, "token_s": wall / n_tok,
-          "head_s": head, "io_wait_s_per_token": io / n_tok, "MB_read_per_token": nbytes / n_tok / 1e6,
-          "hit_rate": hits / max(1, hits + misses),
-          "prefetch_accuracy": pf_used / pf if pf else None, "peak_anon_rss_MB": anon / 1e6,
-          **bench_stream.routing_summary(trace, engine.cfg.num_experts)}
+  return {"plan": engine.plan.describe(), "slots": engine.pool.num_slots, "head_s": head,
+          **{k: v for k, v in d.items() if k != "prompt_s"}}
 
 
 def run_capped_after_load(conf: dict, limit: int) -> dict:

@@ -28,6 +28,7 @@ import concurrent.futures
 import glob
 import json
 import math
+import mmap
 import os
 import subprocess
 import sys
@@ -35,6 +36,8 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
+
+from lazymoe_jax.store.experts import drop_file_from_page_cache
 
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
 
@@ -60,20 +63,15 @@ FLAGS = flags.FLAGS
 # ---- the measured machine -----------------------------------------------------------------------
 def drop_page_cache(paths: list[str]) -> None:
   for p in paths:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-      os.close(fd)
+    drop_file_from_page_cache(p)
 
 
 def disk_bandwidth(paths: list[str], in_flight: int) -> float:
   """Cold read bandwidth (GB/s) of whole chunk files with O_DIRECT into aligned buffers,
   `in_flight` files at once: the raw disk, no page cache."""
-  from lazymoe_jax.store.pool import aligned_empty  # pylint: disable=import-outside-toplevel
   drop_page_cache(paths)
   size = max(os.path.getsize(p) for p in paths)
-  bufs = [aligned_empty((size,), np.uint8) for _ in range(in_flight)]
+  bufs = [mmap.mmap(-1, size) for _ in range(in_flight)]  # page-aligned, as O_DIRECT needs
 
   def read(i_path):
     i, path = i_path
@@ -143,6 +141,39 @@ def rss_anon() -> int:
   return 0
 
 
+def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: int) -> dict:
+  """Prefill ids[:n_prompt] (timed), 2 warm-up decode steps (they compile), then n_tok
+  teacher-forced decode steps (timed): per-token figures from the pool's counters, the peak
+  anonymous RSS, the routing summary, and x (the last hidden state)."""
+  cache = engine._new_cache(context)  # pylint: disable=protected-access
+  forward = engine._forward  # pylint: disable=protected-access
+  t0 = time.perf_counter()
+  _, cache = forward(ids[:n_prompt], 0, cache)
+  prompt_s = time.perf_counter() - t0
+  for i in range(n_prompt, n_prompt + 2):
+    _, cache = forward(ids[i:i + 1], i, cache)
+  p = engine.pool
+  counters = lambda: (p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used,  # noqa: E731
+                      p.io_wait_s)
+  before = counters()
+  trace: list[tuple[int, np.ndarray]] = []
+  engine.trace = lambda layer, e, h: trace.append((layer, e[0].copy()))
+  anon = 0
+  t0 = time.perf_counter()
+  for i in range(n_prompt + 2, n_prompt + 2 + n_tok):
+    x, cache = forward(ids[i:i + 1], i, cache)
+    anon = max(anon, rss_anon())
+  x.block_until_ready()
+  wall = time.perf_counter() - t0
+  engine.trace = None
+  hits, misses, nbytes, pf, pf_used, io = (a - b for a, b in zip(counters(), before))
+  return {"x": x, "prompt_s": prompt_s, "token_s": wall / n_tok,
+          "io_wait_s_per_token": io / n_tok, "MB_read_per_token": nbytes / n_tok / 1e6,
+          "hit_rate": hits / max(1, hits + misses),
+          "prefetch_accuracy": pf_used / pf if pf else None, "peak_anon_rss_MB": anon / 1e6,
+          **routing_summary(trace, engine.cfg.num_experts)}
+
+
 def run_child(conf: dict) -> dict:
   import lazymoe_jax  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)
@@ -164,28 +195,7 @@ def run_child(conf: dict) -> dict:
       engine.prefetch_width = int(opt[1:])
     if opt.startswith("d"):  # MoE layers ahead
       engine.prefetch_depth = int(opt[1:])
-  ids = np.array(conf["ids"], np.int32)
-  cache = engine._new_cache(context)  # pylint: disable=protected-access
-  forward = engine._forward  # pylint: disable=protected-access
-  t0 = time.perf_counter()
-  _, cache = forward(ids[:n_prompt], 0, cache)
-  prompt_s = time.perf_counter() - t0
-  for i in range(n_prompt, n_prompt + 2):  # warm-up: compiles the decode programs
-    _, cache = forward(ids[i:i + 1], i, cache)
-  p = engine.pool
-  before = (p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used, p.io_wait_s)
-  trace: list[tuple[int, np.ndarray]] = []
-  engine.trace = lambda layer, e, h: trace.append((layer, e[0].copy()))
-  anon = 0
-  t0 = time.perf_counter()
-  for i in range(n_prompt + 2, n_prompt + 2 + n_tok):
-    x, cache = forward(ids[i:i + 1], i, cache)
-    anon = max(anon, rss_anon())
-  x.block_until_ready()
-  wall = time.perf_counter() - t0
-  hits, misses, nbytes, pf, pf_used, io = (
-      a - b for a, b in zip((p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used,
-                             p.io_wait_s), before))
+  d = timed_decode(engine, np.array(conf["ids"], np.int32), n_prompt, n_tok, context)
   import resource  # pylint: disable=import-outside-toplevel
   mem = {}
   for line in open("/proc/self/cgroup"):
@@ -195,16 +205,13 @@ def run_child(conf: dict) -> dict:
         with open(os.path.join(path, "memory.stat")) as f:
           stat = dict(l.split() for l in f)
         mem = {k + "_MB_at_end": int(stat[k]) / 1e6 for k in ("rss", "cache", "mapped_file")}
-  return {"config": name, "slots": p.num_slots,
-          "plan": engine.plan.describe() if engine.plan else None, **mem, "decode_tok_s": n_tok / wall,
-          "prompt_tok_s": n_prompt / prompt_s, "MB_read_per_token": nbytes / n_tok / 1e6,
-          "hit_rate": hits / max(1, hits + misses),
-          "prefetch_accuracy": pf_used / pf if pf else None,
-          "io_wait_s_per_token": io / n_tok, "compute_s_per_token": (wall - io) / n_tok,
-          "peak_anon_rss_MB": anon / 1e6,
+  return {"config": name, "slots": engine.pool.num_slots,
+          "plan": engine.plan.describe() if engine.plan else None, **mem,
+          "decode_tok_s": 1 / d["token_s"], "prompt_tok_s": n_prompt / d["prompt_s"],
+          "compute_s_per_token": d["token_s"] - d["io_wait_s_per_token"],
           "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "expert_MB": engine.experts.bytes_per_expert / 1e6,
-          **routing_summary(trace, engine.cfg.num_experts)}
+          **{k: v for k, v in d.items() if k not in ("x", "prompt_s", "token_s")}}
 
 
 # ---- the parent: cgroups, cold cache, table --------------------------------------------------------

@@ -230,8 +230,9 @@ class Engine:
     multiple of KV_ROUND or to the bucket a prompt of that length is padded to, but never
     beyond max_context (the memory plan's)."""
     padded = max(-(-needed // KV_ROUND) * KV_ROUND, _bucket(needed, 8))
-    cache = KVCache(self.kv.init(self.cfg, min(padded, max(needed, self.max_context))))
-    cache.capacity = min(padded, max(needed, self.max_context))
+    capacity = min(padded, max(needed, self.max_context))
+    cache = KVCache(self.kv.init(self.cfg, capacity))
+    cache.capacity = capacity
     self._kv_bytes = self.kv.nbytes(list(cache))
     return cache
 

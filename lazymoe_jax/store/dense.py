@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 
 from lazymoe_jax.errors import StoreError
 from lazymoe_jax.store import format as fmt
+from lazymoe_jax.store.experts import drop_file_from_page_cache
 
 
 def save_part(store_dir: str, part: str, tree: dict[str, np.ndarray]) -> None:
@@ -36,11 +37,4 @@ def _drop_from_page_cache(folder: str) -> None:
   charged to a memory cgroup (the expert reads drop theirs too, see store/experts.py)."""
   for root, _, files in os.walk(folder):
     for name in files:
-      try:
-        fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      except OSError:
-        continue
-      try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-      finally:
-        os.close(fd)
+      drop_file_from_page_cache(os.path.join(root, name))

@@ -32,6 +32,18 @@ def _drop_from_page_cache(fd: int) -> None:
   os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def drop_file_from_page_cache(path: str) -> None:
+  """_drop_from_page_cache for a path (a missing file has nothing cached)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    _drop_from_page_cache(fd)
+  finally:
+    os.close(fd)
+
+
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
   done = 0
   while done < len(view):

@@ -35,13 +35,6 @@ ALIGN = 4096
 POLICIES = ("lru", "lfu", "layer")
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + ALIGN, np.uint8)
-  off = (-raw.ctypes.data) % ALIGN
-  return raw[off:off + nbytes].view(dtype).reshape(shape)
-
-
 def _round_up(n: int) -> int:
   return -(-n // ALIGN) * ALIGN
 
