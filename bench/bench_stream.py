@@ -18,7 +18,11 @@ Also measured in the same run: the disk's cold O_DIRECT read bandwidth on the st
 chunk files (one file at a time, and 8 in flight) and memory copy bandwidth. The disk here varies 2-3x from
 minute to minute, so each configuration's I/O bound uses the mean of two samples (48 random
 chunks, 8 in flight) taken just before and just after it: I/O bound = that bandwidth / bytes
-read per token of the run; compute bound = resident decode tokens/s.
+read per token of the run; compute bound = resident decode tokens/s. And, independent of how
+fast the disk happens to be: the fraction of the decode time with at least one expert read in
+flight ("disk busy", stats()["disk_busy_s"]) and the bandwidth reached while busy. Beside each
+hit rate, the oracle's (Belady's MIN on the run's own trace at the same pool size: the best any
+eviction policy could do without prefetch). "x naive" is against the mean of the naive runs.
 Needs root (cgroup v1 at /sys/fs/cgroup/memory); run nothing else heavy meanwhile.
 """
 
@@ -143,10 +147,16 @@ def rss_anon() -> int:
 
 def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: int) -> dict:
   """Prefill ids[:n_prompt] (timed), 2 warm-up decode steps (they compile), then n_tok
-  teacher-forced decode steps (timed): per-token figures from the pool's counters, the peak
-  anonymous RSS, the routing summary, and x (the last hidden state)."""
+  teacher-forced decode steps (timed): per-token figures from the pool's counters, the
+  fraction of the time the disk was busy, the peak anonymous RSS, the routing summary, the
+  oracle's hit rate on this run's trace at this pool size (bench.cache_policies), and x (the
+  last hidden state)."""
+  from bench.cache_policies import oracle_hit_rate  # pylint: disable=import-outside-toplevel
   cache = engine._new_cache(context)  # pylint: disable=protected-access
   forward = engine._forward  # pylint: disable=protected-access
+  acquires: list[list[tuple[int, int]]] = []  # every acquire (a prefill layer: its experts)
+  engine.trace = lambda layer, e, h: acquires.append(
+      [(layer, int(x)) for x in (e[0] if len(e) == 1 else np.unique(e))])
   t0 = time.perf_counter()
   _, cache = forward(ids[:n_prompt], 0, cache)
   prompt_s = time.perf_counter() - t0
@@ -154,10 +164,9 @@ def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: in
     _, cache = forward(ids[i:i + 1], i, cache)
   p = engine.pool
   counters = lambda: (p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used,  # noqa: E731
-                      p.io_wait_s)
+                      p.io_wait_s, engine.experts.disk_busy.seconds())
   before = counters()
-  trace: list[tuple[int, np.ndarray]] = []
-  engine.trace = lambda layer, e, h: trace.append((layer, e[0].copy()))
+  first = len(acquires)
   anon = 0
   t0 = time.perf_counter()
   for i in range(n_prompt + 2, n_prompt + 2 + n_tok):
@@ -166,12 +175,17 @@ def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: in
   x.block_until_ready()
   wall = time.perf_counter() - t0
   engine.trace = None
-  hits, misses, nbytes, pf, pf_used, io = (a - b for a, b in zip(counters(), before))
+  hits, misses, nbytes, pf, pf_used, io, busy = (a - b for a, b in zip(counters(), before))
+  decode = [(keys[0][0], np.array([e for _, e in keys])) for keys in acquires[first:]]
   return {"x": x, "prompt_s": prompt_s, "token_s": wall / n_tok,
           "io_wait_s_per_token": io / n_tok, "MB_read_per_token": nbytes / n_tok / 1e6,
-          "hit_rate": hits / max(1, hits + misses),
+          "hit_rate": hits / max(1, hits + misses), "disk_busy_frac": busy / wall,
+          "read_GBps_while_busy": nbytes / busy / 1e9 if busy else None,
+          "oracle_hit_rate": oracle_hit_rate(acquires, p.num_slots,
+                                             [i >= first for i in range(len(acquires))])
+          if len(p.table) < p.num_slots or p.misses else None,  # None: preloaded, all resident
           "prefetch_accuracy": pf_used / pf if pf else None, "peak_anon_rss_MB": anon / 1e6,
-          **routing_summary(trace, engine.cfg.num_experts)}
+          **routing_summary(decode, engine.cfg.num_experts)}
 
 
 def run_child(conf: dict) -> dict:
@@ -309,10 +323,13 @@ def main(argv) -> None:
         "MB_read_per_token"] else math.inf
     print(f"{name:14s} decode {row['decode_tok_s']:6.2f} tok/s | prompt {row['prompt_tok_s']:6.1f}"
           f" tok/s | {row['slots']:4d} slots | {row['MB_read_per_token']:7.1f} MB/tok | hit "
-          f"{row['hit_rate']:5.1%} | prefetch acc "
+          f"{row['hit_rate']:5.1%} (oracle "
+          f"{'-' if row['oracle_hit_rate'] is None else format(row['oracle_hit_rate'], '5.1%')}) | "
+          "prefetch acc "
           f"{'-' if row['prefetch_accuracy'] is None else format(row['prefetch_accuracy'], '.0%')}"
           f" | io wait {row['io_wait_s_per_token'] * 1e3:6.0f} ms/tok, rest "
-          f"{row['compute_s_per_token'] * 1e3:5.0f} ms/tok | cgroup peak "
+          f"{row['compute_s_per_token'] * 1e3:5.0f} ms/tok | disk busy {row['disk_busy_frac']:.0%}"
+          f" of decode | cgroup peak "
           f"{row.get('cgroup_peak_MB', float('nan')):6.0f} MB, anon RSS "
           f"{row['peak_anon_rss_MB']:5.0f} MB"
           f" | routing: top {row['top_share']:.0%}, H {row['entropy_bits']:.2f}/"
@@ -322,14 +339,20 @@ def main(argv) -> None:
   if "resident" in by:
     compute = by["resident"]["decode_tok_s"]
     print(f"compute bound (resident decode): {compute:.2f} tok/s")
+    naives = [r["decode_tok_s"] for r in rows if r["config"] == "naive" and "error" not in r]
+    naive = float(np.mean(naives)) if naives else None  # x naive: against the mean naive run
+    if naive:
+      print(f"naive: {naive:.2f} tok/s (mean of {len(naives)} runs)")
     for r in rows:
       if "error" in r or r["config"] in ("resident",):
         continue
       bound = min(r["io_bound_tok_s"], compute)
       r["ratio_to_bound"] = r["decode_tok_s"] / bound
-      r["x_naive"] = r["decode_tok_s"] / by["naive"]["decode_tok_s"] if "naive" in by else None
+      r["x_naive"] = r["decode_tok_s"] / naive if naive else None
       print(f"  {r['config']:14s} {r['decode_tok_s']:6.2f} tok/s = {r['ratio_to_bound']:.0%} of "
-            f"min(I/O bound {r['io_bound_tok_s']:.2f}, compute {compute:.2f})"
+            f"min(I/O bound {r['io_bound_tok_s']:.2f}, compute {compute:.2f}); disk busy "
+            f"{r['disk_busy_frac']:.0%} of the time, {r['read_GBps_while_busy'] or 0:.2f} GB/s "
+            "while busy"
             + (f", {r['x_naive']:.2f}x naive" if r["x_naive"] else ""))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

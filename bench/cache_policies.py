@@ -7,6 +7,9 @@ the routing is the model's on real text, not on its own greedy loops) through th
 and pool, for every policy x pool size, with and without speculative prefetch. Prints the hit
 rate of the acquires and the experts read from disk per token (misses + prefetch reads), which
 is what bounds speed once the model streams from disk. The prompt's prefill is excluded.
+The last row is the oracle: Belady's MIN on the same trace (evict the expert whose next use is
+farthest away). It needs the future, so it is no policy, but it bounds what any policy could
+reach at that pool size.
 """
 
 from __future__ import annotations
@@ -34,19 +37,57 @@ def define_flags() -> None:
 FLAGS = flags.FLAGS
 
 
+def oracle_hit_rate(acquires: list[list[tuple[int, int]]], slots: int,
+                    counted: list[bool] | None = None) -> float:
+  """Belady's MIN on a sequence of acquires (each: the (layer, expert) keys that must be
+  resident at once): on a miss with a full pool, evict the resident key used again farthest in
+  the future (never one of the same acquire). The hit rate of the acquires `counted` marks (by
+  default all; the others only warm the pool). No eviction policy scores higher at this pool
+  size."""
+  upcoming: list[dict] = [{} for _ in acquires]  # acquire index -> {key: index of next use}
+  last: dict[tuple[int, int], int] = {}
+  for i in range(len(acquires) - 1, -1, -1):
+    upcoming[i] = {k: last.get(k, len(acquires)) for k in acquires[i]}
+    for k in acquires[i]:
+      last[k] = i
+  resident: dict[tuple[int, int], int] = {}  # key -> index of its next use
+  hits = misses = 0
+  for i, wanted in enumerate(acquires):
+    count = counted is None or counted[i]
+    for w0 in range(0, len(wanted), slots):  # in waves when the pool is smaller, as the engine
+      keys = wanted[w0:w0 + slots]
+      for k in keys:
+        if k in resident:
+          hits += count
+        else:
+          misses += count
+          if len(resident) >= slots:
+            victim = max((r for r in resident if r not in keys), key=resident.__getitem__)
+            del resident[victim]
+        resident[k] = upcoming[i][k]
+  return hits / max(1, hits + misses)
+
+
 def teacher_forced_decode(engine, windows: list[np.ndarray]) -> dict:
   """Decodes each window one token at a time; returns the pool counters of the decode steps."""
   p = engine.pool
   hits = misses = fetched = used = 0
+  acquires: list[list[tuple[int, int]]] = []  # every acquire in order, and which are counted
+  counted: list[bool] = []
+  engine.trace = lambda layer, ids, h: acquires.append([(layer, int(e)) for e in ids[0]])
   for w in windows:
     cache = engine._new_cache(len(w))  # pylint: disable=protected-access
     _, cache = engine._forward(w[:1], 0, cache)  # pylint: disable=protected-access
+    counted += [False] * (len(acquires) - len(counted))
     h0, m0, f0, u0 = p.hits, p.misses, p.prefetch_reads, p.prefetch_used
     for i in range(1, len(w)):
       _, cache = engine._forward(w[i:i + 1], i, cache)  # pylint: disable=protected-access
+    counted += [True] * (len(acquires) - len(counted))
     hits, misses = hits + p.hits - h0, misses + p.misses - m0
     fetched, used = fetched + p.prefetch_reads - f0, used + p.prefetch_used - u0
-  return {"hits": hits, "misses": misses, "prefetch_reads": fetched, "prefetch_used": used}
+  engine.trace = None
+  return {"hits": hits, "misses": misses, "prefetch_reads": fetched, "prefetch_used": used,
+          "acquires": acquires, "counted": counted}
 
 
 def main(argv) -> None:
@@ -64,6 +105,7 @@ def main(argv) -> None:
         f"top-{cfg.num_experts_per_tok}; {steps} teacher-forced decode steps on held-out text")
   print(f"{'policy':7s} {'prefetch':8s} " + " ".join(f"{s:>16s}" for s in FLAGS.slots))
   rows = []
+  trace = None
   for prefetch in (False, True):
     for policy in FLAGS.policies:
       cells = []
@@ -71,6 +113,7 @@ def main(argv) -> None:
         engine = lazymoe_jax.load(model, expert_slots=slots, cache_policy=policy,
                                   prefetch=prefetch)
         c = teacher_forced_decode(engine, windows)
+        trace = (c.pop("acquires"), c.pop("counted"))
         hit = c["hits"] / (c["hits"] + c["misses"])
         reads = (c["misses"] + c["prefetch_reads"]) / steps
         rows.append({"policy": policy, "prefetch": prefetch, "slots": slots, "hit_rate": hit,
@@ -78,6 +121,15 @@ def main(argv) -> None:
         cells.append(f"{hit:6.1%} {reads:4.2f}rd/t")
       print(f"{policy:7s} {str(prefetch):8s} " + " ".join(f"{c:>16s}" for c in cells),
             flush=True)
+  acquires, counted = trace
+  cells = []
+  for slots in map(int, FLAGS.slots):
+    best = oracle_hit_rate(acquires, slots, counted)
+    n = sum(len(a) for a, c in zip(acquires, counted) if c)
+    rows.append({"policy": "oracle", "prefetch": False, "slots": slots, "hit_rate": best,
+                 "reads_per_token": (1 - best) * n / steps})
+    cells.append(f"{best:6.1%} {(1 - best) * n / steps:4.2f}rd/t")
+  print(f"{'oracle':7s} {'-':8s} " + " ".join(f"{c:>16s}" for c in cells), flush=True)
   print("cells: hit rate of the acquires, experts read from disk per token (misses + "
         f"prefetch reads; no cache at all reads {len(cfg.moe_layers) * cfg.num_experts_per_tok})")
   if FLAGS.json:

@@ -203,6 +203,7 @@ class Engine:
         "prefetch_errors": self.pool.prefetch_errors,
         "cache_policy": self.pool.policy,
         "io_wait_s": self.pool.io_wait_s,
+        "disk_busy_s": self.experts.disk_busy.seconds(),
         "dense_bytes": self.dense_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **self._last,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -108,11 +110,40 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int) -> None:
                      "re-convert the model with --overwrite.")
 
 
+class BusyClock:
+  """Seconds during which at least one read was in flight: how busy the disk was kept (the
+  rest of the wall time it sat idle, whatever its speed)."""
+
+  def __init__(self, clock=time.perf_counter):
+    self._clock = clock
+    self._lock = threading.Lock()
+    self._in_flight = 0
+    self._since = 0.0
+    self._busy = 0.0
+
+  def start(self) -> None:
+    with self._lock:
+      if not self._in_flight:
+        self._since = self._clock()
+      self._in_flight += 1
+
+  def stop(self) -> None:
+    with self._lock:
+      self._in_flight -= 1
+      if not self._in_flight:
+        self._busy += self._clock() - self._since
+
+  def seconds(self) -> float:
+    with self._lock:
+      return self._busy + (self._clock() - self._since if self._in_flight else 0.0)
+
+
 class ExpertStore:
   """Handles to the expert arrays; knows shapes and bytes without reading any data."""
 
   def __init__(self, store_dir: str, manifest: dict):
     self.store_dir = store_dir
+    self.disk_busy = BusyClock()
     ex = manifest["experts"]
     self.layers: list[int] = list(ex["layers"])  # model layer index of each array row
     self.row = {layer: r for r, layer in enumerate(self.layers)}
@@ -157,10 +188,17 @@ class ExpertStore:
     thread, see read_chunk); returns a handle for finish_read."""
     row = self.row[layer]
     pool = _PREFETCHERS if speculative else _READERS
-    futures = {name: pool.submit(read_chunk, self.chunk_path(name, row, expert),
-                                     buffers[name], self.crc32[name][row][expert])
+    futures = {name: pool.submit(self._read_chunk, self.chunk_path(name, row, expert),
+                                 buffers[name], self.crc32[name][row][expert])
                for name in self.arrays}
     return layer, expert, futures, buffers
+
+  def _read_chunk(self, path: str, buf: np.ndarray, crc32: int) -> None:
+    self.disk_busy.start()
+    try:
+      read_chunk(path, buf, crc32)
+    finally:
+      self.disk_busy.stop()
 
   @staticmethod
   def read_done(handle: tuple) -> bool:

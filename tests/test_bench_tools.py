@@ -1,0 +1,57 @@
+"""The measuring tools the benchmarks rely on: the oracle cache bound and the disk-busy clock."""
+
+import functools
+
+import numpy as np
+
+from bench.cache_policies import oracle_hit_rate
+from lazymoe_jax.store.experts import BusyClock
+
+
+def _best_possible_hits(seq: list[int], slots: int) -> int:
+  """Exhaustive search over every eviction choice (single-key requests)."""
+  @functools.lru_cache(maxsize=None)
+  def best(i: int, resident: frozenset) -> int:
+    if i == len(seq):
+      return 0
+    k = seq[i]
+    if k in resident:
+      return 1 + best(i + 1, resident)
+    if len(resident) < slots:
+      return best(i + 1, resident | {k})
+    return max(best(i + 1, (resident - {v}) | {k}) for v in resident)
+  return best(0, frozenset())
+
+
+def test_oracle_hand_computed():
+  # pool of 2: a b a c a b -> a, b miss; a hit; c evicts b (used later than a); a hit; b miss
+  acquires = [[(0, e)] for e in (1, 2, 1, 3, 1, 2)]
+  assert oracle_hit_rate(acquires, 2) == 2 / 6
+  assert oracle_hit_rate(acquires, 3) == 3 / 6
+  # only the marked acquires count; the others warm the pool
+  assert oracle_hit_rate(acquires, 2, [False, False, True, True, True, True]) == 2 / 4
+  # an acquire larger than the pool goes in waves, as the engine's prefill does
+  assert oracle_hit_rate([[(0, e) for e in range(5)]] * 2, 2) == 0.0
+
+
+def test_oracle_equals_exhaustive_optimum():
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    seq = [int(x) for x in rng.integers(0, 5, 10)]
+    slots = int(rng.integers(1, 4))
+    hits = oracle_hit_rate([[(0, e)] for e in seq], slots) * len(seq)
+    assert round(hits) == _best_possible_hits(seq, slots), (seq, slots)
+
+
+def test_busy_clock_counts_the_union_of_overlapping_reads():
+  now = [0.0]
+  clock = BusyClock(clock=lambda: now[0])
+  for t, op in ((0, "start"), (1, "start"), (3, "stop"), (4, "stop"),  # [0, 4]: 4 s, not 3 + 2
+                (6, "start")):  # idle 4..6 not counted
+    now[0] = t
+    getattr(clock, op)()
+  now[0] = 7.5
+  assert clock.seconds() == 5.5  # a read in flight counts up to now
+  clock.stop()
+  now[0] = 9
+  assert clock.seconds() == 5.5
