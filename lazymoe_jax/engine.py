@@ -295,21 +295,24 @@ class Engine:
     return steps.moe_finish(self.cfg, p, h, xn, acc)
 
 
-HEAP_TOP_PAD = 64 << 20  # freed heap memory glibc keeps for reuse (see keep_heap_warm)
+HEAP_KEEP = 64 << 20  # freed heap memory glibc keeps for reuse (see keep_heap_warm)
 
 
 def keep_heap_warm() -> None:
-  """Tells glibc malloc to keep HEAP_TOP_PAD of freed memory at the top of the heap instead of
-  handing it back to the OS at every free (M_TOP_PAD). XLA-CPU allocates each run's
-  temporaries with malloc; a temporary of megabytes freed and allocated again on every decode
-  step otherwise comes back as fresh pages, faulted in again each time: measured, the 4-bit
-  TurboQuant decode attention over 4096 positions took 13 ms instead of 6-9 (its decoded keys
-  and values are 16 MB each). Above 32 MB glibc always maps a fresh region (its mmap threshold
-  cannot go higher), so 16k positions still pay the faults (BUILD_NOTES). The engine's
-  malloc_trim after loading is unaffected; at most HEAP_TOP_PAD stays resident unused,
-  inside the memory plan's margin."""
+  """Tells glibc malloc to serve blocks up to 32 MB (its ceiling) from the heap and to keep up
+  to HEAP_KEEP of freed memory at the top of a heap instead of handing it back to the OS at
+  every free (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). XLA-CPU mallocs each run's temporaries; a
+  temporary of megabytes freed and allocated again on every decode step otherwise comes back
+  as fresh pages, faulted in again each time: measured, the 4-bit TurboQuant decode attention
+  over 4096 positions took 13 ms instead of 6-9 (its decoded keys and values are 16 MB each).
+  Larger temporaries are always mapped fresh (16k positions, BUILD_NOTES). Only memory a step
+  really used and freed is kept, and the engine's malloc_trim after loading still returns
+  everything, so the memory plan's measurement is unchanged (padding the heap instead,
+  M_TOP_PAD, measured 140 MB more resident at the plan and cost 5 of 67 slots under 2 GB)."""
   try:
-    ctypes.CDLL("libc.so.6").mallopt(-2, HEAP_TOP_PAD)  # M_TOP_PAD
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixed; 32 MB is the most glibc accepts)
+    libc.mallopt(-1, HEAP_KEEP)  # M_TRIM_THRESHOLD
   except (OSError, AttributeError):
     pass  # not glibc: nothing to do
 
