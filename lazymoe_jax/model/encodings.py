@@ -185,6 +185,20 @@ def _pad_rows(x: jax.Array) -> jax.Array:
   return jnp.pad(x, ((0, 1), (0, 0))) if x.shape[0] == 1 else x
 
 
+def _int8_dot(q: jax.Array, xq: jax.Array) -> jax.Array:
+  """q [O, C] . xq [M, C] -> int32 [O, M]. For one token (M = 2: the two levels), the weight is
+  read as [O/2, 2C] (each pair of rows side by side, a free reshape) against the block-diagonal
+  [[x, 0], [0, x]]: exact (integer products of zeros add nothing), and rows twice as long suit
+  the int8 kernel, measured 8.9 -> 10.8 GB/s for a 5632x1024 weight, 6.1 -> 9.9 for 1024x2816
+  (blocks of 4 or 8 rows were slower again: the zero products start to cost)."""
+  o, c = q.shape
+  m = xq.shape[0]
+  if m > 2 or o % 2:
+    return _dot(q, xq)
+  xb = jnp.concatenate([jnp.pad(xq, ((0, 0), (0, c))), jnp.pad(xq, ((0, 0), (c, 0)))])
+  return _dot(q.reshape(o // 2, 2 * c), xb).reshape(o, m)  # [O/2, (2, M)] -> [O, M]
+
+
 def _int8_matmul(q: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
   """Activations quantised per token in two levels (value, then residual) as two int8 columns;
   int8 x int8 -> int32 products; rescaled by both activation scales and the row scale.
@@ -202,7 +216,7 @@ def _int8_matmul(q: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
   s2 = jnp.where(s2 > 0, s2, 1.0)
   q2 = jnp.round(r / s2)
   xq = jnp.concatenate([q1, q2], axis=0).astype(jnp.int8)  # [2T, C]
-  y = _dot(q, xq).astype(F32)  # [O, 2T]
+  y = _int8_dot(q, xq).astype(F32)  # [O, 2T]
   t = x.shape[0]
   return (y[:, :t] * s1[:, 0] + y[:, t:] * s2[:, 0]).T * scale[None, :]
 
