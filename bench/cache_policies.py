@@ -44,27 +44,32 @@ def oracle_hit_rate(acquires: list[list[tuple[int, int]]], slots: int,
   the future (never one of the same acquire). The hit rate of the acquires `counted` marks (by
   default all; the others only warm the pool). No eviction policy scores higher at this pool
   size."""
-  upcoming: list[dict] = [{} for _ in acquires]  # acquire index -> {key: index of next use}
+  # waves first (an acquire larger than the pool is held a pool-full at a time, as the
+  # engine's prefill does), then each wave's next uses: a key needed in a later wave of the
+  # same acquire is needed sooner than one only needed by the next acquire
+  waves, count = [], []
+  for i, wanted in enumerate(acquires):
+    for w0 in range(0, max(len(wanted), 1), slots):
+      waves.append(wanted[w0:w0 + slots])
+      count.append(counted is None or counted[i])
+  upcoming: list[dict] = [{} for _ in waves]  # wave index -> {key: index of next use}
   last: dict[tuple[int, int], int] = {}
-  for i in range(len(acquires) - 1, -1, -1):
-    upcoming[i] = {k: last.get(k, len(acquires)) for k in acquires[i]}
-    for k in acquires[i]:
+  for i in range(len(waves) - 1, -1, -1):
+    upcoming[i] = {k: last.get(k, len(waves)) for k in waves[i]}
+    for k in waves[i]:
       last[k] = i
   resident: dict[tuple[int, int], int] = {}  # key -> index of its next use
   hits = misses = 0
-  for i, wanted in enumerate(acquires):
-    count = counted is None or counted[i]
-    for w0 in range(0, len(wanted), slots):  # in waves when the pool is smaller, as the engine
-      keys = wanted[w0:w0 + slots]
-      for k in keys:
-        if k in resident:
-          hits += count
-        else:
-          misses += count
-          if len(resident) >= slots:
-            victim = max((r for r in resident if r not in keys), key=resident.__getitem__)
-            del resident[victim]
-        resident[k] = upcoming[i][k]
+  for i, keys in enumerate(waves):
+    for k in keys:
+      if k in resident:
+        hits += count[i]
+      else:
+        misses += count[i]
+        if len(resident) >= slots:
+          victim = max((r for r in resident if r not in keys), key=resident.__getitem__)
+          del resident[victim]
+      resident[k] = upcoming[i][k]
   return hits / max(1, hits + misses)
 
 

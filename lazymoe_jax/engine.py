@@ -306,9 +306,14 @@ def keep_heap_warm() -> None:
   as fresh pages, faulted in again each time: measured, the 4-bit TurboQuant decode attention
   over 4096 positions took 13 ms instead of 6-9 (its decoded keys and values are 16 MB each).
   Larger temporaries are always mapped fresh (16k positions, BUILD_NOTES). Only memory a step
-  really used and freed is kept, and the engine's malloc_trim after loading still returns
-  everything, so the memory plan's measurement is unchanged (padding the heap instead,
-  M_TOP_PAD, measured 140 MB more resident at the plan and cost 5 of 67 slots under 2 GB)."""
+  really used and freed is kept, up to HEAP_KEEP per malloc arena: malloc_trim (run after
+  loading) does not shrink the tops of other threads' arenas, so N threads that each free a
+  large block may keep N x HEAP_KEEP (a review reproduced +335 MB with 8 threads freeing 40 MB
+  each). In the engine only XLA's executing thread makes such temporaries: measured +4.3 MB
+  RSS over 60 TurboQuant attention calls (+31.8 MB without this), the same memory plan, and
+  the same cgroup peak in the 2 GB streaming benchmark (1746-1747 vs 1723-1737 MB). Padding
+  the heap instead (M_TOP_PAD) measured 140 MB more resident at the plan and cost 5 of 67
+  slots under 2 GB."""
   try:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixed; 32 MB is the most glibc accepts)

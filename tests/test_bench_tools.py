@@ -1,6 +1,7 @@
 """The measuring tools the benchmarks rely on: the oracle cache bound and the disk-busy clock."""
 
 import functools
+import itertools
 
 import numpy as np
 
@@ -41,6 +42,36 @@ def test_oracle_equals_exhaustive_optimum():
     slots = int(rng.integers(1, 4))
     hits = oracle_hit_rate([[(0, e)] for e in seq], slots) * len(seq)
     assert round(hits) == _best_possible_hits(seq, slots), (seq, slots)
+
+
+def _best_grouped_hits(acquires: list[list[tuple[int, int]]], slots: int) -> int:
+  """Exhaustive optimum when each acquire's keys must be resident together (in waves of
+  `slots` when larger than the pool): after a wave, keep any subset of the rest."""
+  waves = [tuple(a[w0:w0 + slots]) for a in acquires for w0 in range(0, len(a), slots)]
+
+  @functools.lru_cache(maxsize=None)
+  def best(i: int, resident: frozenset) -> int:
+    if i == len(waves):
+      return 0
+    keys = frozenset(waves[i])
+    others = sorted(resident - keys)
+    keep = min(slots - len(keys), len(others))
+    return len(keys & resident) + max(best(i + 1, keys | frozenset(k))
+                                      for k in itertools.combinations(others, keep))
+  return best(0, frozenset())
+
+
+def test_oracle_equals_exhaustive_optimum_for_grouped_acquires_and_waves():
+  rng = np.random.default_rng(1)
+  for trial in range(200):
+    slots, k, n = int(rng.integers(2, 5)), int(rng.integers(1, 3)), int(rng.integers(3, 9))
+    acquires = [[(0, int(e)) for e in rng.choice(6, k, replace=False)] for _ in range(n)]
+    if trial % 4 == 0:  # one acquire larger than the pool: waves
+      acquires[int(rng.integers(0, n))] = [(0, int(e)) for e in
+                                           sorted(rng.choice(6, slots + 1, replace=False))]
+    total = sum(len(a) for a in acquires)
+    assert round(oracle_hit_rate(acquires, slots) * total) == _best_grouped_hits(
+        acquires, slots), (acquires, slots)
 
 
 def test_busy_clock_counts_the_union_of_overlapping_reads():

@@ -76,6 +76,20 @@ def test_deterministic_and_scores_equal_decoded_dot():
                                np.asarray(q @ tq.decode(codes).T), rtol=1e-4, atol=1e-5)
 
 
+def test_prod_with_a_zero_bit_channel_group():
+  # prod at 1.5 bits: half the rotated channels get 1 MSE bit, the other half none (zero)
+  tq = TurboQuant(128, 1.5, variant="prod")
+  x = jnp.asarray(_unit(16))
+  codes = tq.encode(x)
+  assert tq.decode(codes).shape == (16, 128)
+  q = jnp.asarray(_unit(3, seed=4))
+  np.testing.assert_allclose(np.asarray(tq.scores(q, codes)),
+                             np.asarray(q @ tq.decode(codes).T), rtol=1e-4, atol=1e-5)
+  p = jnp.asarray(np.random.default_rng(0).random((3, 16)).astype(np.float32))
+  np.testing.assert_allclose(np.asarray(tq.rotated_sum(p, codes, "ms,sd->md")),
+                             np.asarray(p @ (tq._centroids(codes))), rtol=1e-5, atol=1e-6)
+
+
 def test_kv_bytes_at_4_bits_are_3_5x_below_bf16():
   tq = TurboQuant(128, 4)
   codes = tq.encode(jnp.asarray(_unit(10)))

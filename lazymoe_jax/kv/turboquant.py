@@ -221,11 +221,22 @@ class TurboQuant:
         lloyd_max_codebook(self.dim, bits), _unpack_bits(codes, bits, f"idx{a}"))))
             for a, b, bits in self.groups()]
 
+  def _whole(self, pieces: list[tuple[int, int, jax.Array]], lead: tuple) -> jax.Array:
+    """[..., dim] from (start, stop, [..., stop - start]) pieces; channels no piece covers
+    (a group with no MSE bits, e.g. the prod variant at 1.5 bits) are zero."""
+    out, at = [], 0
+    for a, b, x in pieces:
+      if a > at:
+        out.append(jnp.zeros((*lead, a - at), F32))
+      out.append(x)
+      at = b
+    if at < self.dim:
+      out.append(jnp.zeros((*lead, self.dim - at), F32))
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=-1)
+
   def _centroids(self, codes: dict) -> jax.Array:
     """The rotated unit vector the indices stand for, [..., dim] (zero with no MSE bits)."""
-    if not self.groups():
-      return jnp.zeros((*codes["norm"].shape[:-1], self.dim), F32)
-    return jnp.concatenate([c for _, _, c in self._parts(codes)], axis=-1)
+    return self._whole(self._parts(codes), codes["norm"].shape[:-1])
 
   def rotated_scores(self, qr: jax.Array, codes: dict, spec: str) -> jax.Array:
     """einsum(spec, qr, centroids) group by group, summed: qr is a query already rotated
@@ -241,10 +252,10 @@ class TurboQuant:
   def rotated_sum(self, p: jax.Array, codes: dict, spec: str) -> jax.Array:
     """einsum(spec, p, centroids) -> [..., dim] in the rotated space: weights p summed over
     the encoded vectors (e.g. "kms,ksd->kmd"), group by group, concatenated (small)."""
-    parts = [jnp.einsum(spec, p, c) for _, _, c in self._parts(codes)]
+    parts = [(a, b, jnp.einsum(spec, p, c)) for a, b, c in self._parts(codes)]
     if not parts:
       return jnp.einsum(spec, p, jnp.zeros((*codes["norm"].shape[:-1], self.dim), F32))
-    return jnp.concatenate(parts, axis=-1)
+    return self._whole(parts, parts[0][2].shape[:-1])
 
   def encode(self, x: jax.Array) -> dict[str, jax.Array]:
     x = x.astype(F32)

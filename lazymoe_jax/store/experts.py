@@ -55,7 +55,7 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     done += n
 
 
-def read_chunk(path: str, buf: np.ndarray, crc32: int) -> None:
+def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" = None) -> None:
   """Reads one chunk file into `buf`. A chunk file is the array's raw bytes (zarr3 "bytes"
   codec, see format.zarr3_spec), so it is read straight into the slot with O_DIRECT: no page
   cache copy, and one large request the block layer splits into many in flight (measured 1.7
@@ -63,7 +63,8 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int) -> None:
   to a buffered read (then drops the pages) where O_DIRECT is refused or the buffer is not
   aligned. Then checks the bytes against the crc32 recorded at conversion (on the reader
   thread, overlapping the other reads). Raises StoreError naming the file when it is missing,
-  has the wrong size or the wrong checksum."""
+  has the wrong size or the wrong checksum. `busy` (a BusyClock) runs during the reads only,
+  not the checksum."""
   if not buf.flags.c_contiguous:
     raise ValueError("read_chunk needs a C-contiguous buffer (a reshape would read into a copy)")
   view = memoryview(buf.reshape(-1).view(np.uint8))
@@ -85,19 +86,25 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int) -> None:
       raise StoreError(f"expert chunk {path} has {size} bytes where the manifest implies "
                        f"{len(view)} (truncated or damaged); re-convert the model with "
                        "--overwrite.")
-    if head:
-      try:
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-      except OSError:  # e.g. tmpfs: no O_DIRECT
-        head = 0
-      else:
+    if busy is not None:
+      busy.start()
+    try:
+      if head:
         try:
-          _pread_into(dfd, view[:head], 0)
-        except (OSError, EOFError):  # refused or short direct read: the buffered path below
+          dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:  # e.g. tmpfs: no O_DIRECT
           head = 0
-        finally:
-          os.close(dfd)
-    _pread_into(fd, view[head:], head)
+        else:
+          try:
+            _pread_into(dfd, view[:head], 0)
+          except (OSError, EOFError):  # refused or short direct read: the buffered path below
+            head = 0
+          finally:
+            os.close(dfd)
+      _pread_into(fd, view[head:], head)
+    finally:
+      if busy is not None:
+        busy.stop()
     if head < len(view):
       _drop_from_page_cache(fd)
   except EOFError as e:
@@ -188,17 +195,10 @@ class ExpertStore:
     thread, see read_chunk); returns a handle for finish_read."""
     row = self.row[layer]
     pool = _PREFETCHERS if speculative else _READERS
-    futures = {name: pool.submit(self._read_chunk, self.chunk_path(name, row, expert),
-                                 buffers[name], self.crc32[name][row][expert])
+    futures = {name: pool.submit(read_chunk, self.chunk_path(name, row, expert),
+                                 buffers[name], self.crc32[name][row][expert], self.disk_busy)
                for name in self.arrays}
     return layer, expert, futures, buffers
-
-  def _read_chunk(self, path: str, buf: np.ndarray, crc32: int) -> None:
-    self.disk_busy.start()
-    try:
-      read_chunk(path, buf, crc32)
-    finally:
-      self.disk_busy.stop()
 
   @staticmethod
   def read_done(handle: tuple) -> bool:
