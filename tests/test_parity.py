@@ -27,17 +27,19 @@ def test_logits_match_transformers(family_models, family):
   assert diff <= TOL
 
 
+def _assert_greedy_matches(engine, model, prompt, n: int) -> None:
+  """n greedy tokens from the engine equal transformers' own generate (both without eos)."""
+  with torch.no_grad():
+    ref = model.generate(torch.tensor(prompt)[None], max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+  engine.eos_ids = set()  # transformers ran without eos, so must we
+  assert engine.generate(prompt, n) == ref
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_generation_matches_transformers(family_models, family):
   model, _, store = family_models[family]
-  prompt = token_ids(6, seed=2)
-  with torch.no_grad():
-    ref = model.generate(torch.tensor(prompt)[None], max_new_tokens=24, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-  engine = lazymoe_jax.load(store)
-  engine.eos_ids = set()  # transformers above ran without eos, so must we
-  got = engine.generate(prompt, 24)
-  assert got == ref
+  _assert_greedy_matches(lazymoe_jax.load(store), model, token_ids(6, seed=2), 24)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -144,11 +146,7 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantised_weights(tm
     diff = np.abs(engine.logits(ids) - ref).max()
     print(f"gpt_oss {store} from MXFP4 experts: max |logit diff| = {diff:.2e}")
     assert diff <= TOL
-    engine.eos_ids = set()
-    with torch.no_grad():
-      want = model.generate(torch.tensor(ids[:6])[None], max_new_tokens=12, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
-    assert engine.generate(ids[:6], 12) == want
+    _assert_greedy_matches(engine, model, ids[:6], 12)
 
 
 def _ref_logits(model, ids):
@@ -301,11 +299,7 @@ def test_deepseek_v3_fp8_checkpoint_matches_transformers_on_dequantised_weights(
   if expert_dtype is None:
     assert engine.experts.encoding.name == "float32"
     assert diff <= TOL
-    engine.eos_ids = set()
-    with torch.no_grad():
-      want = model.generate(torch.tensor(ids[:6])[None], max_new_tokens=12, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
-    assert engine.generate(ids[:6], 12) == want
+    _assert_greedy_matches(engine, model, ids[:6], 12)
   else:
     assert engine.experts.encoding.name == "int8" and diff <= 0.1
 
