@@ -35,6 +35,8 @@ F32 = jnp.float32
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 INT4_GROUPS = (32, 64, 128)
 MXFP4_BLOCK = 32
+DEQUANT_BLOCK_BYTES = 16 << 20  # float32 rows decoded at a time, int8/int4 many-token products
+INT8_DEQUANT_TOKENS = 16  # above this many tokens int8 weights are decoded to float32 products
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)  # magnitudes by code & 7
 
 
@@ -151,7 +153,8 @@ class Encoding:
       if t <= 2:
         return jnp.stack([jnp.sum(a.astype(F32) * x[i][None, :], axis=-1) for i in range(t)])
       # many tokens: upcasting the weight once is amortised (74 vs 40 GFLOP/s at 64); float16
-      # always (its narrow range would overflow or flush the split parts of x)
+      # always (its narrow range would overflow or flush the split parts of x). Not by blocks
+      # of rows as int8 / int4: slower for 16-bit weights (57-70 vs 75-84 GFLOP/s, BUILD_NOTES)
       if t > 16 or self.name == "float16":
         return _dot(a.astype(F32), x.astype(F32)).T
       # a few tokens: x split into three 16-bit parts (x = x0 + x1 + x2 to float32 precision),
@@ -164,10 +167,42 @@ class Encoding:
       y = _dot(a, jnp.concatenate(parts, axis=0))  # [O, 3T]
       return (y[:, :t] + y[:, t:2 * t] + y[:, 2 * t:]).T
     if self.kind == "int8":
+      if t > INT8_DEQUANT_TOKENS:  # exact f32 products beat the int8 dot here (BUILD_NOTES)
+        sc = arrays["scale"]
+        return _by_row_blocks(lambda r, n: _rows(a, r, n).astype(F32), a.shape[0], a.shape[1],
+                              x.astype(F32)) * sc[None, :]
       return _int8_matmul(a, arrays["scale"], x)
     if self.kind == "mxfp4":
       return _mxfp4_matmul(a, arrays["scale"], x)
     return _int4_matmul(a, arrays["scale"], x, self.group)
+
+
+def _rows(a: jax.Array, start: jax.Array, n: int) -> jax.Array:
+  """a[start:start + n] along the first axis (start traced: one block of a loop)."""
+  return jax.lax.dynamic_slice_in_dim(a, start, n, axis=0)
+
+
+def _by_row_blocks(dequant, rows: int, cols: int, x: jax.Array) -> jax.Array:
+  """x [T, cols] @ W^T -> [T, rows] float32, W decoded to float32 a block of rows at a time by
+  dequant(start, n) -> [n, cols] (x in the column order the decoded block comes in).
+
+  Decoding the whole weight at once makes a float32 temporary 4x (int8) or 8x (int4) its size:
+  above glibc's 32 MB mmap ceiling it is page-faulted in afresh every call (~2 GB/s). A loop
+  over blocks of ~DEQUANT_BLOCK_BYTES reuses one warm buffer: int8 at 64 tokens 70-82 -> 165-201
+  GFLOP/s on the large experts (BUILD_NOTES). Blocks are equal; the last one starts at
+  rows - n, recomputing a few rows (same values). A weight within one block is done whole.
+  """
+  n = min(rows, max(8, DEQUANT_BLOCK_BYTES // (4 * cols)))
+  nb = -(-rows // n)
+  n = -(-rows // nb)  # equal blocks, as few as that size allows
+  if nb == 1:
+    return _dot(dequant(0, rows), x).T
+
+  def body(i, out):
+    start = jnp.minimum(i * n, rows - n)
+    return jax.lax.dynamic_update_slice_in_dim(out, _dot(dequant(start, n), x), start, axis=0)
+
+  return jax.lax.fori_loop(0, nb, body, jnp.zeros((rows, x.shape[0]), F32)).T
 
 
 def _dot(w: jax.Array, x: jax.Array) -> jax.Array:
@@ -205,7 +240,8 @@ def _int8_matmul(q: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
 
   Relative error ~1e-4, and for one token it fills the second column the product needs anyway.
   One level would be 2x faster for 8-64 tokens (measured 200-262 vs 121-127 GFLOP/s) but its
-  ~4e-3 error dropped the demo model's top-1 agreement from 99.5% to 97.95%: not taken.
+  ~4e-3 error dropped the demo model's top-1 agreement from 99.5% to 97.95%: not taken. Used
+  up to INT8_DEQUANT_TOKENS tokens; more go through exact float32 products by blocks of rows.
   """
   x = x.astype(F32)
   s1 = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0  # [T, 1]
@@ -225,15 +261,18 @@ def _int4_matmul(b: jax.Array, scale: jax.Array, x: jax.Array, g: int) -> jax.Ar
   o, half, n = b.shape
   s = scale.astype(F32)  # [O, N]
   xg = x.astype(F32).reshape(x.shape[0], n, g).transpose(0, 2, 1)  # [T, G, N]
+  if x.shape[0] > 4:  # prefill: dequantise (by blocks of rows), then matrix products
+    def dequant(r, m):
+      fb = _rows(b, r, m).astype(F32)
+      hb = jnp.floor(fb * (1.0 / 16.0))
+      w = jnp.concatenate([fb - 16.0 * hb - 8.0, hb], axis=1) * _rows(s, r, m)[:, None, :]
+      return w.reshape(m, -1)  # [m, G*N], columns in (j, g) order
+    return _by_row_blocks(dequant, o, g * n, xg.reshape(x.shape[0], -1))  # x in (j, g) too
   x_lo, x_hi = xg[:, :half], xg[:, half:]  # [T, G/2, N]
   f = b.astype(F32)
   hi = jnp.floor(f * (1.0 / 16.0))
   # f = 16 hi + lo + 8  =>  lo*x_lo + hi*x_hi = f*x_lo + hi*(x_hi - 16 x_lo) - 8 x_lo
   x2 = x_hi - 16.0 * x_lo
-  if x.shape[0] > 4:  # prefill: dequantise once, then one matrix product
-    lo = f - 16.0 * hi - 8.0
-    w = (jnp.concatenate([lo, hi], axis=1) * s[:, None, :]).reshape(o, -1)  # [O, G*N], (j, g)
-    return _dot(w, xg.reshape(x.shape[0], -1)).T  # x in the same (j, g) order
   bias = 8.0 * jnp.einsum("on,tn->to", s, jnp.sum(x_lo, axis=1))  # [T, O]
   outs = [jnp.sum((f * x_lo[i][None] + hi * x2[i][None]) * s[:, None, :], axis=(1, 2))
           for i in range(x.shape[0])]
@@ -295,11 +334,11 @@ def _mxfp4_matmul(blocks: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Arra
       g = jnp.take_along_axis(table[None], idx, axis=-1)[..., 0]  # [O, N, 16]
       outs.append(jnp.sum(g * s[:, :, None], axis=(1, 2)))
     return jnp.stack(outs)
-  f = blocks.astype(F32)
-  hi = jnp.floor(f * (1.0 / 16.0))
+  f = blocks.astype(F32)  # whole, not by blocks of rows: the e2m1 decode in a loop body ran
+  hi = jnp.floor(f * (1.0 / 16.0))  # 2-3x slower (BUILD_NOTES)
   lo = f - 16.0 * hi
   w = jnp.stack([_e2m1(lo), _e2m1(hi)], axis=-1) * s[:, :, None, None]  # [O, N, 16, 2]
-  return _dot(w.reshape(o, n * 2 * half), _pad_rows(xr.reshape(t, -1)))[:, :t].T
+  return _dot(w.reshape(o, n * 2 * half), xr.reshape(t, -1)).T
 
 
 def get(name: str) -> Encoding:
