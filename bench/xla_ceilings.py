@@ -4,7 +4,7 @@ r"""The ceilings XLA-CPU puts on expert products here: why some kernel targets c
 
 1. Decoding weights element by element (bf16 upcast, int4 nibbles, mxfp4 codes) ends in a fused
    multiply-reduce. Its speed in weights per second, for float32 / bfloat16 / int8 weights,
-   both hot (one 1 MB weight, in L2) and streamed from DRAM: if it is the same for every dtype
+   both hot (one 512x1024 weight, 0.5-2 MB, in L2) and streamed from DRAM: if it is the same for every dtype
    and hot or cold, the loop is compute-bound and caps every elementwise-decoded encoding.
 2. The only faster path is YNNPACK's int8 dot. Can it read packed int4? Native int4 (a bitcast
    of the packed bytes) as a dot operand, or converted to int8 first, against the int8 dot of
@@ -82,15 +82,20 @@ def int4_paths(rng, seconds: float) -> None:
       "int8 dot of the packed bytes (half the columns)":
           lambda p: _int8_dot(p, xq[:, :c // 2]),
       "native int4 operand (bitcast)":
-          lambda p: _dot(jax.lax.bitcast_convert_type(p, jnp.int4).reshape(o, c), xq),
+          lambda p: _int_dot(jax.lax.bitcast_convert_type(p, jnp.int4).reshape(o, c), xq),
       "int4 -> int8 convert, then int8 dot":
-          lambda p: _dot(jax.lax.bitcast_convert_type(p, jnp.int4).reshape(o, c)
-                         .astype(jnp.int8), xq),
+          lambda p: _int_dot(jax.lax.bitcast_convert_type(p, jnp.int4).reshape(o, c)
+                             .astype(jnp.int8), xq),
   }
   for name, form in forms.items():
     f = jax.jit(form)
     t = median_time(lambda p: f(p).block_until_ready(), ws, FLAGS.seconds)  # noqa: B023
     print(f"  {name:48s} {o * c // 2 / t / 1e9:6.2f} GB/s of packed bytes")
+
+
+def _int_dot(w, xq):
+  """w [O, C] (int4 or int8) . xq [2, C] int8 -> int32, as the engine's int8 products."""
+  return jax.lax.dot_general(w, xq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
 
 
 def _bf16_activations(w, x):
@@ -113,7 +118,8 @@ def _int8_two_levels(q, x):  # the engine's form up to 16 tokens, without the ro
 
 
 def fma_peak_gflops() -> tuple[float, str]:
-  """cores x GHz (from /proc/cpuinfo) x 2 FMA units x 16 float32 lanes x 2 flops."""
+  """cores x GHz x 2 FMA units x 16 float32 lanes x 2 flops. The clock is /proc/cpuinfo's, in a
+  virtual machine the nominal one (turbo may be higher)."""
   try:
     with open("/proc/cpuinfo") as f:
       mhz = [float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", f.read())]
@@ -132,7 +138,7 @@ def many_tokens(rng, seconds: float, t: int = 64) -> None:
   npw = copies(lambda: rng.standard_normal((o, c)).astype(np.float32), o * c * 4)
   ref = 2 * o * c * t / median_time(lambda w: x @ w.T, npw, seconds) / 1e9
   print(f"3. {t} tokens, 5760x2880: numpy float32 {ref:.0f} GFLOP/s; float32 FMA peak "
-        f"{peak:.0f} GFLOP/s ({how}); 2x numpy would be {2 * ref / peak:.0%} of that peak")
+        f"{peak:.0f} GFLOP/s ({how}, nominal); 2x numpy would be {2 * ref / peak:.0%} of it")
   xj = jnp.asarray(x)
   forms = {"float32 weights, f32 dot": ("float32", lambda w: _dot(w, xj)),
            "bf16 weights, bf16 activations": ("bfloat16", lambda w: _bf16_activations(w, xj)),

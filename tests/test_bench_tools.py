@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 
 from bench.cache_policies import oracle_hit_rate
-from bench.kv_headroom import headroom_bits
+from bench.kv_headroom import gain_bits, spectrum
 from lazymoe_jax.store.experts import BusyClock
 
 
@@ -91,12 +91,13 @@ def test_busy_clock_counts_the_union_of_overlapping_reads():
 
 
 def test_kv_headroom_bound():
-  # eigenvalues 1 and 4 in a rotated basis, channel variances both 2.5: AM/GM 2.5 / 2 = 1.25
-  # for the eigenvalues, 1 for the channels; gain = log4(1.25 * D_b / 4^-b)
+  # eigenvalues 1 and 4 in a rotated basis, channel variances both 2.5: geometric mean 2,
+  # channels' AM/GM 1; gain = log4(2.5 * D_b / (2 * 4^-b))
   rng = np.random.default_rng(0)
   z = rng.standard_normal((200_000, 2)) * np.array([1.0, 2.0])
   c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
   x = z @ np.array([[c, -s], [s, c]])
-  am_gm, am_gm_ch, gain = headroom_bits(x - x.mean(0), 4, 0.0095)
-  assert abs(am_gm - 1.25) < 0.01 and abs(am_gm_ch - 1.0) < 0.01
-  assert abs(gain - np.log(1.25 * 0.0095 * 256) / np.log(4)) < 0.01
+  mean_var, gm, am_gm_ch = spectrum(x - x.mean(0))
+  assert abs(mean_var - 2.5) < 0.02 and abs(gm - 2.0) < 0.02 and abs(am_gm_ch - 1.0) < 0.01
+  assert abs(gain_bits(mean_var, gm, 4, 0.0095) - np.log(1.25 * 0.0095 * 256) / np.log(4)) < 0.01
+  assert gain_bits(1.0, 1.0, 4, 4.0 ** -4) == 0.0  # no structure, ideal coding: no gain

@@ -5,12 +5,14 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
 import lazymoe_jax
+from lazymoe_jax.model import encodings
 from lazymoe_jax.model.routers import softmax_topk
 from lazymoe_jax.store import format as fmt
 from tests.conftest import convert_cli, token_ids
@@ -251,19 +253,34 @@ def test_generation_config_eos_ids_are_used(mixtral, tmp_path):
 
 
 @pytest.mark.parametrize("dtype,args", [("int8", []), ("int4-g32", ["--group_size=32"])])
-def test_quantised_experts_end_to_end(family_models, tmp_path, dtype, args):
+def test_quantised_experts_end_to_end(family_models, tmp_path, dtype, args, monkeypatch):
   model, hf, store = family_models["qwen3_moe"]
   res = convert_cli(hf, str(tmp_path / "q"), f"--expert_dtype={dtype.split('-')[0]}", *args)
   assert res.returncode == 0, res.stderr
   manifest = fmt.read_manifest(str(tmp_path / "q"))
   assert manifest["experts"]["encoding"] == dtype
   assert {t["dtype"] for t in manifest["experts"]["tensors"].values()} >= {"int8"}
-  ids = token_ids(20)
-  full = lazymoe_jax.load(store).logits(ids)
-  small = lazymoe_jax.load(str(tmp_path / "q"), expert_slots=2)
-  big = lazymoe_jax.load(str(tmp_path / "q"), expert_slots=10_000)
-  q = small.logits(ids)
-  np.testing.assert_array_equal(q, big.logits(ids))  # pool size never changes results
+  # a prompt long enough for prefill's many-token products (experts get > 16 tokens), in
+  # blocks of 8 rows so the loop runs; fresh compilations see the small blocks
+  blocks = collections.Counter()
+  by_row_blocks = encodings._by_row_blocks
+
+  def counted(dequant, rows, cols, x):
+    blocks[x.shape[0] > encodings.INT8_DEQUANT_TOKENS and rows > 8] += 1
+    return by_row_blocks(dequant, rows, cols, x)
+  monkeypatch.setattr(encodings, "DEQUANT_BLOCK_BYTES", 8 * 4 * model.config.hidden_size)
+  monkeypatch.setattr(encodings, "_by_row_blocks", counted)
+  jax.clear_caches()
+  try:
+    ids = token_ids(200)
+    full = lazymoe_jax.load(store).logits(ids)
+    small = lazymoe_jax.load(str(tmp_path / "q"), expert_slots=2)
+    big = lazymoe_jax.load(str(tmp_path / "q"), expert_slots=10_000)
+    q = small.logits(ids)
+    np.testing.assert_array_equal(q, big.logits(ids))  # pool size never changes results
+  finally:
+    jax.clear_caches()  # later tests compile with the real block size
+  assert blocks[True] > 0  # the blocked many-token products ran
   rel = np.abs(q - full).max() / np.abs(full).max()
   print(f"{dtype}: max logit error relative to the f32 store {rel:.2e}")
   assert rel < (0.02 if dtype == "int8" else 0.2)
