@@ -4,8 +4,9 @@ r"""The ceilings XLA-CPU puts on expert products here: why some kernel targets c
 
 1. Decoding weights element by element (bf16 upcast, int4 nibbles, mxfp4 codes) ends in a fused
    multiply-reduce. Its speed in weights per second, for float32 / bfloat16 / int8 weights,
-   both hot (one 512x1024 weight, 0.5-2 MB, in L2) and streamed from DRAM: if it is the same for every dtype
-   and hot or cold, the loop is compute-bound and caps every elementwise-decoded encoding.
+   both hot (one 512x1024 weight, 0.5-2 MB, in L2) and streamed from DRAM: if it is the same
+   for every dtype and hot or cold, the loop is compute-bound and caps every elementwise-decoded
+   encoding.
 2. The only faster path is YNNPACK's int8 dot. Can it read packed int4? Native int4 (a bitcast
    of the packed bytes) as a dot operand, or converted to int8 first, against the int8 dot of
    the same bytes.
@@ -25,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from lazymoe_jax.model import encodings
-from lazymoe_jax.model.encodings import _dot, _int8_dot
+from lazymoe_jax.model.encodings import _dot, _int8_dot, _int8_matmul
 
 F32 = jnp.float32
 INT8 = encodings.get("int8")
@@ -107,16 +108,6 @@ def _int8_one_level(q, x):
   return _dot(q, jnp.round(x / s).astype(jnp.int8)).astype(F32) * s[:, 0]
 
 
-def _int8_two_levels(q, x):  # the engine's form up to 16 tokens, without the row scale
-  s1 = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0
-  q1 = jnp.round(x / s1)
-  r = x - q1 * s1
-  s2 = jnp.max(jnp.abs(r), axis=1, keepdims=True) / 127.0
-  t = x.shape[0]
-  y = _dot(q, jnp.concatenate([q1, jnp.round(r / s2)]).astype(jnp.int8)).astype(F32)
-  return y[:, :t] * s1[:, 0] + y[:, t:] * s2[:, 0]
-
-
 def fma_peak_gflops() -> tuple[float, str]:
   """cores x GHz x 2 FMA units x 16 float32 lanes x 2 flops. The clock is /proc/cpuinfo's, in a
   virtual machine the nominal one (turbo may be higher)."""
@@ -140,14 +131,15 @@ def many_tokens(rng, seconds: float, t: int = 64) -> None:
   print(f"3. {t} tokens, 5760x2880: numpy float32 {ref:.0f} GFLOP/s; float32 FMA peak "
         f"{peak:.0f} GFLOP/s ({how}, nominal); 2x numpy would be {2 * ref / peak:.0%} of it")
   xj = jnp.asarray(x)
+  ones = jnp.ones(o, F32)  # row scales of 1: the products alone
   forms = {"float32 weights, f32 dot": ("float32", lambda w: _dot(w, xj)),
            "bf16 weights, bf16 activations": ("bfloat16", lambda w: _bf16_activations(w, xj)),
            "int8 weights, one-level int8 activations (lossy)": ("int8",
                                                                 lambda w: _int8_one_level(w, xj)),
            "int8 weights, two-level int8 activations": ("int8",
-                                                        lambda w: _int8_two_levels(w, xj)),
+                                                        lambda w: _int8_matmul(w, ones, xj)),
            "int8 weights, engine (f32 products by row blocks)": ("int8", lambda w: INT8.matmul(
-               {"": w, "scale": jnp.ones(w.shape[0], F32)}, xj))}
+               {"": w, "scale": ones}, xj))}
   for name, (dt, form) in forms.items():
     if dt == "int8":
       make = lambda: jnp.asarray(rng.integers(-127, 128, (o, c), dtype=np.int8))  # noqa: E731

@@ -220,7 +220,7 @@ class ExpertPool:
           self._evict(slot)
           self.owner[slot] = key  # reserved: a repeat of e in `experts` maps here
           self.table[key] = slot
-          reads.append((slot, key, None))
+          reads.append((slot, key, None))  # listed first: if start_read raises, the slot is freed
           reads[-1] = (slot, key, self.store.start_read(layer, e, self.buffers[slot]))
           self.misses += 1
         self.uses[key] += 1
