@@ -132,19 +132,31 @@ class Engine:
     self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
 
   # ---- public API ------------------------------------------------------------------------------
+  def session(self, max_context: int | None = None) -> "Session":
+    """A sequence to feed tokens into, keeping its KV cache between calls (see Session)."""
+    return Session(self, max_context)
+
+  def feed_batch(self, sessions: Sequence["Session"], token_ids: Sequence[int]) -> np.ndarray:
+    """One decode step for several sequences at once: token_ids[i] goes to sessions[i].
+    Returns float32 logits [len(sessions), vocab]."""
+    return np.stack([s.feed([t]) for s, t in zip(sessions, token_ids)])
+
   def logits(self, token_ids: Sequence[int]) -> np.ndarray:
     """Teacher-forced logits float32 [len(token_ids), vocab] with a fresh cache."""
     tokens = self._check_tokens(token_ids)
-    cache = self._new_cache(len(tokens))
     t0 = time.perf_counter()
-    x, cache = self._forward(tokens, 0, cache)
-    # the head in blocks of rows: [T, vocab] temporaries of a 200k vocabulary are gigabytes
-    out = np.empty((len(tokens), self.cfg.vocab_size), np.float32)
-    for r in range(0, len(tokens), HEAD_ROWS):
-      out[r:r + HEAD_ROWS] = np.asarray(steps.head(self.cfg, self.globals, x[r:r + HEAD_ROWS]))[
-          :len(tokens) - r]
+    out = self.session(len(tokens)).feed(tokens, all_logits=True)
     self._last = {"prompt_tokens_per_s": len(tokens) / (time.perf_counter() - t0),
                   "decode_tokens_per_s": 0.0}
+    return out
+
+  def _head_rows(self, x, n: int) -> np.ndarray:
+    """Logits of the first n rows of x, the head applied in blocks of rows ([T, vocab]
+    temporaries of a 200k vocabulary are gigabytes)."""
+    out = np.empty((n, self.cfg.vocab_size), np.float32)
+    for r in range(0, n, HEAD_ROWS):
+      out[r:r + HEAD_ROWS] = np.asarray(steps.head(self.cfg, self.globals, x[r:r + HEAD_ROWS]))[
+          :n - r]
     return out
 
   def generate(self, token_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
@@ -167,13 +179,12 @@ class Engine:
 
   def _stream(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
     n = len(tokens)
-    cache = self._new_cache(n + max_new_tokens)
+    seq = self.session(n + max_new_tokens)
     self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
     if max_new_tokens == 0:
       return
     t0 = time.perf_counter()
-    x, cache = self._forward(tokens, 0, cache)
-    logits = np.asarray(steps.head(self.cfg, self.globals, x[n - 1:n]))[0]
+    logits = seq.feed(tokens)
     t1 = time.perf_counter()
     self._last["prompt_tokens_per_s"] = n / (t1 - t0)  # includes compiling a new prompt shape
     t_steady = None  # decode speed excludes the first step, which compiles the programs
@@ -182,8 +193,7 @@ class Engine:
       yield tok
       if tok in self.eos_ids or step == max_new_tokens - 1:
         break
-      x, cache = self._forward(np.array([tok], np.int32), n + step, cache)
-      logits = np.asarray(steps.head(self.cfg, self.globals, x))[0]
+      logits = seq.feed([tok])
       now = time.perf_counter()
       if t_steady is None:
         t_steady, first_step = now, now - t1
@@ -293,6 +303,58 @@ class Engine:
                                        self.pool.arrays(slot), self._act)
       acc.block_until_ready()  # the next wave may refill these slots
     return steps.moe_finish(self.cfg, p, h, xn, acc)
+
+
+class Session:
+  """One sequence: feed it tokens, it keeps their KV cache. Build with `engine.session()`.
+
+    seq = engine.session(max_context=None)   # None: the engine's max_context
+    seq.feed(token_ids) -> float32 logits [vocab] of the last position
+    seq.feed(token_ids, all_logits=True) -> [len(token_ids), vocab]
+    seq.position          positions fed so far
+    seq.kv_cache_bytes    bytes its cache holds
+
+  The cache holds `max_context` positions when given; without it the cache starts small and
+  grows (doubling, up to the engine's max_context) as tokens arrive.
+  """
+
+  def __init__(self, engine: Engine, max_context: int | None = None):
+    if max_context is not None and not 0 < max_context <= engine.max_context:
+      raise ValueError(f"max_context={max_context} must be in [1, {engine.max_context}] (the "
+                       "engine's max_context).")
+    self.engine = engine
+    self.max_context = max_context or engine.max_context
+    self.position = 0
+    self._cache = engine._new_cache(max_context) if max_context else None
+
+  @property
+  def kv_cache_bytes(self) -> int:
+    return 0 if self._cache is None else self.engine.kv.nbytes(list(self._cache))
+
+  def feed(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    eng = self.engine
+    tokens = eng._check_tokens(token_ids)
+    end = self.position + len(tokens)
+    if end > self.max_context:
+      raise ValueError(f"feeding {len(tokens)} tokens at position {self.position} exceeds this "
+                       f"sequence's context of {self.max_context} positions.")
+    if self._cache is None or end > self._cache.capacity:
+      self._grow(end)
+    x, self._cache = eng._forward(tokens, self.position, self._cache)
+    self.position = end
+    if all_logits:
+      return eng._head_rows(x, len(tokens))
+    return eng._head_rows(x[len(tokens) - 1:len(tokens)], 1)[0]
+
+  def _grow(self, needed: int) -> None:
+    """A cache for at least `needed` positions (doubling), the old positions copied in."""
+    cap = min(self.max_context, max(needed, 2 * (self._cache.capacity if self._cache else 0)))
+    new = self.engine._new_cache(cap)
+    if self._cache is not None:
+      for layer, old in enumerate(self._cache):
+        new[layer] = jax.tree.map(
+            lambda n, o: jax.lax.dynamic_update_slice(n, o, (0,) * o.ndim), new[layer], old)
+    self._cache = new
 
 
 HEAP_KEEP = 64 << 20  # freed heap memory glibc keeps for reuse (see keep_heap_warm)
