@@ -65,21 +65,21 @@ def run_child(conf: dict) -> dict:
   logging.set_verbosity(logging.WARNING)
   if conf["mode"] == "probe":
     engine = _load(conf, expert_slots=engine_slots_min(conf))
-    layer_bytes = [sum(a.nbytes for a in jax.tree.leaves(p)) for p in engine.layers]
-    glob_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.globals))
-    kv = engine.kv.init(engine.cfg, conf["context"])
+    layer_bytes = [sum(a.nbytes for a in jax.tree.leaves(p)) for p in engine.forward.layers]
+    glob_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.forward.globals))
+    kv = engine.kv.init(engine.spec, conf["context"])
     return {"rss_after_load": resident_bytes(), "layer_dense_bytes": float(np.mean(layer_bytes)),
             "slice_dense_bytes": sum(layer_bytes), "global_dense_bytes": glob_bytes,
             "expert_bytes": engine.experts.bytes_per_expert,
             "kv_bytes_per_layer": engine.kv.nbytes(kv) / len(kv),
-            "expert_f32_bytes": 3 * engine.cfg.moe_intermediate_size * engine.cfg.hidden_size * 4}
+            "expert_f32_bytes": 3 * engine.spec.moe_intermediate_size * engine.spec.hidden_size * 4}
   engine = _load(conf, memory_budget_gb=conf["budget_gb"])
   print("LOADED", flush=True)  # the parent now caps the cgroup at the budget
   sys.stdin.readline()
   d = bench_stream.timed_decode(engine, np.array(conf["ids"], np.int32), conf["prompt"],
                                 conf["tokens"], conf["context"])
   x = d.pop("x")
-  head = bench_stream.timeit_head(lambda: steps.head(engine.cfg, engine.globals, x))
+  head = bench_stream.timeit_head(lambda: steps.head(engine.spec, engine.forward.globals, x))
   return {"plan": engine.plan.describe(), "slots": engine.pool.num_slots, "head_s": head,
           **{k: v for k, v in d.items() if k != "prompt_s"}}
 

@@ -53,9 +53,9 @@ def numpy_gemv_bandwidth(seconds: float = 1.0) -> float:
 
 def active_bytes_per_token(engine) -> int:
   """Weight bytes one decode token reads: dense params (one embedding row) + k experts a layer."""
-  cfg = engine.cfg
-  dense = sum(a.nbytes for layer in engine.layers for a in jax.tree.leaves(layer))
-  g = engine.globals
+  cfg = engine.spec
+  dense = sum(a.nbytes for layer in engine.forward.layers for a in jax.tree.leaves(layer))
+  g = engine.forward.globals
   dense += g["final_norm"].nbytes + g["embed"].nbytes // cfg.vocab_size
   dense += sum(a.nbytes for a in jax.tree.leaves(g.get("lm_head", g["embed"])))
   experts = len(cfg.moe_layers) * cfg.num_experts_per_tok * engine.experts.bytes_per_expert
@@ -65,8 +65,8 @@ def active_bytes_per_token(engine) -> int:
 def measure(store: str, enc: str, dense_dtype: str, ref: float) -> dict:
   engine = lazymoe_jax.load(store, expert_slots=10**9,
                             dense_dtype=None if dense_dtype == "keep" else dense_dtype)
-  for layer in engine.cfg.moe_layers:  # every expert resident before timing
-    engine.pool.acquire(layer, range(engine.cfg.num_experts))
+  for layer in engine.spec.moe_layers:  # every expert resident before timing
+    engine.pool.acquire(layer, range(engine.spec.num_experts))
   prompt = np.random.default_rng(0).integers(3, FLAGS.vocab, FLAGS.prompt)
   engine.eos_ids = set()
   engine.generate(prompt, 4)  # compile

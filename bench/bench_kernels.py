@@ -99,9 +99,10 @@ def bench_shape(name: str, hidden: int, inter: int, encs: list[str], seconds: fl
     enc = encodings.get(enc_name)
     gu, dn = enc.encode(w_gu), enc.encode(w_d)
     nbytes = sum(a.nbytes for a in gu.values()) + sum(a.nbytes for a in dn.values())
-    experts = Cycle(lambda: ({k: jax.device_put(v.copy()) for k, v in gu.items()},
-                             {k: jax.device_put(v.copy()) for k, v in dn.items()}), nbytes)
-    fn = jax.jit(lambda gu, dn, x, enc=enc: layers.swiglu(enc, gu, dn, x))
+    experts = Cycle(lambda: (
+        encodings.Weight(enc, {k: jax.device_put(v.copy()) for k, v in gu.items()}),
+        encodings.Weight(enc, {k: jax.device_put(v.copy()) for k, v in dn.items()})), nbytes)
+    fn = jax.jit(layers.swiglu)
     row = {"shape": name, "encoding": enc_name, "expert_MB": nbytes / 1e6}
     for m in (1, 8, 64):
       x = jnp.asarray(rng.standard_normal((m, hidden), dtype=np.float32))

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from lazymoe_jax.engine import keep_heap_warm
+from lazymoe_jax.model.spec import cache_spec
+from lazymoe_jax.engine.memory import keep_heap_warm
 from lazymoe_jax.kv import DenseKV, TurboQuantKV
 from lazymoe_jax.kv.turboquant import TurboQuant
 
@@ -35,11 +36,6 @@ def define_flags() -> None:
 
 
 FLAGS = flags.FLAGS
-
-
-class _Cfg:  # the few config fields a KV cache needs
-  def __init__(self, kv_heads, head_dim):
-    self.num_hidden_layers, self.num_key_value_heads, self.head_dim = 1, kv_heads, head_dim
 
 
 def distortion(d: int) -> None:
@@ -68,7 +64,7 @@ def bytes_table(d: int, kv_heads: int) -> None:
 
 
 def attention_time(contexts: list[int], d: int, kv_heads: int = 8, q_heads: int = 32) -> None:
-  cfg = _Cfg(kv_heads, d)
+  cfg = cache_spec(kv_heads, d)
   rng = np.random.default_rng(0)
   print(f"\ndecode attention, one token, {q_heads} query / {kv_heads} KV heads, dim {d} (ms):")
   for n in contexts:

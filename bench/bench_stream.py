@@ -152,16 +152,15 @@ def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: in
   oracle's hit rate on this run's trace at this pool size (bench.cache_policies), and x (the
   last hidden state)."""
   from bench.cache_policies import oracle_hit_rate  # pylint: disable=import-outside-toplevel
-  cache = engine._new_cache(context)  # pylint: disable=protected-access
-  forward = engine._forward  # pylint: disable=protected-access
+  seq = engine.session(context)
   acquires: list[list[tuple[int, int]]] = []  # every acquire (a prefill layer: its experts)
-  engine.trace = lambda layer, e, h: acquires.append(
+  engine.forward.trace = lambda layer, e, h: acquires.append(
       [(layer, int(x)) for x in (e[0] if len(e) == 1 else np.unique(e))])
   t0 = time.perf_counter()
-  _, cache = forward(ids[:n_prompt], 0, cache)
+  seq.advance(ids[:n_prompt])
   prompt_s = time.perf_counter() - t0
   for i in range(n_prompt, n_prompt + 2):
-    _, cache = forward(ids[i:i + 1], i, cache)
+    seq.advance(ids[i:i + 1])
   p = engine.pool
   counters = lambda: (p.hits, p.misses, p.bytes_read, p.prefetch_reads, p.prefetch_used,  # noqa: E731
                       p.io_wait_s, engine.experts.disk_busy.seconds())
@@ -170,11 +169,11 @@ def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: in
   anon = 0
   t0 = time.perf_counter()
   for i in range(n_prompt + 2, n_prompt + 2 + n_tok):
-    x, cache = forward(ids[i:i + 1], i, cache)
+    x = seq.advance(ids[i:i + 1])
     anon = max(anon, rss_anon())
   x.block_until_ready()
   wall = time.perf_counter() - t0
-  engine.trace = None
+  engine.forward.trace = None
   hits, misses, nbytes, pf, pf_used, io, busy = (a - b for a, b in zip(counters(), before))
   decode = [(keys[0][0], np.array([e for _, e in keys])) for keys in acquires[first:]]
   return {"x": x, "prompt_s": prompt_s, "token_s": wall / n_tok,
@@ -185,7 +184,7 @@ def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: in
                                              [i >= first for i in range(len(acquires))])
           if len(p.table) < p.num_slots or p.misses else None,  # None: preloaded, all resident
           "prefetch_accuracy": pf_used / pf if pf else None, "peak_anon_rss_MB": anon / 1e6,
-          **routing_summary(decode, engine.cfg.num_experts)}
+          **routing_summary(decode, engine.spec.num_experts)}
 
 
 def run_child(conf: dict) -> dict:
@@ -199,16 +198,16 @@ def run_child(conf: dict) -> dict:
     engine = lazymoe_jax.load(store, expert_slots=2, prefetch=False, max_context=context)
   elif name == "resident":
     engine = lazymoe_jax.load(store, expert_slots=10**9, prefetch=False, max_context=context)
-    for layer in engine.cfg.moe_layers:
-      engine.pool.acquire(layer, range(engine.cfg.num_experts))
+    for layer in engine.spec.moe_layers:
+      engine.pool.acquire(layer, range(engine.spec.num_experts))
   else:
     engine = lazymoe_jax.load(store, memory_budget_gb=conf["budget_gb"], cache_policy=policy,
                               prefetch=prefetch, max_context=context)
   for opt in name.split("+prefetch")[1].split(":")[1:] if "+prefetch" in name else []:
     if opt.startswith("w"):  # guesses read per layer ahead, most likely first
-      engine.prefetch_width = int(opt[1:])
+      engine.forward.prefetch_width = int(opt[1:])
     if opt.startswith("d"):  # MoE layers ahead
-      engine.prefetch_depth = int(opt[1:])
+      engine.forward.prefetch_depth = int(opt[1:])
   d = timed_decode(engine, np.array(conf["ids"], np.int32), n_prompt, n_tok, context)
   import resource  # pylint: disable=import-outside-toplevel
   mem = {}

@@ -79,18 +79,19 @@ def teacher_forced_decode(engine, windows: list[np.ndarray]) -> dict:
   hits = misses = fetched = used = 0
   acquires: list[list[tuple[int, int]]] = []  # every acquire in order, and which are counted
   counted: list[bool] = []
-  engine.trace = lambda layer, ids, h: acquires.append([(layer, int(e)) for e in ids[0]])
+  engine.forward.trace = lambda layer, ids, h: acquires.append(
+      [(layer, int(e)) for e in ids[0]])
   for w in windows:
-    cache = engine._new_cache(len(w))  # pylint: disable=protected-access
-    _, cache = engine._forward(w[:1], 0, cache)  # pylint: disable=protected-access
+    seq = engine.session(len(w))
+    seq.advance(w[:1])
     counted += [False] * (len(acquires) - len(counted))
     h0, m0, f0, u0 = p.hits, p.misses, p.prefetch_reads, p.prefetch_used
     for i in range(1, len(w)):
-      _, cache = engine._forward(w[i:i + 1], i, cache)  # pylint: disable=protected-access
+      seq.advance(w[i:i + 1])
     counted += [True] * (len(acquires) - len(counted))
     hits, misses = hits + p.hits - h0, misses + p.misses - m0
     fetched, used = fetched + p.prefetch_reads - f0, used + p.prefetch_used - u0
-  engine.trace = None
+  engine.forward.trace = None
   return {"hits": hits, "misses": misses, "prefetch_reads": fetched, "prefetch_used": used,
           "acquires": acquires, "counted": counted}
 
@@ -100,7 +101,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   model = FLAGS.model or default_model.ensure_default_store(lambda s: None)
   probe = lazymoe_jax.load(model, expert_slots=8)
-  cfg = probe.cfg
+  cfg = probe.spec
   ids = np.array(probe.tokenizer.encode(corpus.stdlib_corpus(1 << 20, held_out=True)), np.int32)
   n_win = -(-FLAGS.tokens // (FLAGS.window - 1))
   windows = [ids[i * FLAGS.window:(i + 1) * FLAGS.window] for i in range(n_win)]

@@ -43,8 +43,9 @@ FLAGS = flags.FLAGS
 
 def cached_kv(engine, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per layer (k [K, T, D], v [K, T, D]) as the float32 cache holds them after a prefill."""
-  cache = engine._new_cache(len(ids))  # pylint: disable=protected-access
-  _, cache = engine._forward(ids.astype(np.int32), 0, cache)  # pylint: disable=protected-access
+  seq = engine.session(len(ids))
+  seq.advance(ids.astype(np.int32))
+  cache = seq.cache
   t = len(ids)
   return [(np.asarray(c["k"])[:, :, :t].transpose(0, 2, 1), np.asarray(c["v"])[:, :t])
           for c in cache]
@@ -67,18 +68,17 @@ def gain_bits(mean_var_coded: float, gm_best: float, bits: int, d_b: float) -> f
 
 def unrope(engine, k: np.ndarray) -> np.ndarray:
   """k [K, T, D] keys of positions 0..T-1 after RoPE -> before it (rotated back)."""
-  cfg = engine.cfg
+  r = engine.spec.attention.rope
   kt = jnp.asarray(k.transpose(1, 0, 2))  # [T, K, D]
   pos = -jnp.arange(k.shape[1])
-  back = layers.rope(kt, pos, cfg.rope_theta, layers.rope_inv_freq(cfg),
-                     1.0 / cfg.rope_attention_factor)
+  back = layers.rope(kt, pos, r.theta, layers.rope_inv_freq(r), 1.0 / r.attention_factor)
   return np.asarray(back).transpose(1, 0, 2)
 
 
 def main(argv) -> None:
   del argv
   engine = lazymoe_jax.load(FLAGS.model or default_model.ensure_default_store(lambda s: None))
-  if engine.cfg.mla:
+  if engine.spec.attention.cache_kind == "latent":
     raise SystemExit("this model caches latents (multi-head latent attention), not keys and "
                      "values: the bound does not apply; choose a model with plain attention.")
   n = FLAGS.window
@@ -94,7 +94,7 @@ def main(argv) -> None:
       for j, x in enumerate((k, kp, v)):
         slot[j].append(x - x.mean(axis=1, keepdims=True))
   b = FLAGS.bits
-  d_b = codebook_mse(engine.cfg.head_dim, b)  # TurboQuant's distortion per unit of variance
+  d_b = codebook_mse(engine.spec.attention.head_dim, b)  # TurboQuant's distortion per unit of variance
   coding = float(np.log(d_b / 4.0 ** -b) / np.log(4.0))
   print(f"{FLAGS.windows} held-out windows of {n} tokens; at {b} bits TurboQuant's error is "
         f"{d_b:.4f} x mean variance, the Gaussian rate-distortion limit 4^-{b} = {4.0 ** -b:.4f}"

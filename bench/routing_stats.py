@@ -40,17 +40,17 @@ FLAGS = flags.FLAGS
 
 
 def routing_stats(engine, windows: list[np.ndarray]) -> dict:
-  cfg = engine.cfg
+  cfg = engine.spec
   k, e = cfg.num_experts_per_tok, cfg.num_experts
   traces: dict[int, list] = {}
-  engine.trace = lambda layer, ids, h: traces.setdefault(layer, []).append((ids, np.asarray(h)))
+  engine.forward.trace = lambda layer, ids, h: traces.setdefault(layer, []).append((ids, np.asarray(h)))
   nll, count = 0.0, 0
   for w in windows:
     logits = engine.logits(w)
     logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     nll -= float(np.sum(np.asarray(logp)[np.arange(len(w) - 1), w[1:]]))
     count += len(w) - 1
-  engine.trace = None
+  engine.forward.trace = None
   moe = list(cfg.moe_layers)
   rows = []
   for li, layer in enumerate(moe):
@@ -71,11 +71,11 @@ def routing_stats(engine, windows: list[np.ndarray]) -> dict:
            "prev_token_reuse": round(float(np.mean(reuse)), 4)}
     if li + 1 < len(moe):
       nxt = moe[li + 1]
-      p = engine.layers[nxt]
+      p = engine.forward.layers[nxt]
       hits = []
       for (_, h), (ids_next, _) in zip(traces[layer], traces[nxt]):
-        xn = layers.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-        guess = np.asarray(route(cfg, layers.linear(xn, p["router"]))[0])
+        xn = layers.rms_norm(h, p["mlp_norm"], cfg.norm_eps)
+        guess = np.asarray(route(cfg.moe.router, layers.linear(xn, p["router"]))[0])
         hits += [len(set(a) & set(b)) / k for a, b in zip(guess, ids_next)]
       row["next_layer_prediction"] = round(float(np.mean(hits)), 4)
     rows.append(row)

@@ -22,11 +22,11 @@ import tensorstore as ts
 from absl import app, flags
 from safetensors import safe_open
 
-from checkpoints_tools import hf_layout
 from lazymoe_jax import cli
-from lazymoe_jax import config as config_lib
+from lazymoe_jax import families
 from lazymoe_jax.errors import CheckpointError
 from lazymoe_jax.model import encodings
+from lazymoe_jax.model.spec import MOE, ModelSpec
 from lazymoe_jax.store import dense as dense_store
 from lazymoe_jax.store import format as fmt
 
@@ -146,92 +146,42 @@ class SafetensorsFolder:
     return self.handles[self.where[key]].get_slice(key)[i:i + 1][0]
 
 
-class LayerExperts:
-  """The routed experts of one MoE layer in the checkpoint: per-expert tensors (Mixtral, Qwen,
-  OLMoE) or fused [E, ...] tensors (gpt-oss, float or MXFP4). `read` gives one expert in the
-  store's layout: weights [out, in] encoded, gate rows before up rows, biases float32."""
-
-  def __init__(self, cfg: config_lib.MoEConfig, layer: int, mxfp4: bool):
-    self.cfg = cfg
-    self.fused = cfg.model_type in hf_layout.FUSED_EXPERTS
-    self.mxfp4 = mxfp4
-    self.names = (hf_layout.fused_expert_names(cfg, layer, mxfp4) if self.fused
-                  else hf_layout.expert_names(cfg, layer))
-
-  def expected(self) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, for validation."""
-    if self.fused:
-      shapes = hf_layout.fused_expert_shapes(self.cfg)
-      return {name: shapes[tensor][key] for tensor, names in self.names.items()
-              for key, name in names.items()}
-    shapes = hf_layout.piece_shapes(self.cfg)
-    out = {}
-    for param, templates in self.names.items():
-      for e in range(self.cfg.num_experts):
-        out |= dict(zip((t.format(e=e) for t in templates), shapes["expert_" + param]))
-    return out
-
-  def first_weight(self) -> str:
-    """An expert weight's HF name (its dtype is the source dtype)."""
-    names = self.names["w_gate_up"]
-    return names["blocks"] if self.mxfp4 else names[""] if self.fused else names[0].format(e=0)
-
-  def read(self, folder: "SafetensorsFolder", e: int,
-           enc: encodings.Encoding) -> dict[str, dict[str, np.ndarray]]:
-    """Expert e as {tensor: {suffix: array}}."""
-    if not self.fused:
-      return {tensor: enc.encode(_gather(folder, [t.format(e=e) for t in templates],
-                                         fp8_as_f32=True))
-              for tensor, templates in self.names.items()}
-    out = {}
-    for tensor, names in self.names.items():
-      if tensor.startswith("b_"):
-        out[tensor] = {"": hf_layout.deinterleave(
-            tensor, folder.get_row(names[""], e).astype(np.float32))}
-      elif self.mxfp4:  # published [out, in] blocks: rows reordered, bytes kept
-        packed = {"": hf_layout.deinterleave(tensor, folder.get_row(names["blocks"], e)),
-                  "scale": hf_layout.deinterleave(tensor, folder.get_row(names["scales"], e))}
-        out[tensor] = (packed if enc.kind == "mxfp4" else
-                       enc.encode(encodings.get("mxfp4").decode(packed)))
-      else:  # [in, out] -> [out, in]
-        w = folder.get_row(names[""], e).astype(np.float32).T
-        out[tensor] = enc.encode(hf_layout.deinterleave(tensor, w))
-    return out
+# Tensors some exporters write that carry no weights we need.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def _plan(cfg: config_lib.MoEConfig, mxfp4: bool):
-  """[(part name, {param: [hf names]}, LayerExperts or None)] per part."""
-  parts = [("globals", hf_layout.globals_names(cfg), None)]
-  for layer in range(cfg.num_hidden_layers):
-    experts = (LayerExperts(cfg, layer, mxfp4)
-               if cfg.mlp_layer_types[layer] == config_lib.MOE else None)
-    parts.append((f"layer_{layer:03d}", hf_layout.layer_names(cfg, layer), experts))
+def _plan(family, spec: ModelSpec):
+  """[(part name, {param: [hf names]}, expert reader or None)] per part."""
+  parts = [("globals", family.globals_names(spec), None)]
+  for layer in range(spec.num_hidden_layers):
+    experts = family.experts(spec, layer) if spec.layers[layer].mlp == MOE else None
+    parts.append((f"layer_{layer:03d}", family.layer_names(spec, layer), experts))
   return parts
 
 
-def _validate(cfg, folder: SafetensorsFolder, plan, ignored_prefixes: tuple[str, ...] = ()
-              ) -> None:
+def _validate(family, spec: ModelSpec, folder: "SafetensorsFolder", plan,
+              ignored_prefixes: tuple[str, ...] = ()) -> None:
   """Every expected tensor present with the right shape, nothing unexpected. Reads no data.
-  Tensors under `ignored_prefixes` (DeepSeek-V3's multi-token-prediction layers) are skipped."""
-  shapes = hf_layout.piece_shapes(cfg)
+  Tensors under `ignored_prefixes` (e.g. multi-token-prediction layers) are skipped."""
+  shapes = family.param_shapes(spec)
   expected: dict[str, tuple[int, ...]] = {}
   for _, dense, experts in plan:
     for param, names in dense.items():
       expected |= dict(zip(names, shapes[param]))
     if experts is not None:
-      expected |= experts.expected()
+      expected |= experts.expected_in(folder)
   present = set(folder.where)
   missing = sorted(set(expected) - present)
-  ignorable = {k for k in present if k.endswith(hf_layout.IGNORED_SUFFIXES) or
+  ignorable = {k for k in present if k.endswith(IGNORED_SUFFIXES) or
                (ignored_prefixes and k.startswith(ignored_prefixes))} | folder.fp8_scales
-  if cfg.tie_word_embeddings:
+  if spec.tie_word_embeddings:
     ignorable.add("lm_head.weight")  # some exporters write the tied head anyway
   unexpected = sorted(present - set(expected) - ignorable)
   if missing:
-    raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) that a {cfg.model_type} "
+    raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) that a {spec.family} "
                           f"model with this config.json needs, e.g. {missing[:5]}.")
   if unexpected:
-    raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) that a {cfg.model_type} "
+    raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) that a {spec.family} "
                           f"model with this config.json does not use, e.g. {unexpected[:5]}; "
                           "the config and the weights do not match.")
   for name, shape in expected.items():
@@ -322,9 +272,9 @@ def _swap_into_place(tmp: str, dst: str) -> None:
   shutil.rmtree(old)
 
 
-def _eos_ids(src: str, cfg: config_lib.MoEConfig) -> list[int]:
+def _eos_ids(src: str, spec: ModelSpec) -> list[int]:
   """eos ids from config.json and generation_config.json (chat models list more there)."""
-  ids = list(cfg.eos_token_ids)
+  ids = list(spec.eos_token_ids)
   path = os.path.join(src, "generation_config.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -349,7 +299,8 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
                           "(config.json plus *.safetensors).")
   with open(cfg_path) as f:
     hf = json.load(f)
-  cfg = config_lib.from_hf(hf)
+  family = families.of_config(hf)
+  spec = families.spec_from_hf(hf)
   if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
     raise CheckpointError(f"--expert_dtype={expert_dtype!r} is not supported; choose one of "
                           f"{sorted(EXPERT_DTYPES)}.")
@@ -362,25 +313,19 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
   if folder.fp8:
     log(f"{len(folder.fp8)} block-scaled FP8 weights ({list(block)} blocks): dequantised to "
         f"{folder.float_dtype} (experts: to --expert_dtype when given)")
-  mxfp4 = (cfg.model_type in hf_layout.FUSED_EXPERTS and
-           any(k.endswith("_blocks") for k in folder.where))
-  plan = _plan(cfg, mxfp4)
-  # DeepSeek-V3 ships multi-token-prediction layers after the last decoder layer (unused here,
-  # as transformers ignores them)
-  n = cfg.num_hidden_layers
-  mtp = tuple(f"model.layers.{i}." for i in range(n, n + int(hf.get(
-      "num_nextn_predict_layers") or 0)))
-  _validate(cfg, folder, plan, mtp)
+  plan = _plan(family, spec)
+  _validate(family, spec, folder, plan, family.ignored_prefixes(hf))
 
-  moe_layers = list(cfg.moe_layers)
-  first = plan[1 + moe_layers[0]][2].first_weight()
-  src_dtype = "mxfp4" if mxfp4 else folder.dtype(first).lower()
+  moe_layers = list(spec.moe_layers)
+  first = plan[1 + moe_layers[0]][2]
+  src_dtype = (first.source_encoding(folder) or
+               folder.dtype(first.source_name(folder)).lower())
   src_dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(src_dtype, src_dtype)
   name = EXPERT_DTYPES[expert_dtype] if expert_dtype else src_dtype
   name = f"int4-g{group_size}" if name == "int4" else name
   try:
     enc = encodings.get(name)
-    layout = fmt.expert_arrays(cfg, enc)  # also checks that the int4 group divides the widths
+    layout = fmt.expert_arrays(spec, enc)  # also checks that the int4 group divides the widths
   except ValueError as e:
     raise CheckpointError(f"experts ({src_dtype} in the checkpoint) cannot be stored as {name}: "
                           f"{e}") from e
@@ -390,13 +335,13 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
   os.makedirs(os.path.join(tmp, fmt.DENSE_DIR))
   try:
     arrays, tensors = {}, {}
-    for aname, (tensor, suffix, shape, dtype) in layout.items():
-      full = (len(moe_layers), cfg.num_experts, *shape)
+    for aname, (tensor, suffix, shape, dtype, tensor_enc) in layout.items():
+      full = (len(moe_layers), spec.num_experts, *shape)
       path = os.path.join(fmt.EXPERTS_DIR, aname)
       arrays[aname] = ts.open(fmt.zarr3_spec(os.path.join(tmp, path), full, dtype),
                               create=True).result()
       tensors[aname] = {"path": path, "shape": list(full), "dtype": dtype, "tensor": tensor,
-                        "suffix": suffix}
+                        "suffix": suffix, "encoding": tensor_enc}
     crc = {aname: [] for aname in layout}
     t0, nbytes = time.perf_counter(), 0
     for part, dense, experts in plan:
@@ -408,7 +353,7 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
       for aname in layout:
         crc[aname].append([])
       row = len(crc[next(iter(layout))]) - 1
-      for e in range(cfg.num_experts):
+      for e in range(spec.num_experts):
         for tensor, encoded in experts.read(folder, e, enc).items():
           for suffix, data in encoded.items():
             aname = fmt.array_name(tensor, suffix)
@@ -416,16 +361,16 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
             arrays[aname][row, e].write(data).result()
             crc[aname][row].append(zlib.crc32(data))
             nbytes += data.nbytes
-      log(f"{part}: {cfg.num_experts} experts written, {nbytes / 2**20:.1f} MiB so far, "
+      log(f"{part}: {spec.num_experts} experts written, {nbytes / 2**20:.1f} MiB so far, "
           f"{time.perf_counter() - t0:.1f} s")
     manifest = {
         "format": fmt.FORMAT, "version": fmt.VERSION,
-        "config": cfg.to_dict(), "hf_config": hf,
+        "family": spec.family, "hf_config": hf,
         "dense": {"dir": fmt.DENSE_DIR, "parts": [p for p, _, _ in plan]},
         "experts": {"layers": moe_layers, "encoding": enc.name, "tensors": tensors,
                     "checksum": "crc32", "crc32": crc},
         "tokenizer": _tokenizer(src, tmp, hf, log),
-        "generation": {"eos_token_ids": _eos_ids(src, cfg)},
+        "generation": {"eos_token_ids": _eos_ids(src, spec)},
         "source": {"path": os.path.abspath(src), "expert_dtype": src_dtype},
     }
     fmt.write_manifest(tmp, manifest)  # last: only now is the store valid

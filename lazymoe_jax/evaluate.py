@@ -48,7 +48,7 @@ def perplexity(engine, ids: list[int], context: int, stride: int, progress: bool
   """Sliding-window perplexity of token ids (every token after the first is scored once)."""
   if len(ids) < 2:
     raise ValueError("the text has fewer than 2 tokens: nothing to score.")
-  limit = engine.cfg.max_position_embeddings
+  limit = engine.spec.max_position_embeddings
   if context > limit:
     raise ValueError(f"context {context} exceeds the model's {limit} positions; its scores "
                      "there would measure positions it never saw. Use --context <= "
@@ -209,7 +209,7 @@ def evaluate(model: str, text_file: str | None = None, prompts_jsonl: str | None
   if text_file is not None:
     with open(text_file, encoding="utf-8") as f:
       ids = engine.tokenizer.encode(f.read())
-    context = context or min(engine.cfg.max_position_embeddings, 4096)  # the model's context
+    context = context or min(engine.spec.max_position_embeddings, 4096)  # the model's context
     summary = perplexity(engine, ids, context, stride or context // 2, progress)
   else:
     summary = run_prompts(engine, prompts_jsonl, output, max_new_tokens, sampler, progress)

@@ -46,7 +46,7 @@ def test_matches_transformers_mixtral(demo):
 def test_held_out_perplexity_is_far_below_unigram(demo):
   engine, ids = demo
   train = np.array(engine.tokenizer.encode(corpus.stdlib_corpus(1 << 40)))
-  counts = np.bincount(train, minlength=engine.cfg.vocab_size) + 1.0
+  counts = np.bincount(train, minlength=engine.spec.vocab_size) + 1.0
   logp_uni = np.log(counts / counts.sum())
   windows = [ids[i * 256:(i + 1) * 256] for i in range(4)]
   nll_model, nll_uni, n = 0.0, 0.0, 0

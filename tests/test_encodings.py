@@ -71,5 +71,5 @@ def test_many_token_product_by_row_blocks(name, monkeypatch):
 def test_int4_group_must_divide_width():
   with pytest.raises(ValueError, match="does not divide"):
     encodings.get("int4-g128").arrays(64, 96)
-  with pytest.raises(ValueError, match="unknown expert encoding"):
+  with pytest.raises(ValueError, match="unknown weight encoding"):
     encodings.get("int3")

@@ -41,10 +41,10 @@ def test_4_bit_cache_keeps_top1_and_is_small(demo_store, windows):
   assert agree / total >= 0.93
   assert ppl["tq"] <= ppl["dense"] * 1.02  # +1.1% on these 4 windows, +0.37% over 16
   # bytes really held, norms included, against a bf16 cache of the same capacity
-  cfg = tq.cfg
-  capacity = tq.stats()["kv_cache_bytes"] / (cfg.num_hidden_layers * cfg.num_key_value_heads * 2
-                                               * (cfg.head_dim / 2 + 2))
-  bf16 = cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * capacity * cfg.head_dim * 2
+  cfg = tq.spec
+  capacity = tq.stats()["kv_cache_bytes"] / (cfg.num_hidden_layers * cfg.attention.num_kv_heads * 2
+                                               * (cfg.attention.head_dim / 2 + 2))
+  bf16 = cfg.num_hidden_layers * cfg.attention.num_kv_heads * 2 * capacity * cfg.attention.head_dim * 2
   assert bf16 / tq.stats()["kv_cache_bytes"] >= 3.5
 
 

@@ -50,7 +50,7 @@ def test_minimal_pool_is_bit_identical_to_resident(family_models, family):
   small = lazymoe_jax.load(store, expert_slots=k)
   big = lazymoe_jax.load(store, expert_slots=10_000)
   assert small.stats()["pool_slots"] == k
-  assert big.stats()["pool_slots"] == len(small.experts.layers) * small.cfg.num_experts
+  assert big.stats()["pool_slots"] == len(small.experts.layers) * small.spec.num_experts
   np.testing.assert_array_equal(small.logits(ids), big.logits(ids))
   small.eos_ids = big.eos_ids = set()
   assert small.generate(ids[:5], 12) == big.generate(ids[:5], 12)
@@ -75,13 +75,14 @@ def test_gpt_oss_parity_is_sensitive_to_window_sinks_and_clamp(family_models):
   """The gpt-oss parity above means something: each of its own features moves the 20-token
   logits far beyond the tolerance, and the YaRN frequencies equal transformers' own."""
   import copy  # pylint: disable=import-outside-toplevel
-  from lazymoe_jax.config import SLIDING  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax.model.spec import SLIDING  # pylint: disable=import-outside-toplevel
   from lazymoe_jax.model import layers  # pylint: disable=import-outside-toplevel
   model, _, store = family_models["gpt_oss"]
   ids = token_ids(N_TOKENS)
   ref = _gpt_oss_logits(model, ids)
-  cfg = lazymoe_jax.load(store, expert_slots=2).cfg
-  assert cfg.sliding_window < N_TOKENS and SLIDING in cfg.layer_types
+  cfg = lazymoe_jax.load(store, expert_slots=2).spec
+  windows = {layer.window for layer in cfg.layers if layer.attention == SLIDING}
+  assert len(windows) == 1 and windows.pop() < N_TOKENS
   no_window = copy.deepcopy(model)
   no_window.config.sliding_window = 10_000
   no_sinks = copy.deepcopy(model)
@@ -96,8 +97,9 @@ def test_gpt_oss_parity_is_sensitive_to_window_sinks_and_clamp(family_models):
     print(f"gpt_oss without {name}: logits move by {moved:.2e}")
     assert moved > 1e3 * TOL, name
   rotary = model.model.rotary_emb
-  np.testing.assert_allclose(layers.rope_inv_freq(cfg), rotary.inv_freq.numpy(), rtol=1e-6)
-  assert cfg.rope_type == "yarn" and cfg.rope_attention_factor == rotary.attention_scaling != 1
+  r = cfg.attention.rope
+  np.testing.assert_allclose(layers.rope_inv_freq(r), rotary.inv_freq.numpy(), rtol=1e-6)
+  assert r.kind == "yarn" and r.attention_factor == rotary.attention_scaling != 1
 
 
 def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantised_weights(tmp_path):
@@ -190,10 +192,10 @@ def test_deepseek_parity_is_sensitive_to_its_router_rope_and_scales(family_model
       assert moved > 30 * TOL, (family, name)  # measured 5e-3 .. 9e-2, see BUILD_NOTES
     engine = lazymoe_jax.load(store, expert_slots=2 * model.config.num_experts_per_tok)
     engine.logits(ids)
-    cfg = engine.cfg
-    capacity = engine._new_cache(len(ids)).capacity  # pylint: disable=protected-access
-    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * capacity * 4  # float32 [c, k_r]
-    assert engine.stats()["kv_cache_bytes"] == cfg.num_hidden_layers * latent
+    a = engine.spec.attention
+    capacity = engine.session(len(ids)).cache.capacity
+    latent = (a.kv_lora_rank + a.qk_rope_head_dim) * capacity * 4  # float32 [c, k_r]
+    assert engine.stats()["kv_cache_bytes"] == engine.spec.num_hidden_layers * latent
 
 
 def test_deepseek_refuses_kv_bits(family_models):
@@ -213,7 +215,8 @@ def test_deepseek_v2_greedy_router_matches_transformers(tmp_path):
   ids = token_ids(N_TOKENS, seed=9)
   engine = lazymoe_jax.load(str(tmp_path / "store"),
                             expert_slots=model.config.num_experts_per_tok)
-  assert engine.cfg.router_type == "softmax_topk" and not engine.cfg.norm_topk_prob
+  router = engine.spec.moe.router
+  assert router.kind == "softmax_topk" and not router.renormalize
   diff = np.abs(engine.logits(ids) - _ref_logits(model, ids)).max()
   print(f"deepseek_v2 greedy router: max |logit diff| = {diff:.2e}")
   assert diff <= TOL
@@ -308,7 +311,7 @@ def test_deepseek_v3_published_config_parses():
   """DeepSeek-V3's published config.json (its keys as released): MLA sizes, the RoPE head dim,
   the YaRN softmax scale (qk_head_dim^-0.5 * mscale(40, 1)^2), the router, the dense layers."""
   import math  # pylint: disable=import-outside-toplevel
-  from lazymoe_jax import config  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax import families  # pylint: disable=import-outside-toplevel
   hf = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
         "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
         "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
@@ -324,10 +327,11 @@ def test_deepseek_v3_published_config_parses():
                          "type": "yarn"},
         "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
                                 "quant_method": "fp8", "weight_block_size": [128, 128]}}
-  cfg = config.from_hf(hf)
-  assert (cfg.head_dim, cfg.kv_lora_rank, cfg.q_lora_rank) == (64, 512, 1536) and cfg.mla
-  assert cfg.rope_type == "yarn" and cfg.rope_attention_factor == 1.0 and cfg.rope_interleave
-  assert math.isclose(cfg.attention_scale, 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
-  assert cfg.router_type == "sigmoid_group_topk" and (cfg.n_group, cfg.topk_group) == (8, 4)
-  assert cfg.moe_layers == tuple(range(3, 61)) and cfg.shared_expert_intermediate_size == 2048
-  assert not cfg.shared_expert_gate and cfg.routed_scaling_factor == 2.5
+  spec = families.spec_from_hf(hf)
+  a, r, router = spec.attention, spec.attention.rope, spec.moe.router
+  assert a.cache_kind == "latent" and (r.dim, a.kv_lora_rank, a.q_lora_rank) == (64, 512, 1536)
+  assert r.kind == "yarn" and r.attention_factor == 1.0 and r.interleaved
+  assert math.isclose(a.scale, 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+  assert router.kind == "sigmoid_group_topk" and (router.n_group, router.topk_group) == (8, 4)
+  assert spec.moe_layers == tuple(range(3, 61)) and spec.moe.shared_width == 2048
+  assert not spec.moe.shared_gate and router.scaling == 2.5

@@ -199,7 +199,7 @@ def test_damaged_expert_chunk_is_detected(mixtral, tmp_path, damage):
     os.remove(chunk)
   engine = lazymoe_jax.load(str(store), expert_slots=2)
   with pytest.raises(lazymoe_jax.StoreError, match="c/1/2/0/0") as info:
-    for e in range(engine.cfg.num_experts):  # read every expert of layer 1 once
+    for e in range(engine.spec.num_experts):  # read every expert of layer 1 once
       engine.pool.acquire(1, [e])
   assert "re-convert" in str(info.value)
 
@@ -349,7 +349,7 @@ def test_prefetch_changes_nothing_even_when_it_guesses_wrong(family_models):
   wrong = lazymoe_jax.load(store, expert_slots=2 * k)
   wrong.eos_ids = set()
   rng = np.random.default_rng(0)
-  for nxt in wrong._routers.values():  # the guessing routers, not the real ones, at random
+  for nxt in wrong.forward.routers.values():  # the guessing routers, not the real ones
     nxt["router"] = rng.standard_normal(nxt["router"].shape).astype(np.float32)
   assert wrong.generate(prompt, 20) == want
   assert wrong.stats()["prefetch_reads"] > 0
@@ -490,8 +490,8 @@ def test_kv_cache_stays_within_max_context_and_per_sequence(family_models):
   ids = token_ids(140)
   full = lazymoe_jax.load(family_models["mixtral"][2], expert_slots=100).logits(ids)
   np.testing.assert_allclose(engine.logits(ids), full, atol=1e-5)
-  cfg = engine.cfg
-  per_position = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 4
+  cfg = engine.spec
+  per_position = cfg.num_hidden_layers * cfg.attention.num_kv_heads * cfg.attention.head_dim * 2 * 4
   assert engine.stats()["kv_cache_bytes"] == 150 * per_position  # not the 256-token bucket
   # two sequences on one engine: each keeps its own capacity
   a = engine.stream(token_ids(100, seed=2), 45)

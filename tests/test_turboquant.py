@@ -109,9 +109,8 @@ def test_bad_settings():
 def test_cache_attention_equals_dense_attention_on_decoded_vectors(variant):
   import jax  # pylint: disable=import-outside-toplevel
   from lazymoe_jax.kv import DenseKV, TurboQuantKV  # pylint: disable=import-outside-toplevel
-
-  class Cfg:
-    num_hidden_layers, num_key_value_heads, head_dim = 1, 2, 64
+  from lazymoe_jax.model.spec import cache_spec  # pylint: disable=import-outside-toplevel
+  Cfg = cache_spec(2, 64)
   rng = np.random.default_rng(0)
   t, s = 16, 256
   common = rng.standard_normal((1, 2, 64)).astype(np.float32) * 4  # shared by every token
@@ -141,9 +140,8 @@ def test_centering_is_exact_and_shrinks_the_error():
   """Subtracting the prompt's mean key / value changes attention by nothing but the quantiser's
   error, and that error is smaller when the vectors share a common component."""
   from lazymoe_jax.kv import DenseKV, TurboQuantKV  # pylint: disable=import-outside-toplevel
-
-  class Cfg:
-    num_hidden_layers, num_key_value_heads, head_dim = 1, 2, 64
+  from lazymoe_jax.model.spec import cache_spec  # pylint: disable=import-outside-toplevel
+  Cfg = cache_spec(2, 64)
   rng = np.random.default_rng(1)
   t, s = 64, 64
   common = rng.standard_normal((1, 2, 64)).astype(np.float32) * 3

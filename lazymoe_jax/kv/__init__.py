@@ -2,7 +2,7 @@
 
   kv = DenseKV() | TurboQuantKV(k_bits, v_bits) | LatentKV()   (frozen, hashable: a static
                                                        jit argument; LatentKV for MLA models)
-  cache = kv.init(cfg, capacity)                       one pytree per layer
+  cache = kv.init(spec, capacity)                      one pytree per layer (spec: ModelSpec)
   cache[l] = kv.update(cache[l], k, v, start)          k, v [T, K, D]
   out = kv.attend(cache[l], q, q_pos, window, scale, sinks=None)   q [T, H, D] -> [T, H, D]
   kv.nbytes(cache)                                     bytes really held

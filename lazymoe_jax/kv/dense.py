@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lazymoe_jax.config import MoEConfig
+from lazymoe_jax.model.spec import ModelSpec
 
 QUERY_BLOCK = 128  # long prompts attend in blocks of queries: scores stay [K, G, 128, S]
 
@@ -68,17 +68,18 @@ class DenseKV:
 
   dtype: str = "float32"
 
-  def validate(self, cfg: MoEConfig) -> None:
-    if getattr(cfg, "kv_lora_rank", 0):  # getattr: tests pass duck-typed configs
-      raise ValueError("multi-head latent attention (kv_lora_rank > 0) caches latents: use "
-                       "LatentKV (kv.make(..., mla=True)), not DenseKV.")
+  def validate(self, spec: ModelSpec) -> None:
+    if spec.attention.cache_kind != "heads":
+      raise ValueError("multi-head latent attention caches latents: use LatentKV "
+                       "(kv.make(..., mla=True)), not DenseKV.")
 
-  def init(self, cfg: MoEConfig, capacity: int) -> list[dict[str, jax.Array]]:
-    self.validate(cfg)
-    k_shape = (cfg.num_key_value_heads, cfg.head_dim, capacity)
-    v_shape = (cfg.num_key_value_heads, capacity, cfg.head_dim)
+  def init(self, spec: ModelSpec, capacity: int) -> list[dict[str, jax.Array]]:
+    self.validate(spec)
+    a = spec.attention
+    k_shape = (a.num_kv_heads, a.head_dim, capacity)
+    v_shape = (a.num_kv_heads, capacity, a.head_dim)
     return [{"k": jnp.zeros(k_shape, self.dtype), "v": jnp.zeros(v_shape, self.dtype)}
-            for _ in range(cfg.num_hidden_layers)]
+            for _ in range(spec.num_hidden_layers)]
 
   @staticmethod
   def nbytes(cache: list) -> int:

@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lazymoe_jax.config import MoEConfig
+from lazymoe_jax.model.spec import ModelSpec
 from lazymoe_jax.kv.dense import blocked, causal_softmax, from_rows, to_rows
 
 
@@ -27,15 +27,15 @@ class LatentKV:
 
   dtype: str = "float32"
 
-  def validate(self, cfg: MoEConfig) -> None:
-    if not cfg.mla:
+  def validate(self, spec: ModelSpec) -> None:
+    if spec.attention.cache_kind != "latent":
       raise ValueError("LatentKV serves multi-head latent attention models (kv_lora_rank > 0) "
                        "only; use DenseKV.")
 
-  def init(self, cfg: MoEConfig, capacity: int) -> list[dict[str, jax.Array]]:
-    self.validate(cfg)
-    shape = (1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, capacity)
-    return [{"k": jnp.zeros(shape, self.dtype)} for _ in range(cfg.num_hidden_layers)]
+  def init(self, spec: ModelSpec, capacity: int) -> list[dict[str, jax.Array]]:
+    self.validate(spec)
+    shape = (1, spec.attention.kv_lora_rank + spec.attention.qk_rope_head_dim, capacity)
+    return [{"k": jnp.zeros(shape, self.dtype)} for _ in range(spec.num_hidden_layers)]
 
   @staticmethod
   def nbytes(cache: list) -> int:

@@ -314,21 +314,23 @@ class TurboQuantKV:
     return (TurboQuant(head_dim, self.k_bits, self.seed, self.k_variant),
             TurboQuant(head_dim, self.v_bits, self.seed + 1))
 
-  def validate(self, cfg) -> None:
-    if getattr(cfg, "kv_lora_rank", 0):
+  def validate(self, spec) -> None:
+    if spec.attention.cache_kind != "heads":
       raise ValueError(MLA_REFUSAL)
-    if cfg.head_dim & (cfg.head_dim - 1):
+    d = spec.attention.head_dim
+    if d & (d - 1):
       raise ValueError(f"TurboQuant needs a power-of-two head_dim (Hadamard rotation); this "
-                       f"model has {cfg.head_dim}. Run without kv_bits.")
-    self.quantisers(cfg.head_dim)  # checks the bit widths
+                       f"model has {d}. Run without kv_bits.")
+    self.quantisers(d)  # checks the bit widths
 
-  def init(self, cfg, capacity: int) -> list[dict]:
-    self.validate(cfg)
-    kq, vq = self.quantisers(cfg.head_dim)
-    zeros = jnp.zeros((cfg.num_key_value_heads, capacity, cfg.head_dim), F32)
-    shift = (cfg.num_key_value_heads, cfg.head_dim)
+  def init(self, spec, capacity: int) -> list[dict]:
+    self.validate(spec)
+    a = spec.attention
+    kq, vq = self.quantisers(a.head_dim)
+    zeros = jnp.zeros((a.num_kv_heads, capacity, a.head_dim), F32)
+    shift = (a.num_kv_heads, a.head_dim)
     return [{"k": kq.encode(zeros), "v": vq.encode(zeros), "k_shift": jnp.zeros(shift, F32),
-             "v_shift": jnp.zeros(shift, F32)} for _ in range(cfg.num_hidden_layers)]
+             "v_shift": jnp.zeros(shift, F32)} for _ in range(spec.num_hidden_layers)]
 
   @staticmethod
   def nbytes(cache: list) -> int:

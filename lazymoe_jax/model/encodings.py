@@ -40,32 +40,133 @@ INT8_DEQUANT_TOKENS = 16  # above this many tokens int8 weights are decoded to f
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)  # magnitudes by code & 7
 
 
-@dataclasses.dataclass(frozen=True)
 class Encoding:
-  """A weight encoding; hashable, so jitted programs take it as a static argument."""
+  """A weight encoding: its arrays, size, encode / decode, error bound and fast product.
+
+  Subclasses are frozen dataclasses (hashable: jitted programs take an encoding as a static
+  argument, usually inside a `Weight`) and are registered by name with `register`."""
 
   name: str
 
-  @property
-  def kind(self) -> str:
-    return "float" if self.name in FLOAT_DTYPES else self.name.split("-")[0]
-
-  @property
-  def group(self) -> int:
-    return int(self.name.split("-g")[1]) if self.kind == "int4" else 0
-
-  # ---- layout ------------------------------------------------------------------------------
   def arrays(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """Suffix -> (shape, dtype name) of the arrays one [rows, cols] weight becomes."""
-    if self.kind == "float":
-      return {"": ((rows, cols), self.name)}
-    if self.kind == "int8":
-      return {"": ((rows, cols), "int8"), "scale": ((rows,), "float32")}
-    if self.kind == "mxfp4":
-      if cols % MXFP4_BLOCK:
-        raise ValueError(f"mxfp4 blocks of {MXFP4_BLOCK} do not divide the input width {cols}.")
-      n = cols // MXFP4_BLOCK
-      return {"": ((rows, n, MXFP4_BLOCK // 2), "uint8"), "scale": ((rows, n), "uint8")}
+    raise NotImplementedError
+
+  def bytes_per_weight(self) -> float:
+    raise NotImplementedError
+
+  def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+    """float weight [rows, cols] -> its arrays (numpy, offline)."""
+    raise NotImplementedError
+
+  def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The float32 weight the encoded arrays stand for (the kernels' exact reference)."""
+    raise NotImplementedError
+
+  def error_bound(self, w: np.ndarray) -> np.ndarray:
+    """Elementwise bound on |w - decode(encode(w))|."""
+    raise NotImplementedError
+
+  def matmul(self, arrays: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """x [T, C] float32 -> x @ W^T [T, O] float32, in the encoding's fast form (inside jit)."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Float(Encoding):
+  """float32 / bfloat16 / float16: {"": W [O, C]}."""
+
+  name: str = "float32"
+
+  def arrays(self, rows, cols):
+    return {"": ((rows, cols), self.name)}
+
+  def bytes_per_weight(self):
+    return 4.0 if self.name == "float32" else 2.0
+
+  def encode(self, w):
+    from lazymoe_jax.store.format import numpy_dtype  # pylint: disable=import-outside-toplevel
+    return {"": np.asarray(w, np.float32).astype(numpy_dtype(self.name))}
+
+  def decode(self, arrays):
+    return np.asarray(arrays[""], np.float32)
+
+  def error_bound(self, w):
+    eps, tiny = {"float32": (0.0, 0.0), "bfloat16": (2.0 ** -8, 0.0),
+                 "float16": (2.0 ** -11, 2.0 ** -25)}[self.name]  # f16: subnormals below 6e-5
+    return np.abs(np.asarray(w, np.float32)) * eps + tiny
+
+  def matmul(self, arrays, x):
+    # Activations stay float32 (exact against the reference): 16-bit weights are upcast, one
+    # token by multiply-sum over the long axis (fused, no temporary), more by a product.
+    a = arrays[""]
+    t = x.shape[0]
+    if self.name == "float32":
+      return _dot(a, _pad_rows(x.astype(F32)))[:, :t].T
+    if t <= 2:
+      return jnp.stack([jnp.sum(a.astype(F32) * x[i][None, :], axis=-1) for i in range(t)])
+    # many tokens: upcasting the weight once is amortised; float16 always (its narrow range
+    # would overflow or flush the split parts of x). Not by blocks of rows as int8 / int4:
+    # slower for 16-bit weights (BUILD_NOTES "session 5").
+    if t > 16 or self.name == "float16":
+      return _dot(a.astype(F32), x.astype(F32)).T
+    # a few tokens: x split into three 16-bit parts (x = x0 + x1 + x2 to float32 precision),
+    # all multiplied in the weight's own dtype with float32 accumulation: faster than the
+    # upcast product and as exact (BUILD_NOTES "session 4").
+    parts, rest = [], x.astype(F32)
+    for _ in range(3):
+      parts.append(rest.astype(a.dtype))
+      rest = rest - parts[-1].astype(F32)
+    y = _dot(a, jnp.concatenate(parts, axis=0))  # [O, 3T]
+    return (y[:, :t] + y[:, t:2 * t] + y[:, 2 * t:]).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8(Encoding):
+  """{"": q int8 [O, C], "scale": f32 [O]}: per output row, W ~ scale * q."""
+
+  name = "int8"
+
+  def arrays(self, rows, cols):
+    return {"": ((rows, cols), "int8"), "scale": ((rows,), "float32")}
+
+  def bytes_per_weight(self):
+    return 1.0
+
+  def encode(self, w):
+    w = np.asarray(w, np.float32)
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return {"": np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8),
+            "scale": scale}
+
+  def decode(self, arrays):
+    return arrays[""].astype(np.float32) * np.asarray(arrays["scale"], np.float32)[:, None]
+
+  def error_bound(self, w):
+    w = np.asarray(w, np.float32)
+    return np.broadcast_to((np.abs(w).max(axis=1) / 127.0 * 0.5)[:, None], w.shape) * (1 + 1e-6)
+
+  def matmul(self, arrays, x):
+    a = arrays[""]
+    if x.shape[0] > INT8_DEQUANT_TOKENS:  # exact f32 products beat the int8 dot here
+      return _by_row_blocks(lambda r, n: _rows(a, r, n).astype(F32), a.shape[0], a.shape[1],
+                            x.astype(F32)) * arrays["scale"][None, :]
+    return _int8_matmul(a, arrays["scale"], x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4(Encoding):
+  """int4-gG: {"": packed int8 [O, G/2, C/G], "scale": f16 [O, C/G]}, per (row, group of G
+  columns) W ~ s * q, q in [-7, 7]; packing as the module docstring says."""
+
+  group: int = 32
+
+  @property
+  def name(self) -> str:
+    return f"int4-g{self.group}"
+
+  def arrays(self, rows, cols):
     g = self.group
     if cols % g:
       fits = [x for x in INT4_GROUPS if cols % x == 0]
@@ -73,23 +174,11 @@ class Encoding:
           f"choose a group in {fits}." if fits else "no int4 group fits: use int8."))
     return {"": ((rows, g // 2, cols // g), "int8"), "scale": ((rows, cols // g), "float16")}
 
-  def bytes_per_weight(self) -> float:
-    return {"float": 4.0 if self.name == "float32" else 2.0, "int8": 1.0,
-            "mxfp4": 0.5 + 1.0 / MXFP4_BLOCK}.get(self.kind, 0.5 + 2.0 / max(self.group, 1))
+  def bytes_per_weight(self):
+    return 0.5 + 2.0 / self.group
 
-  # ---- encode / decode (numpy, offline) -----------------------------------------------------
-  def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-    from lazymoe_jax.store.format import numpy_dtype  # pylint: disable=import-outside-toplevel
+  def encode(self, w):
     w = np.asarray(w, np.float32)
-    if self.kind == "float":
-      return {"": w.astype(numpy_dtype(self.name))}
-    if self.kind == "int8":
-      scale = np.abs(w).max(axis=1) / 127.0
-      scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-      return {"": np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8),
-              "scale": scale}
-    if self.kind == "mxfp4":
-      return _mxfp4_encode(w)
     rows, cols = w.shape
     g = self.group
     wg = w.reshape(rows, cols // g, g)
@@ -101,19 +190,8 @@ class Encoding:
     return {"": np.ascontiguousarray(packed.transpose(0, 2, 1)).astype(np.int8),
             "scale": scale}
 
-  def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The float32 weight the encoded arrays stand for (the kernels' exact reference)."""
+  def decode(self, arrays):
     a = arrays[""]
-    if self.kind == "float":
-      return np.asarray(a, np.float32)
-    if self.kind == "int8":
-      return a.astype(np.float32) * np.asarray(arrays["scale"], np.float32)[:, None]
-    if self.kind == "mxfp4":
-      b = a.astype(np.int32)  # [O, N, 16]
-      lut = np.concatenate([E2M1, -E2M1])
-      w = np.stack([lut[b & 15], lut[b >> 4]], axis=-1)  # [O, N, 16, 2]: columns 2j, 2j+1
-      w = np.ldexp(w, np.asarray(arrays["scale"], np.int32)[:, :, None, None] - 127)
-      return w.reshape(a.shape[0], -1).astype(np.float32)
     b = a.astype(np.int16)  # [O, G/2, N]
     hi = np.floor_divide(b, 16)
     lo = b - 16 * hi - 8
@@ -121,60 +199,112 @@ class Encoding:
     w = q.astype(np.float32) * np.asarray(arrays["scale"], np.float32)[:, None, :]
     return np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(a.shape[0], -1)
 
-  def error_bound(self, w: np.ndarray) -> np.ndarray:
-    """Elementwise bound on |w - decode(encode(w))|: half a quantisation step (+ f16 scale)."""
+  def error_bound(self, w):
     w = np.asarray(w, np.float32)
-    if self.kind == "float":
-      eps, tiny = {"float32": (0.0, 0.0), "bfloat16": (2.0 ** -8, 0.0),
-                   "float16": (2.0 ** -11, 2.0 ** -25)}[self.name]  # f16: subnormals below 6e-5
-      return np.abs(w) * eps + tiny
-    if self.kind == "int8":
-      return np.broadcast_to((np.abs(w).max(axis=1) / 127.0 * 0.5)[:, None], w.shape) * (1 + 1e-6)
-    rows, cols = w.shape
-    if self.kind == "mxfp4":  # half the widest gap (4 to 6) at the block's scale
-      scale = np.ldexp(1.0, _mxfp4_exponents(w.reshape(rows, -1, MXFP4_BLOCK)))
-      return np.repeat(scale, MXFP4_BLOCK, axis=1).astype(np.float32)
+    rows = w.shape[0]
     g = self.group
     step = np.abs(w.reshape(rows, -1, g)).max(axis=2) / 7.0
     # half a step, plus the f16 rounding of the scale times the largest level (7)
     bound = step * 0.5 + 7 * step * 2.0 ** -11
     return np.repeat(bound, g, axis=1) * (1 + 1e-5)
 
-  # ---- products (jnp, inside jit) -----------------------------------------------------------
-  def matmul(self, arrays: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    """x [T, C] float32 -> x @ W^T [T, O] float32, in the encoding's fast form."""
-    t = x.shape[0]
+  def matmul(self, arrays, x):
+    return _int4_matmul(arrays[""], arrays["scale"], x, self.group)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mxfp4(Encoding):
+  """gpt-oss' published MXFP4 layout, byte for byte: {"": blocks uint8 [O, C/32, 16], "scale":
+  uint8 [O, C/32]}, W = 2^(s-127) * e2m1 value per (row, block of 32 columns)."""
+
+  name = "mxfp4"
+
+  def arrays(self, rows, cols):
+    if cols % MXFP4_BLOCK:
+      raise ValueError(f"mxfp4 blocks of {MXFP4_BLOCK} do not divide the input width {cols}.")
+    n = cols // MXFP4_BLOCK
+    return {"": ((rows, n, MXFP4_BLOCK // 2), "uint8"), "scale": ((rows, n), "uint8")}
+
+  def bytes_per_weight(self):
+    return 0.5 + 1.0 / MXFP4_BLOCK
+
+  def encode(self, w):
+    return _mxfp4_encode(np.asarray(w, np.float32))
+
+  def decode(self, arrays):
     a = arrays[""]
-    if self.kind == "float":
-      # Activations stay float32 (exact against the reference): 16-bit weights are upcast,
-      # one token by multiply-sum over the long axis (fused, no temporary), more by a product.
-      if self.name == "float32":
-        return _dot(a, _pad_rows(x.astype(F32)))[:, :t].T
-      if t <= 2:
-        return jnp.stack([jnp.sum(a.astype(F32) * x[i][None, :], axis=-1) for i in range(t)])
-      # many tokens: upcasting the weight once is amortised (74 vs 40 GFLOP/s at 64); float16
-      # always (its narrow range would overflow or flush the split parts of x). Not by blocks
-      # of rows as int8 / int4: slower for 16-bit weights (57-70 vs 75-84 GFLOP/s, BUILD_NOTES)
-      if t > 16 or self.name == "float16":
-        return _dot(a.astype(F32), x.astype(F32)).T
-      # a few tokens: x split into three 16-bit parts (x = x0 + x1 + x2 to float32 precision),
-      # all multiplied in the weight's own dtype with float32 accumulation: 32 vs 12 GFLOP/s
-      # for the upcast product at 8 tokens, and as exact.
-      parts, rest = [], x.astype(F32)
-      for _ in range(3):
-        parts.append(rest.astype(a.dtype))
-        rest = rest - parts[-1].astype(F32)
-      y = _dot(a, jnp.concatenate(parts, axis=0))  # [O, 3T]
-      return (y[:, :t] + y[:, t:2 * t] + y[:, 2 * t:]).T
-    if self.kind == "int8":
-      if t > INT8_DEQUANT_TOKENS:  # exact f32 products beat the int8 dot here (BUILD_NOTES)
-        sc = arrays["scale"]
-        return _by_row_blocks(lambda r, n: _rows(a, r, n).astype(F32), a.shape[0], a.shape[1],
-                              x.astype(F32)) * sc[None, :]
-      return _int8_matmul(a, arrays["scale"], x)
-    if self.kind == "mxfp4":
-      return _mxfp4_matmul(a, arrays["scale"], x)
-    return _int4_matmul(a, arrays["scale"], x, self.group)
+    b = a.astype(np.int32)  # [O, N, 16]
+    lut = np.concatenate([E2M1, -E2M1])
+    w = np.stack([lut[b & 15], lut[b >> 4]], axis=-1)  # [O, N, 16, 2]: columns 2j, 2j+1
+    w = np.ldexp(w, np.asarray(arrays["scale"], np.int32)[:, :, None, None] - 127)
+    return w.reshape(a.shape[0], -1).astype(np.float32)
+
+  def error_bound(self, w):  # half the widest gap (4 to 6) at the block's scale
+    w = np.asarray(w, np.float32)
+    scale = np.ldexp(1.0, _mxfp4_exponents(w.reshape(w.shape[0], -1, MXFP4_BLOCK)))
+    return np.repeat(scale, MXFP4_BLOCK, axis=1).astype(np.float32)
+
+  def matmul(self, arrays, x):
+    return _mxfp4_matmul(arrays[""], arrays["scale"], x)
+
+
+_REGISTRY: dict[str, Encoding] = {}
+
+
+def register(encoding: Encoding) -> Encoding:
+  """Makes `encoding` known by its name (to `get`, the store and the converter)."""
+  if encoding.name in _REGISTRY:
+    raise ValueError(f"an encoding named {encoding.name!r} is registered already.")
+  _REGISTRY[encoding.name] = encoding
+  return encoding
+
+
+for _enc in (*(Float(n) for n in FLOAT_DTYPES), Int8(), *(Int4(g) for g in INT4_GROUPS),
+             Mxfp4()):
+  register(_enc)
+
+
+def names() -> list[str]:
+  return list(_REGISTRY)
+
+
+def get(name: str) -> Encoding:
+  """The registered encoding called `name`; an unknown name is an error listing the known."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown weight encoding {name!r}; registered: {names()}.")
+  return _REGISTRY[name]
+
+
+@jax.tree_util.register_pytree_node_class
+class Weight:
+  """A weight as the model math uses it: its encoding (static: part of the jitted program)
+  and its arrays by suffix (the pytree's leaves). `w.matmul(x)` is x @ W^T in float32."""
+
+  def __init__(self, encoding: Encoding, arrays: dict[str, jax.Array]):
+    self.encoding = encoding
+    self.arrays = arrays
+
+  @classmethod
+  def of(cls, w) -> "Weight":
+    """A Weight as it is; a bare float array as a Weight of its own float encoding."""
+    return w if isinstance(w, Weight) else cls(get(w.dtype.name), {"": w})
+
+  def matmul(self, x: jax.Array) -> jax.Array:
+    return self.encoding.matmul(self.arrays, x)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in self.arrays.values())
+
+  def tree_flatten(self):
+    return (self.arrays,), self.encoding
+
+  @classmethod
+  def tree_unflatten(cls, encoding, children):
+    return cls(encoding, children[0])
+
+  def __repr__(self) -> str:
+    return f"Weight({self.encoding.name}, {dict((k, a.shape) for k, a in self.arrays.items())})"
 
 
 def _rows(a: jax.Array, start: jax.Array, n: int) -> jax.Array:
@@ -339,11 +469,3 @@ def _mxfp4_matmul(blocks: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Arra
   lo = f - 16.0 * hi
   w = jnp.stack([_e2m1(lo), _e2m1(hi)], axis=-1) * s[:, :, None, None]  # [O, N, 16, 2]
   return _dot(w.reshape(o, n * 2 * half), xr.reshape(t, -1)).T
-
-
-def get(name: str) -> Encoding:
-  """Validated encoding by name: float32, bfloat16, float16, int8, int4-g32/64/128, mxfp4."""
-  valid = list(FLOAT_DTYPES) + ["int8"] + [f"int4-g{g}" for g in INT4_GROUPS] + ["mxfp4"]
-  if name not in valid:
-    raise ValueError(f"unknown expert encoding {name!r}; choose one of {valid}.")
-  return Encoding(name)

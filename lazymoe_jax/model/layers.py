@@ -4,15 +4,14 @@ Weights are [out, in] as Hugging Face stores them; products keep the weight as t
 operand and accumulate in float32. Legend: T = tokens, H = hidden, I = expert width.
 """
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lazymoe_jax.config import MoEConfig
-from lazymoe_jax.model.encodings import Encoding
+from lazymoe_jax.model.encodings import Weight
+from lazymoe_jax.model.spec import Activation, Attention, LatentAttention, Moe, Rope
 
 F32 = jnp.float32
 
@@ -22,38 +21,30 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   return w.astype(F32) * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
-def weight_encoding(w) -> tuple[Encoding, dict]:
-  """A dense weight is a float array, or (load(dense_dtype="int8")) an int8 encoded weight
-  {"": int8 [out, in], "scale": [out]}: its Encoding and its arrays by suffix."""
-  if isinstance(w, dict):
-    return Encoding("int8"), w
-  return Encoding(w.dtype.name), {"": w}
-
-
 def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
-  """x [T, in] @ w[out, in]^T (+ b) -> [T, out] in float32, in the weight encoding's fast form."""
-  enc, arrays = weight_encoding(w)
-  y = enc.matmul(arrays, x)
+  """x [T, in] @ w[out, in]^T (+ b) -> [T, out] in float32, in the weight encoding's fast form
+  (w a Weight, or a bare float array)."""
+  y = Weight.of(w).matmul(x)
   return y if b is None else y + b.astype(F32)
 
 
-def rope_inv_freq(cfg: MoEConfig) -> np.ndarray:
-  """Inverse frequencies [D/2] (float32 numpy, a constant of the jitted programs): plain RoPE,
-  or YaRN, which blends interpolated (divided by `factor`) and original frequencies along a
-  linear ramp between the dimensions that turn beta_fast and beta_slow times over the
+def rope_inv_freq(r: Rope) -> np.ndarray:
+  """Inverse frequencies [dim/2] (float32 numpy, a constant of the jitted programs): plain
+  RoPE, or YaRN, which blends interpolated (divided by `factor`) and original frequencies
+  along a linear ramp between the dimensions that turn beta_fast and beta_slow times over the
   original context (transformers `_compute_yarn_parameters`)."""
-  d, base = cfg.head_dim, cfg.rope_theta
+  d, base = r.dim, r.theta
   pos_freqs = base ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
   inv_freq = (1.0 / pos_freqs).astype(np.float32)
-  if cfg.rope_type == "default":
+  if r.kind == "default":
     return inv_freq
 
   def correction_dim(rotations: float) -> float:
-    orig = cfg.rope_original_max_position_embeddings
+    orig = r.original_max_position_embeddings
     return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-  low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
-  if cfg.rope_truncate:
+  low, high = correction_dim(r.beta_fast), correction_dim(r.beta_slow)
+  if r.truncate:
     low, high = math.floor(low), math.ceil(high)
   low, high = max(low, 0), min(high, d - 1)
   if low == high:
@@ -61,7 +52,7 @@ def rope_inv_freq(cfg: MoEConfig) -> np.ndarray:
   ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) /
                  np.float32(high - low), 0, 1)
   extrapolation = (1 - ramp).astype(np.float32)  # 1: keep the original frequency
-  interpolated = (1.0 / (np.float32(cfg.rope_factor) * pos_freqs)).astype(np.float32)
+  interpolated = (1.0 / (np.float32(r.factor) * pos_freqs)).astype(np.float32)
   return (interpolated * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32)
 
 
@@ -88,37 +79,52 @@ def rope(x: jax.Array, pos: jax.Array, theta: float, inv_freq: np.ndarray | None
   return x * cos + rotated * sin
 
 
-def attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
-              window: int | None) -> tuple[jax.Array, dict]:
-  """Self-attention of x [T, H] at positions pos [T]; writes k, v into the cache first, then
-  attends through it (so a compressed cache is what every attention reads)."""
-  if cfg.mla:
-    return latent_attention(cfg, kv, p, x, pos, cache, window)
+def apply_rope(r: Rope, x: jax.Array, pos: jax.Array) -> jax.Array:
+  """The spec's rotary embedding on x [T, heads, D]: the first r.dim channels rotate, the
+  rest pass through unchanged (partial rotary)."""
+  if r.dim == x.shape[-1]:
+    return rope(x, pos, r.theta, rope_inv_freq(r), r.attention_factor, r.interleaved)
+  rotated = rope(x[..., :r.dim], pos, r.theta, rope_inv_freq(r), r.attention_factor,
+                 r.interleaved)
+  return jnp.concatenate([rotated, x[..., r.dim:]], axis=-1)
+
+
+def attention(spec: Attention | LatentAttention, kv, p: dict, x: jax.Array, pos: jax.Array,
+              cache: dict, window: int | None) -> tuple[jax.Array, dict]:
+  """Self-attention of x [T, H] at positions pos [T], the kind the spec names; writes k, v
+  into the cache first, then attends through it (so a compressed cache is what every
+  attention reads)."""
+  if isinstance(spec, LatentAttention):
+    return latent_attention(spec, kv, p, x, pos, cache, window)
+  return gqa_attention(spec, kv, p, x, pos, cache, window)
+
+
+def gqa_attention(a: Attention, kv, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
+                  window: int | None) -> tuple[jax.Array, dict]:
+  """Grouped-query attention (model/spec.py Attention)."""
   t = x.shape[0]
-  hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  hq, hk, d = a.num_heads, a.num_kv_heads, a.head_dim
   qkv = linear(x, p["wqkv"], p.get("bqkv"))  # [T, (hq + 2 hk) * D]
   q, k, v = jnp.split(qkv, [hq * d, (hq + hk) * d], axis=1)
-  if cfg.qk_norm == "proj":  # OLMoE: norm over the whole projection
-    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-  if cfg.clip_qkv is not None:
-    q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+  if a.qk_norm == "proj":  # OLMoE: norm over the whole projection
+    q = rms_norm(q, p["q_norm"], a.norm_eps)
+    k = rms_norm(k, p["k_norm"], a.norm_eps)
+  if a.clip_qkv is not None:
+    q, k, v = (jnp.clip(z, -a.clip_qkv, a.clip_qkv) for z in (q, k, v))
   q, k, v = q.reshape(t, hq, d), k.reshape(t, hk, d), v.reshape(t, hk, d)
-  if cfg.qk_norm == "head":  # Qwen3: norm per head
-    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-  inv_freq = rope_inv_freq(cfg)
-  q = rope(q, pos, cfg.rope_theta, inv_freq, cfg.rope_attention_factor)
-  k = rope(k, pos, cfg.rope_theta, inv_freq, cfg.rope_attention_factor)
+  if a.qk_norm == "head":  # Qwen3: norm per head
+    q = rms_norm(q, p["q_norm"], a.norm_eps)
+    k = rms_norm(k, p["k_norm"], a.norm_eps)
+  q, k = apply_rope(a.rope, q, pos), apply_rope(a.rope, k, pos)
   cache = kv.update(cache, k, v, pos[0])
-  sinks = p["sinks"] if cfg.attention_sinks else None  # [hq]
-  scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+  sinks = p["sinks"] if a.sinks else None  # [hq]
+  scale = d ** -0.5 if a.scale is None else a.scale
   o = kv.attend(cache, q, pos, window, scale, sinks=sinks)  # [T, hq, D]
   return linear(o.reshape(t, hq * d), p["wo"], p.get("bo")), cache
 
 
-def latent_attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
-                     window: int | None) -> tuple[jax.Array, dict]:
+def latent_attention(a: LatentAttention, kv, p: dict, x: jax.Array, pos: jax.Array,
+                     cache: dict, window: int | None) -> tuple[jax.Array, dict]:
   """Multi-head latent attention (DeepSeek-V2/V3) through a LatentKV cache (kv/latent.py).
 
   q = wq x, or wq_b rms_norm(wq_a x) with a q LoRA; per head [nope | rope]. wkv_a x = [latent
@@ -129,78 +135,52 @@ def latent_attention(cfg: MoEConfig, kv, p: dict, x: jax.Array, pos: jax.Array, 
   Dn / Dr = qk_nope / qk_rope_head_dim, Dv = v_head_dim.
   """
   t = x.shape[0]
-  h, dn, dr = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-  r, dv = cfg.kv_lora_rank, cfg.v_head_dim
-  if cfg.q_lora_rank:
-    q_a = rms_norm(linear(x, p["wq_a"], p.get("bq_a")), p["q_a_norm"], cfg.latent_norm_eps)
+  h, dn, dr = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
+  r, dv = a.kv_lora_rank, a.v_head_dim
+  if a.q_lora_rank:
+    q_a = rms_norm(linear(x, p["wq_a"], p.get("bq_a")), p["q_a_norm"], a.latent_norm_eps)
     q = linear(q_a, p["wq_b"])
   else:
     q = linear(x, p["wq"])
   q = q.reshape(t, h, dn + dr)
   ckv = linear(x, p["wkv_a"], p.get("bkv_a"))  # [T, R + Dr]
-  c = rms_norm(ckv[:, :r], p["kv_a_norm"], cfg.latent_norm_eps)
-  inv_freq = rope_inv_freq(cfg)
-  q_r, k_r = (rope(a, pos, cfg.rope_theta, inv_freq, cfg.rope_attention_factor,
-                   cfg.rope_interleave) for a in (q[..., dn:], ckv[:, None, r:]))
+  c = rms_norm(ckv[:, :r], p["kv_a_norm"], a.latent_norm_eps)
+  q_r, k_r = apply_rope(a.rope, q[..., dn:], pos), apply_rope(a.rope, ckv[:, None, r:], pos)
   cache = kv.update(cache, jnp.concatenate([c[:, None, :], k_r], axis=-1), None, pos[0])
   wkv_b = p["wkv_b"].astype(F32).reshape(h, dn + dv, r)
   q_c = jnp.einsum("thn,hnr->thr", q[..., :dn], wkv_b[:, :dn])  # [T, H, R]
-  o_c = kv.attend(cache, jnp.concatenate([q_c, q_r], axis=-1), pos, window,
-                  cfg.attention_scale, value_dim=r)  # [T, H, R]
+  o_c = kv.attend(cache, jnp.concatenate([q_c, q_r], axis=-1), pos, window, a.scale,
+                  value_dim=r)  # [T, H, R]
   o = jnp.einsum("thr,hvr->thv", o_c, wkv_b[:, dn:])  # [T, H, Dv]
   return linear(o.reshape(t, h * dv), p["wo"], p.get("bo")), cache
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpertAct:
-  """The gated activation between an expert's two products (hashable: a static argument).
-
-  "silu": silu(gate) * up. "clamped_swiglu" (gpt-oss): gate clamped above at `limit`, up to
-  [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate).
-  """
-
-  kind: str = "silu"
-  alpha: float = 1.702
-  limit: float = 7.0
-
-  @classmethod
-  def of(cls, cfg: MoEConfig) -> "ExpertAct":
-    return cls(cfg.expert_act, cfg.swiglu_alpha, cfg.swiglu_limit)
-
-  def __call__(self, gate: jax.Array, up: jax.Array) -> jax.Array:
-    if self.kind == "silu":
-      return jax.nn.silu(gate) * up
-    if self.kind == "clamped_swiglu":
-      gate = jnp.minimum(gate, self.limit)
-      up = jnp.clip(up, -self.limit, self.limit)
-      return (up + 1.0) * (gate * jax.nn.sigmoid(gate * self.alpha))
-    raise ValueError(f"unknown expert activation {self.kind!r}")
+def activate(act: Activation, gate: jax.Array, up: jax.Array) -> jax.Array:
+  """The gated activation between an expert's two products (model/spec.py Activation)."""
+  if act.kind == "silu":
+    return jax.nn.silu(gate) * up
+  if act.kind == "clamped_swiglu":
+    gate = jnp.minimum(gate, act.limit)
+    up = jnp.clip(up, -act.limit, act.limit)
+    return (up + 1.0) * (gate * jax.nn.sigmoid(gate * act.alpha))
+  raise ValueError(f"unknown expert activation {act.kind!r}")
 
 
-SILU = ExpertAct()
+SILU = Activation()
 
 
-def swiglu(enc: Encoding, w_gate_up: dict, w_down: dict, x: jax.Array, act: ExpertAct = SILU,
+def swiglu(w_gate_up, w_down, x: jax.Array, act: Activation = SILU,
            b_gate_up: jax.Array | None = None, b_down: jax.Array | None = None) -> jax.Array:
-  """One gated FFN, gate and up fused as w_gate_up [2I, H] (gate rows first), w_down [H, I],
-  each in encoding `enc` as {suffix: array}, optional biases [2I], [H]; x [T, H] -> [T, H]
-  float32."""
-  gu = enc.matmul(w_gate_up, x)  # [T, 2I]
-  if b_gate_up is not None:
-    gu = gu + b_gate_up.astype(F32)
+  """One gated FFN, gate and up fused as w_gate_up [2I, H] (gate rows first), w_down [H, I]
+  (Weights or float arrays), optional biases [2I], [H]; x [T, H] -> [T, H] float32."""
+  gu = linear(x, w_gate_up, b_gate_up)  # [T, 2I]
   i = gu.shape[1] // 2
-  y = enc.matmul(w_down, act(gu[:, :i], gu[:, i:]))
-  return y if b_down is None else y + b_down.astype(F32)
+  return linear(activate(act, gu[:, :i], gu[:, i:]), w_down, b_down)
 
 
-def expert_ffn(enc: Encoding, act: ExpertAct, ex: dict, x: jax.Array) -> jax.Array:
-  """A routed expert as the pool holds it: ex = {tensor: {suffix: array}}; biases optional."""
+def expert_ffn(act: Activation, ex: dict, x: jax.Array) -> jax.Array:
+  """A routed expert as the pool holds it: ex = {tensor: Weight}; biases optional."""
   b_gu, b_dn = ex.get("b_gate_up"), ex.get("b_down")
-  return swiglu(enc, ex["w_gate_up"], ex["w_down"], x, act,
-                None if b_gu is None else b_gu[""], None if b_dn is None else b_dn[""])
-
-
-def dense_swiglu(w_gate_up, w_down, x: jax.Array) -> jax.Array:
-  """SwiGLU with dense weights (dense MLP layers, shared experts): float or int8 encoded."""
-  enc, gate_up = weight_encoding(w_gate_up)
-  return swiglu(enc, gate_up, weight_encoding(w_down)[1], x)
+  return swiglu(ex["w_gate_up"], ex["w_down"], x, act,
+                None if b_gu is None else b_gu.arrays[""],
+                None if b_dn is None else b_dn.arrays[""])

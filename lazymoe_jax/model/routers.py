@@ -1,9 +1,9 @@
-"""Routers: pure functions (logits[T, E], cfg) -> (ids int32[T, k], weights f32[T, k])."""
+"""Routers: pure functions (logits[T, E], spec) -> (ids int32[T, k], weights f32[T, k])."""
 
 import jax
 import jax.numpy as jnp
 
-from lazymoe_jax.config import MoEConfig
+from lazymoe_jax.model.spec import Router
 
 
 def softmax_topk(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -67,22 +67,22 @@ def softmax_group_topk(logits: jax.Array, k: int, n_group: int,
   return ids.astype(jnp.int32), weights
 
 
-def route(cfg: MoEConfig, logits: jax.Array,
+def route(r: Router, logits: jax.Array,
           score_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """The router `cfg.router_type` names; weights times `cfg.routed_scaling_factor`.
-  score_bias [E]: the selection-only bias of "sigmoid_group_topk" (`router_score_bias`)."""
-  k = cfg.num_experts_per_tok
-  if cfg.router_type == "softmax_topk":
-    ids, weights = softmax_topk(logits, k, cfg.norm_topk_prob)
-  elif cfg.router_type == "topk_softmax":
+  """The router `r.kind` names; weights times `r.scaling`. score_bias [E]: the
+  selection-only bias of "sigmoid_group_topk" (`Router.score_bias`)."""
+  k = r.top_k
+  if r.kind == "softmax_topk":
+    ids, weights = softmax_topk(logits, k, r.renormalize)
+  elif r.kind == "topk_softmax":
     ids, weights = topk_softmax(logits, k)
-  elif cfg.router_type == "sigmoid_group_topk":
-    ids, weights = sigmoid_group_topk(logits, k, cfg.norm_topk_prob, cfg.n_group,
-                                      cfg.topk_group, score_bias)
-  elif cfg.router_type == "softmax_group_topk":
-    ids, weights = softmax_group_topk(logits, k, cfg.n_group, cfg.topk_group)
+  elif r.kind == "sigmoid_group_topk":
+    ids, weights = sigmoid_group_topk(logits, k, r.renormalize, r.n_group, r.topk_group,
+                                      score_bias)
+  elif r.kind == "softmax_group_topk":
+    ids, weights = softmax_group_topk(logits, k, r.n_group, r.topk_group)
   else:
-    raise ValueError(f"unknown router_type {cfg.router_type!r}")
-  if cfg.routed_scaling_factor != 1.0:
-    weights = weights * cfg.routed_scaling_factor
+    raise ValueError(f"unknown router kind {r.kind!r}")
+  if r.scaling != 1.0:
+    weights = weights * r.scaling
   return ids, weights

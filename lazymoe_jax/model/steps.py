@@ -3,8 +3,10 @@
 A decode or prefill pass over one layer is: `attn_router` (or `dense_layer` for layers
 without experts) -> host maps expert ids to pool slots, reading misses from disk ->
 `moe_decode` (one token, its k experts fused) or `expert_scatter_add` per expert then
-`moe_finish` (prefill, tokens grouped by expert). The same compiled program serves every
-layer of the same shape: layer indices are never static arguments.
+`moe_finish` (prefill and batched decode, tokens grouped by expert). The same compiled
+program serves every layer of the same shape: layer indices are never static arguments.
+Batched decode runs `attention_block` per sequence (each has its own cache and position) and
+`route_block` once over the batch.
 """
 
 import functools
@@ -12,85 +14,115 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lazymoe_jax.config import MoEConfig
 from lazymoe_jax.model import layers
-from lazymoe_jax.model.encodings import Encoding
 from lazymoe_jax.model.routers import route
+from lazymoe_jax.model.spec import Moe, ModelSpec
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def embed(cfg: MoEConfig, g: dict, ids: jax.Array) -> jax.Array:
-  del cfg
+@functools.partial(jax.jit, static_argnames=("spec",))
+def embed(spec: ModelSpec, g: dict, ids: jax.Array) -> jax.Array:
+  del spec
   return jnp.take(g["embed"], ids, axis=0).astype(jnp.float32)  # [T, H]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def head(cfg: MoEConfig, g: dict, x: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("spec",))
+def head(spec: ModelSpec, g: dict, x: jax.Array) -> jax.Array:
   w = g["lm_head"] if "lm_head" in g else g["embed"]  # tied: the embedding (or its re-encoding)
-  return layers.linear(layers.rms_norm(x, g["final_norm"], cfg.rms_norm_eps), w)  # [T, V]
+  return layers.linear(layers.rms_norm(x, g["final_norm"], spec.norm_eps), w)  # [T, V]
 
 
-def _attention_residual(cfg, kv, window, p, x, pos, cache):
-  a, cache = layers.attention(cfg, kv, p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps),
-                              pos, cache, window)
+def _attention_residual(spec, kv, window, p, x, pos, cache):
+  a, cache = layers.attention(spec.attention, kv, p,
+                              layers.rms_norm(x, p["attn_norm"], spec.norm_eps), pos, cache,
+                              window)
   h = x + a
-  return h, layers.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps), cache
+  return h, layers.rms_norm(h, p["mlp_norm"], spec.norm_eps), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kv", "window"), donate_argnames=("cache",))
-def attn_router(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
-                cache: dict, ahead: tuple = ()):
+def _route(moe: Moe, p: dict, xn: jax.Array):
+  return route(moe.router, layers.linear(xn, p["router"], p.get("router_bias")),
+               p.get("router_score_bias"))
+
+
+def _guesses(spec: ModelSpec, h: jax.Array, ahead: tuple) -> tuple:
+  """The routers of the next MoE layers (`ahead`, each its mlp_norm and router) applied to h:
+  what a prefetcher can know before this layer's experts run."""
+  return tuple(_route(spec.moe, nxt, layers.rms_norm(h, nxt["mlp_norm"], spec.norm_eps))[0]
+               for nxt in ahead)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "kv", "window"),
+                   donate_argnames=("cache",))
+def attn_router(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
+                pos: jax.Array, cache: dict, ahead: tuple = ()):
   """Attention + residual + norm + router. Returns h, xn [T, H], ids/weights [T, k], cache, and
-  the guesses: the routers of the next MoE layers (`ahead`, each its mlp_norm and router)
-  applied to h, what a prefetcher can know before this layer's experts run."""
-  h, xn, cache = _attention_residual(cfg, kv, window, p, x, pos, cache)
-  ids, weights = route(cfg, layers.linear(xn, p["router"], p.get("router_bias")),
-                       p.get("router_score_bias"))
-  guess = tuple(route(cfg, layers.linear(layers.rms_norm(h, nxt["mlp_norm"], cfg.rms_norm_eps),
-                                         nxt["router"], nxt.get("router_bias")),
-                      nxt.get("router_score_bias"))[0] for nxt in ahead)
-  return h, xn, ids, weights, cache, guess
+  the guesses for the layers `ahead` (see _guesses)."""
+  h, xn, cache = _attention_residual(spec, kv, window, p, x, pos, cache)
+  ids, weights = _route(spec.moe, p, xn)
+  return h, xn, ids, weights, cache, _guesses(spec, h, ahead)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kv", "window"), donate_argnames=("cache",))
-def dense_layer(cfg: MoEConfig, kv, window: int | None, p: dict, x: jax.Array, pos: jax.Array,
-                cache: dict):
-  """A whole layer whose MLP is dense (Qwen `mlp_only_layers`)."""
-  h, xn, cache = _attention_residual(cfg, kv, window, p, x, pos, cache)
-  return h + layers.dense_swiglu(p["w_gate_up"], p["w_down"], xn), cache
+@functools.partial(jax.jit, static_argnames=("spec", "kv", "window"),
+                   donate_argnames=("cache",))
+def attention_block(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
+                    pos: jax.Array, cache: dict):
+  """Attention + residual + norm of one sequence: h, xn [T, H], cache (batched decode)."""
+  return _attention_residual(spec, kv, window, p, x, pos, cache)
 
 
-def _shared(cfg: MoEConfig, p: dict, xn: jax.Array) -> jax.Array:
-  if not cfg.shared_expert_intermediate_size:
+@functools.partial(jax.jit, static_argnames=("spec",))
+def route_block(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, ahead: tuple = ()):
+  """The router over a batch's rows: ids/weights [N, k] and the guesses for `ahead`."""
+  ids, weights = _route(spec.moe, p, xn)
+  return ids, weights, _guesses(spec, h, ahead)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def dense_mlp(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array):
+  """The residual MLP of a layer whose MLP is dense (given h and its norm xn)."""
+  del spec
+  return h + layers.swiglu(p["w_gate_up"], p["w_down"], xn)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "kv", "window"),
+                   donate_argnames=("cache",))
+def dense_layer(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
+                pos: jax.Array, cache: dict):
+  """A whole layer whose MLP is dense (Qwen `mlp_only_layers`, DeepSeek's first layers)."""
+  h, xn, cache = _attention_residual(spec, kv, window, p, x, pos, cache)
+  return h + layers.swiglu(p["w_gate_up"], p["w_down"], xn), cache
+
+
+def _shared(moe: Moe, p: dict, xn: jax.Array) -> jax.Array:
+  if not moe.shared_width:
     return jnp.zeros_like(xn)
-  out = layers.dense_swiglu(p["shared_w_gate_up"], p["shared_w_down"], xn)
-  if not cfg.shared_expert_gate:  # DeepSeek: shared experts always count in full
+  out = layers.swiglu(p["shared_w_gate_up"], p["shared_w_down"], xn)
+  if not moe.shared_gate:  # DeepSeek: shared experts always count in full
     return out
   return jax.nn.sigmoid(layers.linear(xn, p["shared_gate"])) * out  # gate [T, 1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "enc"))
-def moe_decode(cfg: MoEConfig, enc: Encoding, p: dict, h: jax.Array, xn: jax.Array,
-               weights: jax.Array, slots: tuple) -> jax.Array:
-  """One token: slots[j] = {tensor: {suffix: array}} of its j-th expert; weights [1, k]."""
+@functools.partial(jax.jit, static_argnames=("spec",))
+def moe_decode(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, weights: jax.Array,
+               slots: tuple) -> jax.Array:
+  """One token: slots[j] = {tensor: Weight} of its j-th expert; weights [1, k]."""
   routed = jnp.zeros_like(xn)
   for j, ex in enumerate(slots):
     # A barrier per expert: otherwise XLA shares the broadcast activation between the experts'
-    # products and materialises it, measured 8.0 ms for 2 experts vs 1.2 ms for one.
+    # products and materialises it (ARCHITECTURE.md "Several experts in one jit").
     xj, ex = jax.lax.optimization_barrier((xn, ex))
-    routed = routed + weights[:, j:j + 1] * layers.expert_ffn(enc, layers.ExpertAct.of(cfg), ex,
-                                                              xj)
-  return h + (routed + _shared(cfg, p, xn))
+    routed = routed + weights[:, j:j + 1] * layers.expert_ffn(spec.moe.act, ex, xj)
+  return h + (routed + _shared(spec.moe, p, xn))
 
 
-@functools.partial(jax.jit, static_argnames=("enc", "act"), donate_argnames=("acc",))
-def expert_scatter_add(enc: Encoding, acc: jax.Array, xn: jax.Array, idx: jax.Array,
-                       w: jax.Array, ex: dict, act: layers.ExpertAct = layers.SILU) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("acc",))
+def expert_scatter_add(spec: ModelSpec, acc: jax.Array, xn: jax.Array, idx: jax.Array,
+                       w: jax.Array, ex: dict) -> jax.Array:
   """acc[idx] += w * expert(xn[idx]). idx, w [B] are padded with weight 0 to a bucket size."""
-  y = layers.expert_ffn(enc, act, ex, jnp.take(xn, idx, axis=0))
+  y = layers.expert_ffn(spec.moe.act, ex, jnp.take(xn, idx, axis=0))
   return acc.at[idx].add(y * w[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def moe_finish(cfg: MoEConfig, p: dict, h: jax.Array, xn: jax.Array, routed: jax.Array):
-  return h + (routed + _shared(cfg, p, xn))
+@functools.partial(jax.jit, static_argnames=("spec",))
+def moe_finish(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, routed: jax.Array):
+  return h + (routed + _shared(spec.moe, p, xn))

@@ -155,7 +155,9 @@ class ExpertStore:
     self.layers: list[int] = list(ex["layers"])  # model layer index of each array row
     self.row = {layer: r for r, layer in enumerate(self.layers)}
     self.encoding = encodings.get(ex["encoding"])
-    self.specs = ex["tensors"]  # array name -> {path, shape, dtype, tensor, suffix}
+    self.specs = ex["tensors"]  # array name -> {path, shape, dtype, tensor, suffix, encoding}
+    self.tensor_encodings = {s["tensor"]: encodings.get(s["encoding"])
+                             for s in self.specs.values()}
     self.crc32 = {name: ex["crc32"][name] for name in self.specs}
     self.dtypes = {n: fmt.numpy_dtype(s["dtype"]) for n, s in self.specs.items()}
     self.shapes = {n: tuple(s["shape"][2:]) for n, s in self.specs.items()}
@@ -178,12 +180,12 @@ class ExpertStore:
   def chunk_path(self, name: str, row: int, expert: int) -> str:
     return fmt.chunk_path(self.store_dir, name, row, expert, len(self.specs[name]["shape"]))
 
-  def as_tree(self, arrays: dict) -> dict[str, dict]:
-    """{array name: a} -> {tensor: {suffix: a}}, the form the expert kernels take."""
-    tree: dict[str, dict] = {}
+  def as_tree(self, arrays: dict) -> dict[str, encodings.Weight]:
+    """{array name: a} -> {tensor: Weight}, the form the expert programs take."""
+    by_tensor: dict[str, dict] = {}
     for name, a in arrays.items():
-      tree.setdefault(self.specs[name]["tensor"], {})[self.specs[name]["suffix"]] = a
-    return tree
+      by_tensor.setdefault(self.specs[name]["tensor"], {})[self.specs[name]["suffix"]] = a
+    return {t: encodings.Weight(self.tensor_encodings[t], a) for t, a in by_tensor.items()}
 
   def read_into(self, layer: int, expert: int, buffers: dict[str, np.ndarray]) -> int:
     """Reads expert `expert` of model layer `layer` into `buffers`; returns bytes read."""

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from lazymoe_jax.config import MoEConfig
+from lazymoe_jax.model.spec import ModelSpec
 from lazymoe_jax.errors import StoreError
 
 FORMAT = "lazymoe-store"
-VERSION = 3  # 2: expert encodings (arrays per tensor); 3: fused wqkv
+VERSION = 4  # 2: expert encodings (arrays per tensor); 3: fused wqkv; 4: family + hf_config
 MANIFEST = "manifest.json"
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
@@ -20,9 +20,9 @@ EXPERTS_DIR = "experts"
 # Each is stored as the arrays of its encoding (model/encodings.py), e.g. w_down, w_down_scale.
 
 
-def expert_shapes(cfg: MoEConfig) -> dict[str, tuple[int, int]]:
+def expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
   """Logical routed-expert weights, [out, in]."""
-  i, h = cfg.moe_intermediate_size, cfg.hidden_size
+  i, h = spec.moe.width, spec.hidden_size
   return {"w_gate_up": (2 * i, h), "w_down": (h, i)}
 
 
@@ -30,27 +30,28 @@ def array_name(tensor: str, suffix: str) -> str:
   return f"{tensor}_{suffix}" if suffix else tensor
 
 
-def expert_bias_shapes(cfg: MoEConfig) -> dict[str, tuple[int]]:
+def expert_bias_shapes(spec: ModelSpec) -> dict[str, tuple[int]]:
   """Routed-expert biases (gpt-oss), kept float32 whatever the weights' encoding: they are
   (2I + H) / (3 I H) of an expert's bytes."""
-  if not cfg.expert_bias:
+  if not spec.moe.expert_bias:
     return {}
-  return {"b_gate_up": (2 * cfg.moe_intermediate_size,), "b_down": (cfg.hidden_size,)}
+  return {"b_gate_up": (2 * spec.moe.width,), "b_down": (spec.hidden_size,)}
 
 
-def expert_arrays(cfg: MoEConfig, encoding) -> dict[str, tuple[str, str, tuple, str]]:
-  """Array name -> (tensor, suffix, shape of one expert, dtype) for an expert encoding."""
+def expert_arrays(spec: ModelSpec, encoding) -> dict[str, tuple[str, str, tuple, str, str]]:
+  """Array name -> (tensor, suffix, shape of one expert, dtype, the tensor's encoding name) for
+  an expert encoding (biases stay float32)."""
   out = {}
-  for tensor, (rows, cols) in expert_shapes(cfg).items():
+  for tensor, (rows, cols) in expert_shapes(spec).items():
     for suffix, (shape, dtype) in encoding.arrays(rows, cols).items():
-      out[array_name(tensor, suffix)] = (tensor, suffix, shape, dtype)
-  for tensor, shape in expert_bias_shapes(cfg).items():
-    out[tensor] = (tensor, "", shape, "float32")
+      out[array_name(tensor, suffix)] = (tensor, suffix, shape, dtype, encoding.name)
+  for tensor, shape in expert_bias_shapes(spec).items():
+    out[tensor] = (tensor, "", shape, "float32", "float32")
   return out
 
 
-def dense_part_names(cfg: MoEConfig) -> list[str]:
-  return ["globals"] + [f"layer_{i:03d}" for i in range(cfg.num_hidden_layers)]
+def dense_part_names(spec: ModelSpec) -> list[str]:
+  return ["globals"] + [f"layer_{i:03d}" for i in range(spec.num_hidden_layers)]
 
 
 def zarr3_spec(path: str, shape=None, dtype: str | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from lazymoe_jax.errors import PlanError, StoreError
+from lazymoe_jax.model.encodings import Weight
 from lazymoe_jax.store.experts import ExpertStore
 
 ALIGN = 4096
@@ -76,7 +77,8 @@ class ExpertPool:
         b.view(np.uint8).fill(0)  # touch now: page faults here, not in the decode loop
     self._arrays = [self._wrap(b) for b in self.buffers]
     first = self.buffers[0]["w_gate_up"]
-    self.zero_copy = self._arrays[0]["w_gate_up"][""].unsafe_buffer_pointer() == first.ctypes.data
+    self.zero_copy = (self._arrays[0]["w_gate_up"].arrays[""].unsafe_buffer_pointer() ==
+                      first.ctypes.data)
     self.owner: list[tuple[int, int] | None] = [None] * num_slots
     self.table: dict[tuple[int, int], int] = {}
     self.lru: collections.OrderedDict[int, None] = collections.OrderedDict(
@@ -95,15 +97,15 @@ class ExpertPool:
     self.io_wait_s = 0.0  # time blocked on reads (misses and landing prefetches)
     self.prefetch_errors = 0  # guesses whose read failed (dropped; see _land_prefetches)
 
-  def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, dict[str, jax.Array]]:
+  def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, Weight]:
     return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
 
   @property
   def nbytes(self) -> int:
     return self.num_slots * self.store.bytes_per_expert
 
-  def arrays(self, slot: int) -> dict[str, dict[str, jax.Array]]:
-    """The slot's expert as {tensor: {suffix: array}} (see model/encodings.py)."""
+  def arrays(self, slot: int) -> dict[str, Weight]:
+    """The slot's expert as {tensor: Weight} (see model/encodings.py)."""
     return self._arrays[slot]
 
   def _evict(self, slot: int) -> None:

@@ -1,0 +1,220 @@
+"""The engine: a loaded store, its sessions, generation and statistics.
+
+  engine = lazymoe_jax.load(store_dir, ...)        # options: engine/options.py
+  seq = engine.session(); seq.feed(ids)            # the step API (engine/session.py)
+  engine.feed_batch(sessions, ids)                 # one decode step for several sequences
+  engine.logits(ids); engine.generate(ids, n); engine.stream(ids, n, sampler); engine.stats()
+
+The jobs live in their own modules: options.py (what `load` accepts), weights.py (dense params
+from the store to the device), memory.py (heap tuning, free RAM), forward.py (the layer loop),
+session.py (a sequence and its KV cache); plan.py (the memory budget) is beside this package.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from lazymoe_jax import families
+from lazymoe_jax import kv as kv_lib
+from lazymoe_jax import tokenizer as tokenizer_lib
+from lazymoe_jax.engine import memory, weights
+from lazymoe_jax.engine.forward import Forward
+from lazymoe_jax.engine.options import EngineOptions
+from lazymoe_jax.engine.session import Session
+from lazymoe_jax.plan import MemoryPlan, make_plan, resident_bytes
+from lazymoe_jax.sampling import Sampler
+from lazymoe_jax.store import format as fmt
+from lazymoe_jax.store.experts import ExpertStore
+from lazymoe_jax.store.pool import ExpertPool
+
+MAX_PLANNED_CONTEXT = 4096  # with a memory budget, the KV cache is planned for this many
+DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much of free RAM
+
+
+class Engine:
+  """A loaded store. Build with `lazymoe_jax.load`."""
+
+  def __init__(self, store_dir: str, options: EngineOptions = EngineOptions()):
+    self.store_dir = store_dir
+    self.options = options
+    self.manifest = fmt.read_manifest(store_dir)
+    memory.keep_heap_warm()
+    self.spec = families.spec_from_hf(self.manifest["hf_config"])
+    spec = self.spec
+    # DenseKV, or TurboQuantKV with bits; LatentKV for multi-head latent attention
+    self.kv = kv_lib.make(options.kv_bits, options.k_bits, options.v_bits,
+                          mla=spec.attention.cache_kind == "latent")
+    self.kv.validate(spec)
+    self.experts = ExpertStore(store_dir, self.manifest)
+    glob, layers = weights.load(store_dir, spec, options.dense_dtype)
+    memory.return_freed_memory()  # the plan below measures resident memory
+    self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers)))
+    total = len(self.experts.layers) * spec.num_experts
+    limit = spec.max_position_embeddings
+    if options.max_context is not None and options.max_context > limit:
+      raise ValueError(f"max_context={options.max_context} must be in [1, {limit}] (the "
+                       "model's max_position_embeddings).")
+    self.max_context = options.max_context or limit
+    self.plan: MemoryPlan | None = None
+    slots = options.expert_slots
+    if options.memory_budget_gb is not None:
+      self.max_context = options.max_context or min(limit, MAX_PLANNED_CONTEXT)
+      kv_shapes = jax.eval_shape(lambda: self.kv.init(spec, self.max_context))
+      self.plan = make_plan(options.memory_budget_gb, resident_bytes(),
+                            sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(kv_shapes)),
+                            self.max_context, self.experts.bytes_per_expert,
+                            3 * spec.moe.width * spec.hidden_size * 4,
+                            spec.num_experts_per_tok, total)
+      slots = self.plan.slots
+    elif slots is None:
+      fit = int(memory.available_ram() * DEFAULT_RAM_FRACTION) // self.experts.bytes_per_expert
+      slots = max(spec.num_experts_per_tok, min(total, fit))
+    self.pool = ExpertPool(self.experts, min(slots, total) if total else slots,
+                           spec.num_experts_per_tok, options.cache_policy)
+    self.forward = Forward(spec, self.kv, glob, layers, self.pool, options.prefetch)
+    self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
+                                        spec.bos_token_id)
+    self.eos_ids = set(spec.eos_token_ids) | set(
+        self.manifest.get("generation", {}).get("eos_token_ids", []))
+    self._kv_bytes = 0
+    self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+
+  # ---- the step API ----------------------------------------------------------------------
+  def session(self, max_context: int | None = None) -> Session:
+    """A sequence to feed tokens into, keeping its KV cache between calls (see Session)."""
+    return Session(self, max_context)
+
+  def feed_batch(self, sessions: Sequence[Session], token_ids: Sequence[int]) -> np.ndarray:
+    """One decode step for several sequences at once: token_ids[i] goes to sessions[i] at its
+    next position. Each MoE layer acquires the union of the batch's experts once. Returns
+    float32 logits [len(sessions), vocab]."""
+    if len(sessions) != len(token_ids) or not sessions:
+      raise ValueError(f"feed_batch needs one token per session (got {len(sessions)} sessions, "
+                       f"{len(token_ids)} tokens).")
+    if len({id(s) for s in sessions}) != len(sessions):
+      raise ValueError("feed_batch got the same session twice; a session takes one token per "
+                       "step.")
+    tokens = self.check_tokens(token_ids)
+    for s in sessions:
+      s.reserve(1)
+    x, caches = self.forward.run_batch(tokens, [s.position for s in sessions],
+                                       [s.cache for s in sessions])
+    for s, cache in zip(sessions, caches):
+      s.cache = cache
+      s.position += 1
+    return self.forward.head_rows(x, len(sessions))
+
+  # ---- whole-sequence calls --------------------------------------------------------------
+  def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+    """Teacher-forced logits float32 [len(token_ids), vocab] with a fresh cache."""
+    tokens = self.check_tokens(token_ids)
+    t0 = time.perf_counter()
+    seq = self.session(len(tokens))
+    out = seq.feed(tokens, all_logits=True)
+    self._kv_bytes = seq.kv_cache_bytes
+    self._last = {"prompt_tokens_per_s": len(tokens) / (time.perf_counter() - t0),
+                  "decode_tokens_per_s": 0.0}
+    return out
+
+  def generate(self, token_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+    """The new tokens only; stops early only at the tokenizer's eos."""
+    return list(self.stream(token_ids, max_new_tokens, Sampler(temperature, top_p, top_k, seed)))
+
+  def stream(self, token_ids: Sequence[int], max_new_tokens: int,
+             sampler: Sampler = Sampler()) -> Iterator[int]:
+    """Yields new tokens one by one as they are decoded (arguments checked at the call)."""
+    tokens = self.check_tokens(token_ids)
+    if max_new_tokens < 0:
+      raise ValueError("max_new_tokens must be >= 0")
+    if len(tokens) + max_new_tokens > self.max_context:
+      whose = "planned" if self.plan else "model's"
+      raise ValueError(f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                       f"{whose} context of {self.max_context} positions; shorten one of them.")
+    return self._stream(tokens, max_new_tokens, sampler)
+
+  def _stream(self, tokens: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
+    n = len(tokens)
+    self._last = {"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+    if max_new_tokens == 0:
+      return
+    seq = self.session(n + max_new_tokens)
+    self._kv_bytes = seq.kv_cache_bytes
+    t0 = time.perf_counter()
+    logits = seq.feed(tokens)
+    t1 = time.perf_counter()
+    self._last["prompt_tokens_per_s"] = n / (t1 - t0)  # includes compiling a new prompt shape
+    t_steady = None  # decode speed excludes the first step, which compiles the programs
+    for step in range(max_new_tokens):
+      tok = sampler(logits, step)
+      yield tok
+      if tok in self.eos_ids or step == max_new_tokens - 1:
+        break
+      logits = seq.feed([tok])
+      now = time.perf_counter()
+      if t_steady is None:
+        t_steady, first_step = now, now - t1
+      self._last["decode_tokens_per_s"] = (
+          step / (now - t_steady) if step else 1.0 / first_step)
+
+  def stats(self) -> dict:
+    return {
+        "expert_hits": self.pool.hits,
+        "expert_misses": self.pool.misses,
+        "bytes_read": self.pool.bytes_read,
+        "kv_cache_bytes": self._kv_bytes,
+        "pool_slots": self.pool.num_slots,
+        "pool_bytes": self.pool.nbytes,
+        "pool_zero_copy": self.pool.zero_copy,
+        "prefetch_reads": self.pool.prefetch_reads,
+        "prefetch_used": self.pool.prefetch_used,
+        "prefetch_errors": self.pool.prefetch_errors,
+        "cache_policy": self.pool.policy,
+        "io_wait_s": self.pool.io_wait_s,
+        "disk_busy_s": self.experts.disk_busy.seconds(),
+        "dense_bytes": self.dense_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **self._last,
+    }
+
+  def check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
+    """token ids as int32, or a ValueError saying what is wrong with them."""
+    tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if tokens.size == 0:
+      raise ValueError("token_ids is empty: give at least one token.")
+    if tokens.size > self.max_context:
+      raise ValueError(f"{tokens.size} tokens exceed the context of {self.max_context} "
+                       "positions (max_context, or the model's max_position_embeddings).")
+    if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
+      raise ValueError(f"token ids must be in [0, {self.spec.vocab_size}); got "
+                       f"[{tokens.min()}, {tokens.max()}].")
+    return tokens.astype(np.int32)
+
+
+def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,
+         kv_bits: float | None = None, k_bits: float | None = None,
+         v_bits: float | None = None, prefetch: bool = True,
+         cache_policy: str = "lfu", max_context: int | None = None,
+         dense_dtype: str | None = None) -> Engine:
+  """Opens a converted store. See `Engine` for the API.
+
+  memory_budget_gb: plan dense params + KV cache + expert pool to fit (instead of
+  expert_slots: slots of the pool shared by all layers, at least num_experts_per_tok; default
+  as many as half the free RAM holds). kv_bits (or k_bits / v_bits separately): TurboQuant KV
+  cache at 1-4 bits per coordinate (2.5 and 3.5 too); None keeps a float32 cache. prefetch: in
+  decode, start reading the experts the next layers' routers predict while this layer's
+  experts run. cache_policy: which pool slot a miss refills, "lru", "lfu" or "layer"
+  (store/pool.py). max_context: positions a sequence may reach (prompt + new tokens); default
+  the model's max_position_embeddings (with a memory budget: at most 4096, the KV cache is
+  planned for it). dense_dtype: re-encode the dense matrices read every token (attention,
+  dense and shared MLPs, output head) at load: "bfloat16" or "int8" (per output row scales).
+  """
+  return Engine(store_dir, EngineOptions(
+      memory_budget_gb=memory_budget_gb, expert_slots=expert_slots, kv_bits=kv_bits,
+      k_bits=k_bits, v_bits=v_bits, prefetch=prefetch, cache_policy=cache_policy,
+      max_context=max_context, dense_dtype=dense_dtype))

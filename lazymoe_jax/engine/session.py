@@ -1,0 +1,84 @@
+"""A sequence fed token by token (or chunk by chunk), keeping its KV cache between calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from lazymoe_jax.engine.forward import KVCache
+
+if TYPE_CHECKING:
+  from lazymoe_jax.engine import Engine
+
+
+class Session:
+  """One sequence: feed it tokens, it keeps their KV cache. Build with `engine.session()`.
+
+    seq = engine.session(max_context=None)   # None: the engine's max_context
+    seq.feed(token_ids) -> float32 logits [vocab] of the last position
+    seq.feed(token_ids, all_logits=True) -> [len(token_ids), vocab]
+    seq.advance(token_ids)                 the same without the output head (no logits)
+    seq.position          positions fed so far
+    seq.kv_cache_bytes    bytes its cache holds
+
+  With `max_context` the cache is allocated for that many positions at once; without it the
+  cache starts at the first feed's size and doubles as tokens arrive, up to the engine's
+  max_context (each capacity is a compiled shape: doubling keeps them few).
+  """
+
+  def __init__(self, engine: "Engine", max_context: int | None = None):
+    if max_context is not None and not 0 < max_context <= engine.max_context:
+      raise ValueError(f"max_context={max_context} must be in [1, {engine.max_context}] (the "
+                       "engine's max_context).")
+    self.engine = engine
+    self.max_context = max_context or engine.max_context
+    self.position = 0
+    # capacities are rounded up (few compiled shapes), within the engine's max_context
+    self.cache: KVCache | None = (engine.forward.new_cache(max_context, engine.max_context)
+                                  if max_context else None)
+
+  @property
+  def kv_cache_bytes(self) -> int:
+    return 0 if self.cache is None else self.engine.kv.nbytes(list(self.cache))
+
+  def feed(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    """Runs the tokens at the next positions; returns the logits of the last one (or all)."""
+    x, n = self._run(token_ids)
+    if all_logits:
+      return self.engine.forward.head_rows(x, n)
+    return self.engine.forward.head_rows(x[n - 1:n], 1)[0]
+
+  def advance(self, token_ids: Sequence[int]):
+    """Runs the tokens into the cache without the output head (a prompt chunk whose logits
+    nobody reads); returns the final hidden states [>= len(token_ids), H] (not waited for)."""
+    return self._run(token_ids)[0]
+
+  def _run(self, token_ids: Sequence[int]):
+    tokens = self.engine.check_tokens(token_ids)
+    self.reserve(len(tokens))
+    x, self.cache = self.engine.forward.run(tokens, self.position, self.cache)
+    self.position += len(tokens)
+    return x, len(tokens)
+
+  def reserve(self, n: int) -> None:
+    """Makes room for n more positions (growing the cache), or refuses past max_context."""
+    end = self.position + n
+    if end > self.max_context:
+      raise ValueError(f"feeding {n} tokens at position {self.position} exceeds this "
+                       f"sequence's context of {self.max_context} positions.")
+    if self.cache is None or end > self.cache.capacity:
+      self._grow(end)
+
+  def _grow(self, needed: int) -> None:
+    """A cache for at least `needed` positions (doubling), the old positions copied in."""
+    old = self.cache
+    cap = min(self.max_context, max(needed, 2 * (old.capacity if old else 0)))
+    new = self.engine.forward.new_cache(cap, self.engine.max_context)
+    if old is not None:  # every cache array grows along its position axis only
+      for layer, o in enumerate(old):
+        new[layer] = jax.tree.map(
+            lambda n, a: jax.lax.dynamic_update_slice(n, a, (0,) * a.ndim), new[layer], o)
+    self.cache = new

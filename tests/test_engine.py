@@ -1,0 +1,109 @@
+"""The engine's public step API: sessions, batched decode, options (engine/)."""
+
+import numpy as np
+import pytest
+
+import lazymoe_jax
+from tests.conftest import token_ids
+
+
+@pytest.fixture(scope="module")
+def mixtral(family_models):
+  return family_models["mixtral"][2]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])  # dense / sinks+window / latent
+def test_feed_prompt_then_tokens_equals_logits_of_the_whole(family_models, family):
+  store = family_models[family][2]
+  engine = lazymoe_jax.load(store, expert_slots=4)
+  ids = token_ids(24, seed=5)
+  full = engine.logits(ids)
+  seq = engine.session()  # no max_context: the cache grows (8 -> 16 -> 32 positions)
+  rows = [seq.feed(ids[:7], all_logits=True)]
+  for t in ids[7:]:
+    rows.append(seq.feed([t])[None])
+  np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-5, rtol=0)
+  assert seq.position == 24
+  assert seq.cache.capacity >= 24
+  assert seq.kv_cache_bytes == engine.kv.nbytes(list(seq.cache))
+  last = engine.session(24)
+  np.testing.assert_allclose(last.feed(ids), full[-1], atol=1e-5, rtol=0)
+
+
+def test_advance_is_feed_without_the_head(mixtral):
+  engine = lazymoe_jax.load(mixtral, expert_slots=4)
+  ids = token_ids(12, seed=6)
+  a, b = engine.session(), engine.session()
+  a.advance(ids[:8])
+  b.feed(ids[:8])
+  np.testing.assert_array_equal(a.feed(ids[8:]), b.feed(ids[8:]))
+
+
+def test_session_refuses_past_its_context(mixtral):
+  engine = lazymoe_jax.load(mixtral, expert_slots=4, max_context=32)
+  seq = engine.session(10)
+  seq.feed(token_ids(10))
+  with pytest.raises(ValueError, match="exceeds this sequence's context of 10"):
+    seq.feed([5])
+  with pytest.raises(ValueError, match=r"max_context=64 must be in \[1, 32\]"):
+    engine.session(64)
+
+
+def test_feed_batch_equals_each_sequence_alone(mixtral):
+  """Four sequences at different positions, one step together: each gets the logits it gets
+  alone, and the batch reads each expert it needs once per layer."""
+  engine = lazymoe_jax.load(mixtral, expert_slots=1000, prefetch=False)
+  prompts = [token_ids(n, seed=s) for n, s in ((5, 1), (9, 2), (3, 3), (12, 4))]
+  nxt = [7, 11, 13, 17]
+  alone = []
+  for p, t in zip(prompts, nxt):
+    seq = engine.session()
+    seq.feed(p)
+    alone.append(seq.feed([t]))
+  seqs = [engine.session() for _ in prompts]
+  for s, p in zip(seqs, prompts):
+    s.feed(p)
+  before = engine.stats()
+  got = engine.feed_batch(seqs, nxt)
+  after = engine.stats()
+  np.testing.assert_allclose(got, np.stack(alone), atol=1e-5, rtol=0)
+  assert [s.position for s in seqs] == [len(p) + 1 for p in prompts]
+  acquires = (after["expert_hits"] + after["expert_misses"] -
+              before["expert_hits"] - before["expert_misses"])
+  spec = engine.spec
+  assert acquires <= len(spec.moe_layers) * min(4 * spec.num_experts_per_tok, spec.num_experts)
+  # and it goes on: a second step for two of them
+  seqs[0].feed([3])
+  again = engine.feed_batch(seqs[1:3], [5, 6])
+  assert again.shape == (2, spec.vocab_size)
+  with pytest.raises(ValueError, match="same session twice"):
+    engine.feed_batch([seqs[0], seqs[0]], [1, 2])
+  with pytest.raises(ValueError, match="one token per session"):
+    engine.feed_batch(seqs, [1])
+
+
+def test_batched_greedy_decode_equals_generate(mixtral):
+  engine = lazymoe_jax.load(mixtral, expert_slots=4)
+  engine.eos_ids = set()
+  prompts = [token_ids(n, seed=s).tolist() for n, s in ((6, 7), (4, 8), (9, 9))]
+  want = [engine.generate(p, 10) for p in prompts]
+  seqs = [engine.session() for _ in prompts]
+  toks = [int(np.argmax(s.feed(p))) for s, p in zip(seqs, prompts)]
+  out = [[t] for t in toks]
+  for _ in range(9):
+    logits = engine.feed_batch(seqs, toks)
+    toks = [int(np.argmax(row)) for row in logits]
+    for o, t in zip(out, toks):
+      o.append(t)
+  assert out == want
+
+
+def test_options_are_checked_once(mixtral):
+  with pytest.raises(lazymoe_jax.LazyMoEError, match="not both"):
+    lazymoe_jax.load(mixtral, memory_budget_gb=4, expert_slots=4)
+  with pytest.raises(ValueError, match="cache_policy='mru'"):
+    lazymoe_jax.load(mixtral, cache_policy="mru")
+  with pytest.raises(ValueError, match="dense_dtype='int3'"):
+    lazymoe_jax.load(mixtral, dense_dtype="int3")
+  with pytest.raises(ValueError, match="memory_budget_gb=nan"):
+    lazymoe_jax.load(mixtral, memory_budget_gb=float("nan"))
