@@ -68,6 +68,14 @@ FAMILIES = {
                          topk_group=2, first_k_dense_replace=1, n_shared_experts=2,
                          routed_scaling_factor=1.5, attention_bias=True,
                          attn_implementation="eager")),
+    # partial rotary (half of each head), qk-norm, q/k/v biases; DeepSeek-V3's router with 4
+    # groups of which 2 are eligible, scaling 2.5; layer 0 dense, one shared expert
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(intermediate_size=64, moe_intermediate_size=16, head_dim=16,
+                      partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+                      n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                      first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                      norm_topk_prob=True, num_nextn_predict_layers=0)),
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from lazymoe_jax.errors import UnsupportedModelError
 from lazymoe_jax.families import base
 from lazymoe_jax.families.deepseek import DeepseekV2, DeepseekV3
+from lazymoe_jax.families.glm4_moe import Glm4Moe
 from lazymoe_jax.families.gpt_oss import GptOss
 from lazymoe_jax.families.mixtral import Mixtral
 from lazymoe_jax.families.olmoe import Olmoe
@@ -19,7 +20,7 @@ from lazymoe_jax.families.qwen_moe import Qwen2Moe, Qwen3Moe
 from lazymoe_jax.model.spec import ModelSpec
 
 FAMILIES: dict[str, type[base.Family]] = {f.model_type: f for f in (
-    Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, GptOss, DeepseekV3, DeepseekV2,
+    Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, GptOss, DeepseekV3, DeepseekV2, Glm4Moe,
 )}
 ALIASES: dict[str, str] = {a: f.model_type for f in FAMILIES.values() for a in f.aliases}
 # Some keys have two spellings in the wild (transformers 5 writes `num_local_experts` for
