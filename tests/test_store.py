@@ -498,3 +498,93 @@ def test_kv_cache_stays_within_max_context_and_per_sequence(family_models):
   next(a)
   b = list(engine.stream(token_ids(4, seed=3), 3))
   assert len(b) == 3 and len(list(a)) == 44
+
+
+def _del(*keys):
+  def damage(m):
+    for k in keys[:-1]:
+      m = m[k]
+    del m[keys[-1]]
+  return damage
+
+
+def _set(value, *keys):
+  def damage(m):
+    for k in keys[:-1]:
+      m = m[k]
+    m[keys[-1]] = value
+  return damage
+
+
+def _first_tensor(m):
+  return next(iter(m["experts"]["tensors"]))
+
+
+@pytest.mark.parametrize("damage, key", [
+    (_del("config"), "config is missing"), (_set([], "config"), "config is list"),
+    (_del("hf_config"), "hf_config is missing"), (_del("dense"), "dense is missing"),
+    (_del("dense", "parts"), "dense.parts is missing"),
+    (_set("globals", "dense", "parts"), "dense.parts is str"),
+    (_set([1], "dense", "parts"), "dense.parts holds non-strings"),
+    (_del("experts"), "experts is missing"),
+    (_del("experts", "layers"), "experts.layers is missing"),
+    (_set(["0"], "experts", "layers"), "experts.layers holds non-integers"),
+    (_del("experts", "encoding"), "experts.encoding is missing"),
+    (_set(8, "experts", "encoding"), "experts.encoding is int"),
+    (_del("experts", "tensors"), "experts.tensors is missing"),
+    (_set({}, "experts", "tensors"), "experts.tensors is empty"),
+    (_del("experts", "crc32"), "experts.crc32 is missing"),
+    (_del("tokenizer"), "tokenizer is missing"),
+    (_set({"file": "tokenizer.model"}, "tokenizer"), "tokenizer.kind is missing"),
+    (_set(True, "tokenizer", "file"), "tokenizer.file is bool"),
+    (_set({"eos_token_ids": [2.5]}, "generation"), "generation.eos_token_ids holds non-int"),
+])
+def test_damaged_manifest_names_the_key(demo_store, tmp_path, damage, key):
+  _check_damaged(demo_store, tmp_path, damage, key)
+
+
+@pytest.mark.parametrize("field", ["path", "shape", "dtype", "tensor", "suffix"])
+def test_damaged_manifest_names_the_tensor_key(demo_store, tmp_path, field):
+  _check_damaged(demo_store, tmp_path, lambda m: m["experts"]["tensors"][_first_tensor(m)].pop(
+      field), f"experts.tensors.w_gate_up.{field} is missing")
+
+
+@pytest.mark.parametrize("damage, key", [
+    (lambda m: m["experts"]["tensors"]["w_down"].update(shape=[3, 8, 256, 256]),
+     "experts.tensors.w_down.shape is [3, 8, 256, 256]: need [layers (4)"),
+    (lambda m: m["experts"]["crc32"].pop("w_down"), "experts.crc32.w_down is missing"),
+    (lambda m: m["experts"]["crc32"]["w_down"][1].pop(), "experts.crc32.w_down is not 4 rows "
+     "of 8 checksums"),
+    (lambda m: m["experts"]["crc32"]["w_down"][1].__setitem__(0, "x"),
+     "experts.crc32.w_down holds non-integers")])
+def test_inconsistent_expert_tables_are_refused(demo_store, tmp_path, damage, key):
+  _check_damaged(demo_store, tmp_path, damage, key)
+
+
+def _check_damaged(demo_store, tmp_path, damage, key):
+  with open(os.path.join(demo_store, fmt.MANIFEST)) as f:
+    manifest = json.load(f)
+  fmt.validate_manifest(manifest)  # the undamaged one passes
+  damage(manifest)
+  store = tmp_path / "store"
+  store.mkdir()
+  (store / fmt.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(lazymoe_jax.StoreError) as e:
+    fmt.read_manifest(str(store))
+  assert key in str(e.value) and "re-convert" in str(e.value), str(e.value)
+
+
+def test_store_without_tokenizer_has_a_valid_manifest(family_models):
+  _, _, store = family_models["olmoe"]
+  assert fmt.read_manifest(store)["tokenizer"] is None
+
+
+def test_damaged_manifest_is_refused_at_load(demo_store, tmp_path):
+  store = str(tmp_path / "store")
+  shutil.copytree(demo_store, store)
+  with open(os.path.join(store, fmt.MANIFEST)) as f:
+    manifest = json.load(f)
+  del manifest["experts"]["tensors"]["w_down"]["dtype"]
+  fmt.write_manifest(store, manifest)
+  with pytest.raises(lazymoe_jax.StoreError, match="experts.tensors.w_down.dtype is missing"):
+    lazymoe_jax.load(store)
