@@ -588,3 +588,65 @@ def test_damaged_manifest_is_refused_at_load(demo_store, tmp_path):
   fmt.write_manifest(store, manifest)
   with pytest.raises(lazymoe_jax.StoreError, match="experts.tensors.w_down.dtype is missing"):
     lazymoe_jax.load(store)
+
+
+def _read_first_chunks(store):
+  """Every array's chunk (row 0, expert 1) through read_chunk, on this thread."""
+  from lazymoe_jax.store import experts  # pylint: disable=import-outside-toplevel
+  es = experts.ExpertStore(store, fmt.read_manifest(store))
+  out = {}
+  for name in es.specs:
+    out[name] = np.empty(es.shapes[name], es.dtypes[name])
+    experts.read_chunk(es.chunk_path(name, 0, 1), out[name], es.crc32[name][0][1])
+  return out
+
+
+@pytest.fixture
+def fresh_mechanism(monkeypatch):
+  """The read mechanism chosen again (and warnings given again) under the test's patches."""
+  from lazymoe_jax.store import experts  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(experts, "_MECHANISM", None)
+  monkeypatch.setattr(experts, "_WARNED", set())
+  return experts
+
+
+def test_reads_without_o_direct_use_f_nocache_where_fcntl_has_it(demo_store, fresh_mechanism,
+                                                                 monkeypatch):
+  fcntl = pytest.importorskip("fcntl")
+  want = _read_first_chunks(demo_store)
+  monkeypatch.setattr(fresh_mechanism, "_MECHANISM", None)  # chosen for `want`: again
+  monkeypatch.delattr(os, "O_DIRECT")
+  calls = []
+  monkeypatch.setattr(fcntl, "F_NOCACHE", 48, raising=False)  # macOS's value; Linux has none
+  monkeypatch.setattr(fcntl, "fcntl", lambda fd, cmd, arg: calls.append((cmd, arg)))
+  got = _read_first_chunks(demo_store)
+  assert fresh_mechanism.uncached_read_mechanism() == "f_nocache"
+  assert calls == [(48, 1)] * len(want)  # one per chunk file
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_reads_without_o_direct_nor_f_nocache_are_buffered_with_one_warning(
+    demo_store, fresh_mechanism, monkeypatch):
+  import fcntl  # pylint: disable=import-outside-toplevel
+  want = _read_first_chunks(demo_store)
+  monkeypatch.setattr(fresh_mechanism, "_MECHANISM", None)  # chosen for `want`: again
+  monkeypatch.delattr(os, "O_DIRECT")
+  monkeypatch.delattr(fcntl, "F_NOCACHE", raising=False)
+  monkeypatch.delattr(os, "posix_fadvise")
+  with pytest.warns(RuntimeWarning, match="page cache.*Linux") as record:
+    got = _read_first_chunks(demo_store)
+    fresh_mechanism.drop_file_from_page_cache(os.path.join(demo_store, fmt.MANIFEST))
+  assert len(record) == 1  # once per process, not per read
+  assert fresh_mechanism.uncached_read_mechanism() == "buffered"
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_drop_from_page_cache_is_a_no_op_without_posix_fadvise(tmp_path, fresh_mechanism,
+                                                              monkeypatch):
+  monkeypatch.delattr(os, "posix_fadvise")
+  (tmp_path / "f").write_bytes(b"x" * 100)
+  with pytest.warns(RuntimeWarning, match="posix_fadvise is not available"):
+    fresh_mechanism.drop_file_from_page_cache(str(tmp_path / "f"))
+  assert (tmp_path / "f").read_bytes() == b"x" * 100
