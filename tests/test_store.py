@@ -61,8 +61,9 @@ def test_stats_count_distinct_routed_experts_exactly(family_models):
   c = model.config
   assert s2["kv_cache_bytes"] == c.num_hidden_layers * 2 * c.num_key_value_heads * (
       c.hidden_size // c.num_attention_heads) * 256 * 4
-  # the peak is at least the resident set now, and in bytes (not KiB, nor beyond the machine)
-  assert rss_now <= s2["peak_rss_bytes"] <= (
+  # the peak is about at least the resident set now (the kernel's per-thread RSS counters lag
+  # by up to 64 pages each), and in bytes: not KiB (1024x less), nor beyond the machine
+  assert 0.9 * rss_now <= s2["peak_rss_bytes"] <= (
       psutil.virtual_memory().total)
 
 
