@@ -16,13 +16,16 @@ from lazymoe_jax import tokenizer as tokenizers_
 
 REPLACEMENT = "\ufffd"
 # A run of tokenizer.json byte tokens (<0xNN>) is held back whole up to this many (see
-# _push_stream). Tokens are held back while the window's decoding ends in U+FFFD up to twice
+# _take). Tokens are held back while the window's decoding ends in U+FFFD up to twice
 # this many (a character is at most 4 bytes, so 3 byte tokens suffice for one): past that the
 # U+FFFD is taken as real (invalid bytes the model produced) and printed, so that a run of
 # invalid bytes cannot grow the window.
 MAX_HELD = 16
 # Prompt tokens kept as the first prefix: enough for any join across the prompt boundary.
 PROMPT_CONTEXT = 4
+# The most tokens one push decodes: a printed piece and the tokens held after it, each at most
+# 2 * MAX_HELD - 1 held while the text ends in U+FFFD plus a held run of MAX_HELD + 1.
+MAX_WINDOW = 6 * MAX_HELD
 
 
 class IncrementalDecoder:
@@ -32,8 +35,8 @@ class IncrementalDecoder:
   `tokenizer.decode(prompt_ids + pushed)[len(tokenizer.decode(prompt_ids)):]`, for the
   sentencepiece and the tokenizer.json tokenizers of lazymoe_jax.tokenizer, when the prompt
   ends at a character boundary (a prompt made from text does). Each push decodes at most
-  `4 * MAX_HELD` tokens (`window` is the current count): the tokens of the last piece and the
-  ones held back. The exceptions to exactness: more than 2 * MAX_HELD tokens in a row that leave
+  MAX_WINDOW tokens (`window` is the current count; usually 2 or 3): the tokens of the last
+  piece and the ones held back. The exceptions to exactness: more than 2 * MAX_HELD tokens in a row that leave
   the text ending in U+FFFD (invalid bytes) are printed as they decode then; a tokenizer.json
   run of more than MAX_HELD byte tokens that becomes invalid UTF-8 only later (the whole
   decoding then shows its earlier valid characters as U+FFFD, the pieces as they were).

@@ -68,8 +68,8 @@ def _byte_ids(tok) -> list[int]:
 
 
 def _sequences(tok, n: int = 150):
-  """(prompt, new) pairs: real text split at a character boundary, uniform random ids, and runs of byte
-  tokens (split and invalid characters) mixed with ordinary ones."""
+  """(prompt, new) pairs: real text split at a character boundary, uniform random ids, and
+  runs of byte tokens (split and invalid characters) mixed with ordinary ones."""
   rng = np.random.RandomState(0)
   vocab, byte_ids = _vocab_size(tok), _byte_ids(tok)
   assert len(byte_ids) >= 4  # the tokenizers under test do split characters
@@ -104,13 +104,13 @@ def test_pushes_add_up_to_the_whole_decoding(tok):
 def test_window_stays_bounded(tok):
   """A long stream of text and of invalid bytes: the decoder decodes a few tokens per push,
   never the whole output."""
-  prompt, ids = tok.encode(TEXTS[0]), tok.encode("".join(TEXTS) * 8)
+  prompt, ids = tok.encode(TEXTS[0]), tok.encode("".join(TEXTS) * 16)
   byte_ids = _byte_ids(tok)
   junk = [byte_ids[i % len(byte_ids)] for i in range(300)]  # mostly invalid UTF-8
   dec = detokenize.IncrementalDecoder(tok, prompt)
   out = "".join(dec.push(t) for t in ids + junk) + dec.flush()
   assert out == tok.decode(prompt + ids + junk)[len(tok.decode(prompt)):]
-  bound = 4 * detokenize.MAX_HELD
+  bound = detokenize.MAX_WINDOW
   assert len(ids) + len(junk) > 10 * bound and dec.max_window <= bound
 
 
@@ -121,3 +121,17 @@ def test_leading_space_at_the_prompt_boundary(tok):
   out = "".join(dec.push(t) for t in new) + dec.flush()
   assert out == tok.decode(prompt + new)[len(tok.decode(prompt)):]
   assert out.endswith("中")
+
+
+def test_special_tokens_are_printed_as_decode_prints_them(tok):
+  """JsonTokenizer.decode keeps special tokens (skip_special_tokens=False): so do the pieces."""
+  if isinstance(tok, tokenizer.SentencePieceTokenizer):
+    special = [tok.sp.bos_id(), tok.sp.eos_id()]
+  else:
+    special = [tok.tok.token_to_id("<s>"), tok.tok.token_to_id("</s>")]
+  prompt, new = tok.encode("def f(x):"), special + tok.encode(" return")
+  dec = detokenize.IncrementalDecoder(tok, prompt)
+  out = "".join(dec.push(t) for t in new) + dec.flush()
+  assert out == tok.decode(prompt + new)[len(tok.decode(prompt)):]
+  if not isinstance(tok, tokenizer.SentencePieceTokenizer):
+    assert out.startswith("<s></s>")
