@@ -9,7 +9,6 @@ Ends with one summary line: prompt and decode tokens/s, experts read, hit rate, 
 
 from __future__ import annotations
 
-import math
 import sys
 
 from absl import app, flags
@@ -94,23 +93,9 @@ def _run(model, prompt, prompt_ids, max_new_tokens, sampler, out, load_options) 
   return new
 
 
-def check_flags(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
-  """Refuses nonsense sampling flags with a message naming the flag and its valid range."""
-  if max_new_tokens < 0:
-    raise ValueError(f"--max_new_tokens={max_new_tokens} is negative: give a count >= 0.")
-  if not math.isfinite(temperature) or temperature < 0:  # nan < 0 is False: isfinite first
-    raise ValueError(f"--temperature={temperature} is not a finite number >= 0: give 0 for "
-                     "greedy decoding or a positive temperature such as 0.7.")
-  if not (math.isfinite(top_p) and 0 < top_p <= 1):
-    raise ValueError(f"--top_p={top_p} is outside (0, 1]: give a probability mass such as 0.9 "
-                     "(1 keeps every token).")
-  if top_k < 0:
-    raise ValueError(f"--top_k={top_k} is negative: give 0 (keep every token) or a count >= 1.")
-
-
 def main(argv) -> None:
   del argv
-  cli.run(lambda: check_flags(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p, FLAGS.top_k))
+  cli.run(cli.check_sampling_flags)  # before loading: a bad flag costs no conversion
   cli.run(lambda: run(
       FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
       Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), **cli.engine_options()))
