@@ -39,6 +39,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 from absl import app, flags, logging
 
 from lazymoe_jax.store.experts import drop_file_from_page_cache
@@ -137,12 +138,11 @@ def timeit_head(fn, n: int = 5) -> float:
 
 
 def rss_anon() -> int:
-  """Anonymous resident bytes of this process now (heap, pool, jax buffers; no file pages)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("RssAnon:"):
-        return int(line.split()[1]) * 1024
-  return 0
+  """Anonymous resident bytes of this process now (heap, pool, jax buffers; no file pages).
+  On Linux psutil's rss - shared is /proc/self/statm's resident - shared: exactly RssAnon
+  (shared counts the file and shmem pages)."""
+  mem = psutil.Process().memory_info()
+  return mem.rss - getattr(mem, "shared", 0)
 
 
 def timed_decode(engine, ids: np.ndarray, n_prompt: int, n_tok: int, context: int) -> dict:

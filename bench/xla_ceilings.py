@@ -17,12 +17,12 @@ r"""The ceilings XLA-CPU puts on expert products here: why some kernel targets c
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 from absl import app, flags
 
 from lazymoe_jax.model import encodings
@@ -109,17 +109,18 @@ def _int8_one_level(q, x):
 
 
 def fma_peak_gflops() -> tuple[float, str]:
-  """cores x GHz x 2 FMA units x 16 float32 lanes x 2 flops. The clock is /proc/cpuinfo's, in a
-  virtual machine the nominal one (turbo may be higher)."""
+  """cores x GHz x 2 FMA units x 16 float32 lanes x 2 flops. The clock is psutil's (on Linux
+  cpufreq's maximum, else /proc/cpuinfo's current one: in a virtual machine the nominal clock,
+  turbo may be higher)."""
   try:
-    with open("/proc/cpuinfo") as f:
-      mhz = [float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", f.read())]
-  except OSError:
-    mhz = []
+    freqs = psutil.cpu_freq(percpu=True) or []
+  except (OSError, NotImplementedError):
+    freqs = []
+  mhz = max([max(f.max, f.current) for f in freqs], default=0.0)
   if not mhz:
     return float("nan"), "unknown clock"
   cores = os.cpu_count() or 1
-  return cores * max(mhz) / 1e3 * 2 * 16 * 2, f"{cores} cores x {max(mhz) / 1e3:.2f} GHz"
+  return cores * mhz / 1e3 * 2 * 16 * 2, f"{cores} cores x {mhz / 1e3:.2f} GHz"
 
 
 def many_tokens(rng, seconds: float, t: int = 64) -> None:

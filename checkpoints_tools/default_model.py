@@ -5,6 +5,8 @@ layout, trained by `checkpoints_tools/train_demo.py`). On first use it is conver
 in the user's cache folder ($LAZYMOE_CACHE, else $XDG_CACHE_HOME or ~/.cache, under
 lazymoe_jax/), then reused. A cached store that is incomplete, or was built from other files
 than the shipped ones (a stamp beside it records their sha256), is rebuilt, never trusted.
+Conversion holds a lock file beside the store, so that two first runs do not write the same
+store at once: the second waits, then reuses the store the first built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+
+import filelock
 
 import lazymoe_jax
 from checkpoints_tools import convert_hf
@@ -54,16 +58,37 @@ def _is_current(fingerprint: dict[str, str]) -> bool:
     return False
 
 
+def _lock_path() -> str:
+  return store_path() + ".lock"
+
+
 def ensure_default_store(log: Callable[[str], None] = print, rebuild: bool = False) -> str:
-  """Returns the cached demo store, converting the shipped checkpoint when needed."""
+  """Returns the cached demo store, converting the shipped checkpoint when needed.
+
+  Args:
+    log: progress messages.
+    rebuild: convert again even if the store looks current (a load found it damaged).
+  """
   fingerprint = _fingerprint()
   if not rebuild and _is_current(fingerprint):
     return store_path()
-  log(f"converting {DESCRIPTION} into {store_path()} (first use) ...")
   os.makedirs(os.path.dirname(store_path()), exist_ok=True)
-  if os.path.exists(_stamp_path()):
-    os.remove(_stamp_path())
-  convert_hf.convert(DEMO_DIR, store_path(), overwrite=True, log=log)
-  with open(_stamp_path(), "w") as f:
-    json.dump(fingerprint, f)
-  return store_path()
+  # flock-based: released by the OS if the converting process dies, so never stale
+  lock = filelock.FileLock(_lock_path())
+  try:
+    lock.acquire(timeout=0)
+  except filelock.Timeout:
+    log(f"waiting for another process converting {DESCRIPTION} into {store_path()} ...")
+    lock.acquire()
+  try:
+    if not rebuild and _is_current(fingerprint):  # built by the process this one waited for
+      return store_path()
+    log(f"converting {DESCRIPTION} into {store_path()} (first use) ...")
+    if os.path.exists(_stamp_path()):
+      os.remove(_stamp_path())
+    convert_hf.convert(DEMO_DIR, store_path(), overwrite=True, log=log)
+    with open(_stamp_path(), "w") as f:
+      json.dump(fingerprint, f)
+    return store_path()
+  finally:
+    lock.release()

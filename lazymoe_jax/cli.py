@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
@@ -35,6 +36,24 @@ def engine_options() -> dict:
   return {n: f[n].value for n in ("expert_slots", "memory_budget_gb", "kv_bits", "k_bits",
                                    "v_bits", "prefetch", "cache_policy", "max_context",
                                    "dense_dtype")}
+
+
+def check_sampling_flags() -> None:
+  """Refuses nonsense --max_new_tokens, --temperature, --top_p, --top_k (the flags of the
+  commands that sample) with a message naming the flag and its valid range."""
+  f = flags.FLAGS
+  max_new_tokens, temperature, top_p, top_k = (
+      f.max_new_tokens, f.temperature, f.top_p, f.top_k)
+  if max_new_tokens < 0:
+    raise ValueError(f"--max_new_tokens={max_new_tokens} is negative: give a count >= 0.")
+  if not math.isfinite(temperature) or temperature < 0:  # nan < 0 is False: isfinite first
+    raise ValueError(f"--temperature={temperature} is not a finite number >= 0: give 0 for "
+                     "greedy decoding or a positive temperature such as 0.7.")
+  if not (math.isfinite(top_p) and 0 < top_p <= 1):
+    raise ValueError(f"--top_p={top_p} is outside (0, 1]: give a probability mass such as 0.9 "
+                     "(1 keeps every token).")
+  if top_k < 0:
+    raise ValueError(f"--top_k={top_k} is negative: give 0 (keep every token) or a count >= 1.")
 
 
 def run(work: Callable[[], object]) -> None:

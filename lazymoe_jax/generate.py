@@ -15,6 +15,7 @@ from absl import app, flags
 
 import lazymoe_jax
 from lazymoe_jax import cli
+from lazymoe_jax.detokenize import IncrementalDecoder
 from lazymoe_jax.errors import StoreError
 from lazymoe_jax.sampling import Sampler
 
@@ -71,24 +72,22 @@ def _run(model, prompt, prompt_ids, max_new_tokens, sampler, out, load_options) 
     print(engine.plan.describe(), file=sys.stderr)
   ids = [int(i) for i in prompt_ids] if prompt_ids else engine.tokenizer.encode(prompt)
   has_text = not isinstance(engine.tokenizer, lazymoe_jax.tokenizer.NoTokenizer)
+  # stream() checks the prompt's length against the context when called, so a prompt that is
+  # too long is refused before any of it is echoed
+  tokens = engine.stream(ids, max_new_tokens, sampler)
   if has_text and not prompt_ids:
     out.write(prompt)
-  new, shown = [], ""
-  # Decode the prompt with the new tokens, so pieces that join across the boundary (a leading
-  # space, a multi-byte character) come out right; print what follows the prompt's decoding.
-  prefix = engine.tokenizer.decode(ids) if has_text else ""
-  for tok in engine.stream(ids, max_new_tokens, sampler):
+  new = []
+  # Only a bounded window of recent tokens is decoded per token (decoding all the text again
+  # each time is quadratic); it begins with the prompt's last tokens, so pieces that join
+  # across the boundary (a leading space, a multi-byte character) come out right.
+  decoder = IncrementalDecoder(engine.tokenizer, ids) if has_text else None
+  for tok in tokens:
     new.append(tok)
-    if has_text:
-      text = engine.tokenizer.decode(ids + new)[len(prefix):]
-      if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-        out.write(text[len(shown):])
-        shown = text
-    else:
-      out.write(f"{tok} ")
+    out.write(decoder.push(tok) if decoder else f"{tok} ")
     out.flush()
-  if has_text and new:  # what was held back waiting for the rest of a character
-    out.write(engine.tokenizer.decode(ids + new)[len(prefix):][len(shown):])
+  if decoder:  # what was held back waiting for the rest of a character
+    out.write(decoder.flush())
   out.write("\n")
   print(summary_line(engine.stats(), len(ids), len(new)), file=out)
   return new
@@ -96,6 +95,7 @@ def _run(model, prompt, prompt_ids, max_new_tokens, sampler, out, load_options) 
 
 def main(argv) -> None:
   del argv
+  cli.run(cli.check_sampling_flags)  # before loading: a bad flag costs no conversion
   cli.run(lambda: run(
       FLAGS.model, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.max_new_tokens,
       Sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.seed), **cli.engine_options()))

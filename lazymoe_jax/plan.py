@@ -12,7 +12,8 @@ minimum budget.
 from __future__ import annotations
 
 import dataclasses
-import os
+
+import psutil
 
 from lazymoe_jax.errors import PlanError
 
@@ -27,9 +28,9 @@ GB = 1e9
 
 
 def resident_bytes() -> int:
-  """Current resident set size of this process (not the peak)."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  """Current resident set size of this process (not the peak); psutil, so it works beyond
+  Linux's /proc."""
+  return psutil.Process().memory_info().rss
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,14 @@ class Sampler:
   seed: int = 0
 
   def __post_init__(self):
-    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-      raise ValueError(f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, "
-                       "top_k >= 0.")
+    # isfinite first: every comparison with nan is False, so `nan < 0` would let it through
+    if not math.isfinite(self.temperature) or self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0: "
+                       "greedy).")
+    if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1: keep every token).")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0: keep every token).")
 
   def __call__(self, logits: np.ndarray, step: int) -> int:
     """logits [V] float32 -> token id. Keys are fold_in(seed, step): reproducible per step."""

@@ -77,3 +77,43 @@ def test_tokenizer_round_trip_is_exact(tmp_path):
     assert tok.decode(tok.encode(text)) == text, path
   odd = "\n\tünïcödé → 🙂  \r\n  \x00\x7f trailing  "
   assert tok.decode(tok.encode(odd)) == odd
+
+
+@pytest.mark.parametrize("flag, valid", [
+    ("--temperature=nan", "finite number >= 0"), ("--temperature=inf", "finite number >= 0"),
+    ("--temperature=-1", "finite number >= 0"), ("--top_p=nan", "outside (0, 1]"),
+    ("--top_p=0", "outside (0, 1]"), ("--top_p=1.01", "outside (0, 1]"),
+    ("--top_k=-2", "give 0"), ("--max_new_tokens=-1", "count >= 0")])
+def test_bad_sampling_flags_are_refused_before_any_output(tmp_path, flag, valid):
+  res = _generate(flag, "--prompt=zebra", env={"LAZYMOE_CACHE": str(tmp_path)})
+  assert res.returncode != 0
+  assert flag.split("=")[0] in res.stderr and valid in res.stderr, res.stderr
+  assert res.stdout == "" and "converting" not in res.stderr  # refused before loading
+
+
+@pytest.mark.parametrize("repeat, new_tokens, message", [
+    (8, 4, "tokens exceed the context of 32 positions"),  # the prompt alone is too long
+    (1, 30, "exceeds the model's context of 32 positions; shorten")])  # with the new tokens
+def test_too_long_prompt_is_refused_before_it_is_echoed(demo_store, repeat, new_tokens, message):
+  prompt = "def zebra(x):\n    return x + 1\n" * repeat
+  res = _generate(f"--model={demo_store}", f"--prompt={prompt}", "--max_context=32",
+                  f"--max_new_tokens={new_tokens}")
+  assert res.returncode != 0
+  assert message in res.stderr, res.stderr
+  assert "zebra" not in res.stdout
+
+
+def test_streamed_text_is_the_decoding_of_the_generated_ids(demo_store):
+  """The printed continuation (through IncrementalDecoder) is exactly decode(prompt + new)
+  past decode(prompt), for a sampled continuation (byte tokens and all)."""
+  prompt = "def f(x):\n    return"
+  res = _generate(f"--model={demo_store}", f"--prompt={prompt}", "--max_new_tokens=24",
+                  "--temperature=1.5", "--seed=3")
+  assert res.returncode == 0, res.stderr
+  engine = lazymoe_jax.load(demo_store)
+  ids = engine.tokenizer.encode(prompt)
+  new = engine.generate(ids, 24, temperature=1.5, seed=3)
+  text = engine.tokenizer.decode(ids + new)
+  expected = prompt + text[len(engine.tokenizer.decode(ids)):] + "\n"
+  assert res.stdout[:len(expected)] == expected
+  assert SUMMARY.search(res.stdout[len(expected):])

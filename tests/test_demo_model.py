@@ -1,6 +1,8 @@
 """The shipped demo model: transformers loads it as it is, we agree with it, and it learned."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -93,3 +95,27 @@ def test_int8_dense_weights_keep_top1(demo, demo_store):
   assert agree / total >= 0.98  # measured 99.34% over 16 windows
   with pytest.raises(ValueError, match="not one of bfloat16, int8"):
     lazymoe_jax.load(demo_store, dense_dtype="int4")
+
+
+_CONVERT = """
+from checkpoints_tools import default_model
+print(default_model.ensure_default_store(lambda s: print("LOG", s, flush=True)))
+"""
+
+
+def test_two_first_runs_convert_once(tmp_path):
+  """Two processes needing the demo store at once: one converts (holding the lock), the other
+  waits and reuses that store."""
+  from tests.conftest import ROOT  # pylint: disable=import-outside-toplevel
+  env = {**os.environ, "LAZYMOE_CACHE": str(tmp_path), "PYTHONPATH": ROOT}
+  procs = [subprocess.Popen([sys.executable, "-c", _CONVERT], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  store = os.path.join(str(tmp_path), "stores", default_model.NAME)
+  assert [out.splitlines()[-1] for out, _ in outs] == [store, store]
+  assert sum("LOG converting" in out for out, _ in outs) == 1, [out for out, _ in outs]
+  assert sorted(os.listdir(os.path.join(str(tmp_path), "stores"))) == [
+      default_model.NAME, default_model.NAME + ".lock", default_model.NAME + ".source.json"]
+  engine = lazymoe_jax.load(store)
+  assert engine.tokenizer.decode(engine.tokenizer.encode("def f(x):")) == "def f(x):"

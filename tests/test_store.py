@@ -4,9 +4,11 @@ import collections
 import json
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
@@ -50,10 +52,19 @@ def test_stats_count_distinct_routed_experts_exactly(family_models):
   i, h = model.config.moe_intermediate_size, model.config.hidden_size
   assert s["bytes_read"] == len(pairs) * 3 * i * h * 4  # f32: gate+up [2I,H] and down [H,I]
   engine.logits(ids)  # everything is resident now: only hits
+  rss_now = psutil.Process().memory_info().rss  # before stats(): the process keeps growing
   s2 = engine.stats()
   assert s2["expert_misses"] == len(pairs) and s2["bytes_read"] == s["bytes_read"]
   assert s2["expert_hits"] == len(pairs)
-  assert s2["kv_cache_bytes"] > 0 and s2["peak_rss_bytes"] > 0
+  # float32 K and V per layer at the cache's capacity: 24 positions round up to KV_ROUND (256,
+  # also the model's max_position_embeddings)
+  c = model.config
+  assert s2["kv_cache_bytes"] == c.num_hidden_layers * 2 * c.num_key_value_heads * (
+      c.hidden_size // c.num_attention_heads) * 256 * 4
+  # the peak is about at least the resident set now (the kernel's per-thread RSS counters lag
+  # by up to 64 pages each), and in bytes: not KiB (1024x less), nor beyond the machine
+  assert 0.9 * rss_now <= s2["peak_rss_bytes"] <= (
+      psutil.virtual_memory().total)
 
 
 def test_sharded_checkpoint_gives_same_logits(mixtral, tmp_path):
@@ -376,12 +387,16 @@ def test_every_cache_policy_gives_identical_results(family_models, policy):
   resident.eos_ids = set()
   want_tokens, want_logits = resident.generate(prompt, 16), resident.logits(ids)
   for slots in (k, k + 1, 3 * k):
+    t0 = time.perf_counter()
     engine = lazymoe_jax.load(store, expert_slots=slots, cache_policy=policy)
     engine.eos_ids = set()
     assert engine.generate(prompt, 16) == want_tokens
     np.testing.assert_array_equal(engine.logits(ids), want_logits)
     st = engine.stats()
-    assert st["cache_policy"] == policy and st["io_wait_s"] >= 0
+    elapsed = time.perf_counter() - t0
+    # every miss waited for its read, inside this interval (a bound, not a speed test)
+    assert st["cache_policy"] == policy and st["expert_misses"] > 0
+    assert 0 < st["io_wait_s"] <= elapsed
     assert st["bytes_read"] == (st["expert_misses"] + st["prefetch_reads"]) * \
         engine.experts.bytes_per_expert
     assert len(engine.pool.table) <= slots
@@ -498,3 +513,155 @@ def test_kv_cache_stays_within_max_context_and_per_sequence(family_models):
   next(a)
   b = list(engine.stream(token_ids(4, seed=3), 3))
   assert len(b) == 3 and len(list(a)) == 44
+
+
+def _del(*keys):
+  def damage(m):
+    for k in keys[:-1]:
+      m = m[k]
+    del m[keys[-1]]
+  return damage
+
+
+def _set(value, *keys):
+  def damage(m):
+    for k in keys[:-1]:
+      m = m[k]
+    m[keys[-1]] = value
+  return damage
+
+
+def _first_tensor(m):
+  return next(iter(m["experts"]["tensors"]))
+
+
+@pytest.mark.parametrize("damage, key", [
+    (_del("config"), "config is missing"), (_set([], "config"), "config is list"),
+    (_del("hf_config"), "hf_config is missing"), (_del("dense"), "dense is missing"),
+    (_del("dense", "parts"), "dense.parts is missing"),
+    (_set("globals", "dense", "parts"), "dense.parts is str"),
+    (_set([1], "dense", "parts"), "dense.parts holds non-strings"),
+    (_del("experts"), "experts is missing"),
+    (_del("experts", "layers"), "experts.layers is missing"),
+    (_set(["0"], "experts", "layers"), "experts.layers holds non-integers"),
+    (_del("experts", "encoding"), "experts.encoding is missing"),
+    (_set(8, "experts", "encoding"), "experts.encoding is int"),
+    (_del("experts", "tensors"), "experts.tensors is missing"),
+    (_set({}, "experts", "tensors"), "experts.tensors is empty"),
+    (_del("experts", "crc32"), "experts.crc32 is missing"),
+    (_del("tokenizer"), "tokenizer is missing"),
+    (_set({"file": "tokenizer.model"}, "tokenizer"), "tokenizer.kind is missing"),
+    (_set(True, "tokenizer", "file"), "tokenizer.file is bool"),
+    (_set({"eos_token_ids": [2.5]}, "generation"), "generation.eos_token_ids holds non-int"),
+])
+def test_damaged_manifest_names_the_key(demo_store, tmp_path, damage, key):
+  _check_damaged(demo_store, tmp_path, damage, key)
+
+
+@pytest.mark.parametrize("field", ["path", "shape", "dtype", "tensor", "suffix"])
+def test_damaged_manifest_names_the_tensor_key(demo_store, tmp_path, field):
+  _check_damaged(demo_store, tmp_path, lambda m: m["experts"]["tensors"][_first_tensor(m)].pop(
+      field), f"experts.tensors.w_gate_up.{field} is missing")
+
+
+@pytest.mark.parametrize("damage, key", [
+    (lambda m: m["experts"]["tensors"]["w_down"].update(shape=[3, 8, 256, 256]),
+     "experts.tensors.w_down.shape is [3, 8, 256, 256]: need [layers (4)"),
+    (lambda m: m["experts"]["crc32"].pop("w_down"), "experts.crc32.w_down is missing"),
+    (lambda m: m["experts"]["crc32"]["w_down"][1].pop(), "experts.crc32.w_down is not 4 rows "
+     "of 8 checksums"),
+    (lambda m: m["experts"]["crc32"]["w_down"][1].__setitem__(0, "x"),
+     "experts.crc32.w_down holds non-integers")])
+def test_inconsistent_expert_tables_are_refused(demo_store, tmp_path, damage, key):
+  _check_damaged(demo_store, tmp_path, damage, key)
+
+
+def _check_damaged(demo_store, tmp_path, damage, key):
+  with open(os.path.join(demo_store, fmt.MANIFEST)) as f:
+    manifest = json.load(f)
+  fmt.validate_manifest(manifest)  # the undamaged one passes
+  damage(manifest)
+  store = tmp_path / "store"
+  store.mkdir()
+  (store / fmt.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(lazymoe_jax.StoreError) as e:
+    fmt.read_manifest(str(store))
+  assert key in str(e.value) and "re-convert" in str(e.value), str(e.value)
+
+
+def test_store_without_tokenizer_has_a_valid_manifest(family_models):
+  _, _, store = family_models["olmoe"]
+  assert fmt.read_manifest(store)["tokenizer"] is None
+
+
+def test_damaged_manifest_is_refused_at_load(demo_store, tmp_path):
+  store = str(tmp_path / "store")
+  shutil.copytree(demo_store, store)
+  with open(os.path.join(store, fmt.MANIFEST)) as f:
+    manifest = json.load(f)
+  del manifest["experts"]["tensors"]["w_down"]["dtype"]
+  fmt.write_manifest(store, manifest)
+  with pytest.raises(lazymoe_jax.StoreError, match="experts.tensors.w_down.dtype is missing"):
+    lazymoe_jax.load(store)
+
+
+def _read_first_chunks(store):
+  """Every array's chunk (row 0, expert 1) through read_chunk, on this thread."""
+  from lazymoe_jax.store import experts  # pylint: disable=import-outside-toplevel
+  es = experts.ExpertStore(store, fmt.read_manifest(store))
+  out = {}
+  for name in es.specs:
+    out[name] = np.empty(es.shapes[name], es.dtypes[name])
+    experts.read_chunk(es.chunk_path(name, 0, 1), out[name], es.crc32[name][0][1])
+  return out
+
+
+@pytest.fixture
+def fresh_mechanism(monkeypatch):
+  """The read mechanism chosen again (and warnings given again) under the test's patches."""
+  from lazymoe_jax.store import experts  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(experts, "_MECHANISM", None)
+  monkeypatch.setattr(experts, "_WARNED", set())
+  return experts
+
+
+def test_reads_without_o_direct_use_f_nocache_where_fcntl_has_it(demo_store, fresh_mechanism,
+                                                                 monkeypatch):
+  fcntl = pytest.importorskip("fcntl")
+  want = _read_first_chunks(demo_store)
+  monkeypatch.setattr(fresh_mechanism, "_MECHANISM", None)  # chosen for `want`: again
+  monkeypatch.delattr(os, "O_DIRECT")
+  calls = []
+  monkeypatch.setattr(fcntl, "F_NOCACHE", 48, raising=False)  # macOS's value; Linux has none
+  monkeypatch.setattr(fcntl, "fcntl", lambda fd, cmd, arg: calls.append((cmd, arg)))
+  got = _read_first_chunks(demo_store)
+  assert fresh_mechanism.uncached_read_mechanism() == "f_nocache"
+  assert calls == [(48, 1)] * len(want)  # one per chunk file
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_reads_without_o_direct_nor_f_nocache_are_buffered_with_one_warning(
+    demo_store, fresh_mechanism, monkeypatch):
+  import fcntl  # pylint: disable=import-outside-toplevel
+  want = _read_first_chunks(demo_store)
+  monkeypatch.setattr(fresh_mechanism, "_MECHANISM", None)  # chosen for `want`: again
+  monkeypatch.delattr(os, "O_DIRECT")
+  monkeypatch.delattr(fcntl, "F_NOCACHE", raising=False)
+  monkeypatch.delattr(os, "posix_fadvise")
+  with pytest.warns(RuntimeWarning, match="page cache.*Linux") as record:
+    got = _read_first_chunks(demo_store)
+    fresh_mechanism.drop_file_from_page_cache(os.path.join(demo_store, fmt.MANIFEST))
+  assert len(record) == 1  # once per process, not per read
+  assert fresh_mechanism.uncached_read_mechanism() == "buffered"
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_drop_from_page_cache_is_a_no_op_without_posix_fadvise(tmp_path, fresh_mechanism,
+                                                              monkeypatch):
+  monkeypatch.delattr(os, "posix_fadvise")
+  (tmp_path / "f").write_bytes(b"x" * 100)
+  with pytest.warns(RuntimeWarning, match="posix_fadvise is not available"):
+    fresh_mechanism.drop_file_from_page_cache(str(tmp_path / "f"))
+  assert (tmp_path / "f").read_bytes() == b"x" * 100

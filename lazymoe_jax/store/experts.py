@@ -2,7 +2,8 @@
 
 The expert arrays are tensorstore zarr3 arrays (opened here to check their metadata against the
 manifest); one chunk = one (layer, expert) and the chunk files are raw bytes, so the hot path
-reads those files itself, with O_DIRECT, on a pool of reader threads (see read_chunk)."""
+reads those files itself, bypassing the page cache (O_DIRECT on Linux, F_NOCACHE on macOS,
+see uncached_read_mechanism), on a pool of reader threads (see read_chunk)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import concurrent.futures
 import os
 import threading
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -28,9 +30,57 @@ _PREFETCHERS = concurrent.futures.ThreadPoolExecutor(max_workers=4,
                                                      thread_name_prefix="lazymoe-prefetch")
 
 
+_MECHANISM: str | None = None  # uncached_read_mechanism's choice, made on first use
+_WARNED: set[str] = set()
+_CACHED_WARNING = ("the OS page cache keeps a second copy of the expert bytes read: a memory "
+                   "cgroup's figures include it, RSS and the memory plan do not, so a budget "
+                   "can be exceeded. For exact figures run on Linux (O_DIRECT, posix_fadvise) "
+                   "or macOS (F_NOCACHE).")
+
+
+def _warn_once(key: str, message: str) -> None:
+  if key not in _WARNED:
+    _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def uncached_read_mechanism() -> str:
+  """How expert chunks are read past the OS page cache, chosen once per process: "o_direct"
+  where os has O_DIRECT (Linux), else "f_nocache" where fcntl has F_NOCACHE (macOS), else
+  "buffered" with a one-time warning that the page cache is then not bypassed."""
+  global _MECHANISM  # pylint: disable=global-statement
+  if _MECHANISM is None:
+    try:
+      import fcntl  # pylint: disable=import-outside-toplevel  (absent on Windows)
+    except ImportError:
+      fcntl = None
+    if hasattr(os, "O_DIRECT"):
+      _MECHANISM = "o_direct"
+    elif fcntl is not None and hasattr(fcntl, "F_NOCACHE"):
+      _MECHANISM = "f_nocache"
+    else:
+      _MECHANISM = "buffered"
+      if not hasattr(os, "posix_fadvise"):
+        _warn_once("page-cache", "this platform has neither O_DIRECT nor F_NOCACHE nor "
+                   "posix_fadvise: expert reads go through the page cache, which is not "
+                   "bypassed, so " + _CACHED_WARNING)
+  return _MECHANISM
+
+
+def _no_cache(fd: int) -> None:
+  """macOS: reads on fd no longer fill the page cache."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+
+
 def _drop_from_page_cache(fd: int) -> None:
   """The pool is the expert cache: do not let the OS page cache keep a second, unbounded copy
-  (it would be charged to the memory budget and make "fits in N GB" untrue)."""
+  (it would be charged to the memory budget and make "fits in N GB" untrue). A no-op, with a
+  one-time warning, where os has no posix_fadvise (macOS, Windows)."""
+  if not hasattr(os, "posix_fadvise"):
+    _warn_once("page-cache", "os.posix_fadvise is not available on this platform: pages read "
+               "through the cache are not dropped after use, so " + _CACHED_WARNING)
+    return
   os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
@@ -61,14 +111,16 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" 
   cache copy, and one large request the block layer splits into many in flight (measured 1.7
   vs 0.94 GB/s for tensorstore's buffered read of the same chunks, BUILD_NOTES.md). Falls back
   to a buffered read (then drops the pages) where O_DIRECT is refused or the buffer is not
-  aligned. Then checks the bytes against the crc32 recorded at conversion (on the reader
-  thread, overlapping the other reads). Raises StoreError naming the file when it is missing,
+  aligned; on macOS reads with F_NOCACHE instead (uncached_read_mechanism). Then checks the
+  bytes against the crc32 recorded at conversion (on the reader thread, overlapping the other
+  reads). Raises StoreError naming the file when it is missing,
   has the wrong size or the wrong checksum. `busy` (a BusyClock) runs during the reads only,
   not the checksum."""
   if not buf.flags.c_contiguous:
     raise ValueError("read_chunk needs a C-contiguous buffer (a reshape would read into a copy)")
   view = memoryview(buf.reshape(-1).view(np.uint8))
-  aligned = buf.ctypes.data % DIRECT_ALIGN == 0
+  mechanism = uncached_read_mechanism()
+  aligned = mechanism == "o_direct" and buf.ctypes.data % DIRECT_ALIGN == 0
   head = len(view) - len(view) % DIRECT_ALIGN if aligned else 0
   try:
     fd = os.open(path, os.O_RDONLY)
@@ -86,6 +138,8 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" 
       raise StoreError(f"expert chunk {path} has {size} bytes where the manifest implies "
                        f"{len(view)} (truncated or damaged); re-convert the model with "
                        "--overwrite.")
+    if mechanism == "f_nocache":
+      _no_cache(fd)
     if busy is not None:
       busy.start()
     try:
@@ -105,7 +159,7 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" 
     finally:
       if busy is not None:
         busy.stop()
-    if head < len(view):
+    if head < len(view) and mechanism != "f_nocache":
       _drop_from_page_cache(fd)
   except EOFError as e:
     raise StoreError(f"expert chunk {path} ended early (truncated while reading?); re-convert "

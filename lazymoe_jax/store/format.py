@@ -107,9 +107,84 @@ def read_manifest(store_dir: str) -> dict[str, Any]:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise StoreError(f"{path} is unreadable ({e}); re-convert the model with --overwrite.") from e
-  if manifest.get("format") != FORMAT:
-    raise StoreError(f"{path} is not a {FORMAT} manifest.")
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise StoreError(f"{path} is not a {FORMAT} manifest; give a store folder written by "
+                     "`python -m checkpoints_tools.convert_hf`.")
   if manifest.get("version") != VERSION:
     raise StoreError(f"{path} has format version {manifest.get('version')}, this engine reads "
                      f"version {VERSION}; re-convert the model.")
+  validate_manifest(manifest, path)
   return manifest
+
+
+# Python types of the manifest's JSON values (bool is an int to isinstance: refused apart)
+_INT, _STR, _DICT, _LIST = (int,), (str,), (dict,), (list,)
+
+
+def validate_manifest(manifest: dict[str, Any], path: str = MANIFEST) -> None:
+  """Checks the keys the engine reads and their types, and that the expert tables agree in
+  size, so that a damaged or foreign manifest is a StoreError naming the key, not a KeyError
+  deep in loading.
+
+  Args:
+    manifest: the parsed manifest.json.
+    path: its path, for the messages.
+  """
+
+  def fail(key: str, problem: str):
+    raise StoreError(f"{path}: {key} {problem}; the manifest is damaged or from another "
+                     "version: re-convert the model with --overwrite.")
+
+  def get(d: dict, key: str, types: tuple, where: str):
+    if key not in d:
+      fail(f"{where}{key}", "is missing")
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+      fail(f"{where}{key}", f"is {type(value).__name__} {json.dumps(value)[:40]}, not "
+           f"{'/'.join(t.__name__ for t in types)}")
+    return value
+
+  def ints(values, key: str):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+      fail(key, "holds non-integers")
+
+  get(manifest, "config", _DICT, "")
+  get(manifest, "hf_config", _DICT, "")
+  dense = get(manifest, "dense", _DICT, "")
+  parts = get(dense, "parts", _LIST, "dense.")
+  if not all(isinstance(p, str) for p in parts):
+    fail("dense.parts", "holds non-strings")
+  ex = get(manifest, "experts", _DICT, "")
+  layers = get(ex, "layers", _LIST, "experts.")
+  ints(layers, "experts.layers")
+  get(ex, "encoding", _STR, "experts.")
+  tensors = get(ex, "tensors", _DICT, "experts.")
+  if not tensors:
+    fail("experts.tensors", "is empty")
+  crc32 = get(ex, "crc32", _DICT, "experts.")
+  for name, spec in tensors.items():
+    where = f"experts.tensors.{name}."
+    if not isinstance(spec, dict):
+      fail(where[:-1], f"is {type(spec).__name__}, not dict")
+    for key in ("path", "dtype", "tensor", "suffix"):
+      get(spec, key, _STR, where)
+    shape = get(spec, "shape", _LIST, where)
+    ints(shape, where + "shape")
+    if len(shape) < 3 or shape[0] != len(layers):
+      fail(where + "shape", f"is {shape}: need [layers ({len(layers)}), experts, ...]")
+    sums = get(crc32, name, _LIST, "experts.crc32.")
+    if len(sums) != shape[0] or not all(isinstance(r, list) and len(r) == shape[1]
+                                        for r in sums):
+      fail(f"experts.crc32.{name}", f"is not {shape[0]} rows of {shape[1]} checksums")
+    for row in sums:
+      ints(row, f"experts.crc32.{name}")
+  if "tokenizer" not in manifest:
+    fail("tokenizer", "is missing (null for a store without tokenizer)")
+  if manifest["tokenizer"] is not None:  # null: converted without tokenizer files
+    tok = get(manifest, "tokenizer", _DICT, "")
+    get(tok, "kind", _STR, "tokenizer.")
+    get(tok, "file", _STR, "tokenizer.")
+  if "generation" in manifest:  # optional: older stores have none
+    gen = get(manifest, "generation", _DICT, "")
+    if "eos_token_ids" in gen:
+      ints(get(gen, "eos_token_ids", _LIST, "generation."), "generation.eos_token_ids")
