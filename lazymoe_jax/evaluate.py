@@ -244,6 +244,7 @@ def main(argv) -> None:
   del argv
 
   def work():
+    cli.check_sampling_flags()
     model = FLAGS.model
     if model is None:
       from checkpoints_tools import default_model  # pylint: disable=import-outside-toplevel

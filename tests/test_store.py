@@ -536,7 +536,7 @@ def _first_tensor(m):
 
 
 @pytest.mark.parametrize("damage, key", [
-    (_del("config"), "config is missing"), (_set([], "config"), "config is list"),
+    (_del("family"), "family is missing"), (_set([], "family"), "family is list"),
     (_del("hf_config"), "hf_config is missing"), (_del("dense"), "dense is missing"),
     (_del("dense", "parts"), "dense.parts is missing"),
     (_set("globals", "dense", "parts"), "dense.parts is str"),
@@ -558,7 +558,7 @@ def test_damaged_manifest_names_the_key(demo_store, tmp_path, damage, key):
   _check_damaged(demo_store, tmp_path, damage, key)
 
 
-@pytest.mark.parametrize("field", ["path", "shape", "dtype", "tensor", "suffix"])
+@pytest.mark.parametrize("field", ["path", "shape", "dtype", "tensor", "suffix", "encoding"])
 def test_damaged_manifest_names_the_tensor_key(demo_store, tmp_path, field):
   _check_damaged(demo_store, tmp_path, lambda m: m["experts"]["tensors"][_first_tensor(m)].pop(
       field), f"experts.tensors.w_gate_up.{field} is missing")

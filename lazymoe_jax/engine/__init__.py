@@ -12,7 +12,6 @@ session.py (a sequence and its KV cache); plan.py (the memory budget) is beside 
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Iterator, Sequence
 
@@ -131,7 +130,7 @@ class Engine:
     """Yields new tokens one by one as they are decoded (arguments checked at the call)."""
     tokens = self.check_tokens(token_ids)
     if max_new_tokens < 0:
-      raise ValueError("max_new_tokens must be >= 0")
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0.")
     if len(tokens) + max_new_tokens > self.max_context:
       whose = "planned" if self.plan else "model's"
       raise ValueError(f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -178,7 +177,7 @@ class Engine:
         "io_wait_s": self.pool.io_wait_s,
         "disk_busy_s": self.experts.disk_busy.seconds(),
         "dense_bytes": self.dense_bytes,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": memory.peak_rss(),
         **self._last,
     }
 
@@ -189,7 +188,9 @@ class Engine:
       raise ValueError("token_ids is empty: give at least one token.")
     if tokens.size > self.max_context:
       raise ValueError(f"{tokens.size} tokens exceed the context of {self.max_context} "
-                       "positions (max_context, or the model's max_position_embeddings).")
+                       "positions (max_context, or the model's max_position_embeddings): "
+                       "shorten the prompt, or raise max_context up to "
+                       f"{self.spec.max_position_embeddings}.")
     if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
       raise ValueError(f"token ids must be in [0, {self.spec.vocab_size}); got "
                        f"[{tokens.min()}, {tokens.max()}].")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import resource
+import sys
 
 import psutil
 
@@ -37,3 +39,9 @@ def return_freed_memory() -> None:
 def available_ram() -> int:
   """Memory the OS can give without swapping (MemAvailable on Linux)."""
   return int(psutil.virtual_memory().available)
+
+
+def peak_rss() -> int:
+  """The process's peak resident set in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+      1 if sys.platform == "darwin" else 1024)

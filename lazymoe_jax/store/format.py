@@ -148,7 +148,7 @@ def validate_manifest(manifest: dict[str, Any], path: str = MANIFEST) -> None:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
       fail(key, "holds non-integers")
 
-  get(manifest, "config", _DICT, "")
+  get(manifest, "family", _STR, "")
   get(manifest, "hf_config", _DICT, "")
   dense = get(manifest, "dense", _DICT, "")
   parts = get(dense, "parts", _LIST, "dense.")
@@ -166,7 +166,7 @@ def validate_manifest(manifest: dict[str, Any], path: str = MANIFEST) -> None:
     where = f"experts.tensors.{name}."
     if not isinstance(spec, dict):
       fail(where[:-1], f"is {type(spec).__name__}, not dict")
-    for key in ("path", "dtype", "tensor", "suffix"):
+    for key in ("path", "dtype", "tensor", "suffix", "encoding"):
       get(spec, key, _STR, where)
     shape = get(spec, "shape", _LIST, where)
     ints(shape, where + "shape")
