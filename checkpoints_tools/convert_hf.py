@@ -30,9 +30,9 @@ from lazymoe_jax.model.spec import MOE, ModelSpec
 from lazymoe_jax.store import dense as dense_store
 from lazymoe_jax.store import format as fmt
 
-EXPERT_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32",
-                 "float32": "float32", "f16": "float16", "float16": "float16", "int8": "int8",
-                 "int4": "int4", "mxfp4": "mxfp4"}
+# Short names accepted by --expert_dtype besides every registered encoding's own name
+# (model/encodings.py); "int4" takes --group_size.
+EXPERT_DTYPE_ALIASES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
 TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "json"))
 
 
@@ -301,9 +301,10 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
     hf = json.load(f)
   family = families.of_config(hf)
   spec = families.spec_from_hf(hf)
-  if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
+  choices = sorted(set(EXPERT_DTYPE_ALIASES) | set(encodings.names()) | {"int4"})
+  if expert_dtype is not None and expert_dtype not in choices:
     raise CheckpointError(f"--expert_dtype={expert_dtype!r} is not supported; choose one of "
-                          f"{sorted(EXPERT_DTYPES)}.")
+                          f"{choices}.")
   if group_size not in encodings.INT4_GROUPS:
     raise CheckpointError(f"--group_size={group_size} is not supported; choose one of "
                           f"{list(encodings.INT4_GROUPS)}.")
@@ -321,7 +322,7 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
   src_dtype = (first.source_encoding(folder) or
                folder.dtype(first.source_name(folder)).lower())
   src_dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(src_dtype, src_dtype)
-  name = EXPERT_DTYPES[expert_dtype] if expert_dtype else src_dtype
+  name = EXPERT_DTYPE_ALIASES.get(expert_dtype, expert_dtype) if expert_dtype else src_dtype
   name = f"int4-g{group_size}" if name == "int4" else name
   try:
     enc = encodings.get(name)

@@ -19,10 +19,8 @@ from lazymoe_jax.errors import PlanError
 
 # What the process grows by after the plan is made: compiling and running the programs (anon
 # memory) and the library code pages the compiler touches the first time (file pages, charged
-# to a memory cgroup like everything else). Measured (bench/bench_stream.py, BUILD_NOTES.md):
-# the demo model grew ~140 MB; a 32-layer bf16 model under a 2 GB cgroup cap peaked 336 MB
-# below the cap with a 384 MiB margin once expert reads bypassed the page cache (O_DIRECT);
-# with tensorstore's buffered reads a 192 MiB margin was OOM-killed under 4 GB.
+# to a memory cgroup like everything else), sized from the cgroup benchmarks
+# (BUILD_NOTES "Measurements moved out of the code").
 MARGIN_BASE = 256 << 20
 GB = 1e9
 

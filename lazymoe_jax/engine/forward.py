@@ -22,7 +22,7 @@ from lazymoe_jax.model.spec import DENSE_MLP, ModelSpec
 from lazymoe_jax.store.pool import ExpertPool
 
 HEAD_ROWS = 256  # the output head is applied to this many rows at a time
-PREFETCH_DEPTH = 3  # MoE layers ahead whose experts decode prefetches (BUILD_NOTES "Prefetch")
+PREFETCH_DEPTH = 3  # MoE layers ahead whose experts decode prefetches (BUILD_NOTES "Lookahead prefetch")
 KV_ROUND = 256  # cache capacity granularity: few distinct shapes, few compilations
 
 
@@ -49,7 +49,7 @@ class Forward:
     self.pool = pool
     # Speculative prefetch in decode: layer l applies the routers of the next `prefetch_depth`
     # MoE layers to its hidden state and starts reading their likeliest `prefetch_width`
-    # experts (half of top-k: BUILD_NOTES "Prefetch").
+    # experts (half of top-k: BUILD_NOTES "Lookahead prefetch").
     self.prefetch = prefetch
     self.prefetch_width = max(1, spec.num_experts_per_tok // 2)
     self.prefetch_depth = PREFETCH_DEPTH

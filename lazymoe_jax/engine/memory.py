@@ -18,7 +18,7 @@ def keep_heap_warm() -> None:
   temporary of megabytes freed and allocated again on every decode step otherwise comes back
   as fresh pages, page-faulted in again each time. The bound is per malloc arena (malloc_trim
   does not shrink other threads' arenas); in the engine only XLA's executing thread makes such
-  temporaries. Measurements and the rejected alternative (M_TOP_PAD): BUILD_NOTES "Heap"."""
+  temporaries. Measurements and the rejected alternative (M_TOP_PAD): BUILD_NOTES "Measurements moved out of the code"."""
   try:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixed; 32 MB is the most glibc accepts)

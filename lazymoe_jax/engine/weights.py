@@ -47,7 +47,7 @@ def to_device(tree: dict) -> dict:
   """jax.device_put leaf by leaf, dropping each host array as soon as it is on the device, so
   loading never holds two copies of the dense params. device_put is asynchronous: each copy is
   waited for, so that the memory plan (made right after loading) measures the copies that
-  stay (BUILD_NOTES "Memory accounting")."""
+  stay (BUILD_NOTES "Memory accounting fixes")."""
   out = {}
   for key in list(tree):
     leaf = tree.pop(key)

@@ -229,7 +229,8 @@ class Family:
   @classmethod
   def attention_names(cls, spec: ModelSpec, att: str) -> dict[str, list[str]]:
     a = spec.attention
-    # q, k and v fused on the rows: one product per token instead of three (BUILD_NOTES)
+    # q, k and v fused on the rows: one product per token instead of three
+    # (BUILD_NOTES "Measurements moved out of the code")
     names = {"wqkv": [f"{att}{p}.weight" for p in ("q_proj", "k_proj", "v_proj")],
              "wo": [att + "o_proj.weight"]}
     if a.qkv_bias:

@@ -99,9 +99,8 @@ def _unpack_field(b: jax.Array, w: int) -> jax.Array:
   """uint8 [..., m] -> uint8 [..., m * 8 / w] (inverse of _pack_field): one shift and one mask
   per value, no reduction, so XLA fuses it into whatever consumes the values."""
   # one constant shift per position in the byte: a vector of shift amounts (b[..., None] >>
-  # arange) has no vector instruction for bytes and ran element by element (17 vs 6 ms, a
-  # 4-bit decode attention over 4096 positions)
-  if w == 1:  # one AND with a constant vector of the 8 bit masks: 1.5 vs 2.8 ms for 4M bits
+  # arange) has no vector instruction for bytes and runs element by element (BUILD_NOTES "Measurements moved out of the code")
+  if w == 1:  # one AND with a constant vector of the 8 bit masks: faster than 8 shifts
     f = (b[..., None] & jnp.asarray([1 << j for j in range(8)], jnp.uint8)) != 0
     return f.reshape(*b.shape[:-1], -1).astype(jnp.uint8)
   f = jnp.stack([(b >> (j * w)) & ((1 << w) - 1) for j in range(8 // w)], axis=-1)
@@ -130,8 +129,7 @@ def _unpack_bits(codes: dict[str, jax.Array], bits: int, name: str) -> jax.Array
 
 def _lookup(codebook: np.ndarray, idx: jax.Array) -> jax.Array:
   """codebook[idx] as a tree of selects on the index bits (2^b - 1 vectorised selects): a gather
-  from the table runs element by element on XLA-CPU (measured 2.6-2.9 vs 1.9 ms for 4M
-  4-bit indices)."""
+  from the table runs element by element on XLA-CPU (BUILD_NOTES "Measurements moved out of the code")."""
   vals = [jnp.float32(v) for v in codebook]
   bit = 0
   while len(vals) > 1:
@@ -212,11 +210,11 @@ class TurboQuant:
   def _parts(self, codes: dict) -> list[tuple[int, int, jax.Array]]:
     """(start, stop, centroids [..., stop - start]) per channel group of the rotated unit
     vector. Consumers take the groups one by one (a concatenation of two half-width groups
-    cost more than decoding them, measured 5 ms at 2.5 bits over 4096 positions).
+    costs more than decoding them).
 
     Each part is materialised on purpose (optimization_barrier): left to itself XLA fuses the
-    decode into the attention products that consume it and recomputes it there, measured 7.4
-    vs 3.0 ms for the scores of one query over 4096 positions (8 KV heads, dim 128, 4 bits)."""
+    decode into the attention products that consume it and recomputes it there, twice as slow
+    (BUILD_NOTES "Measurements moved out of the code")."""
     return [(a, b, jax.lax.optimization_barrier(_lookup(
         lloyd_max_codebook(self.dim, bits), _unpack_bits(codes, bits, f"idx{a}"))))
             for a, b, bits in self.groups()]

@@ -19,7 +19,7 @@ int4 packing: byte[o, j, g] = 16 * q[o, g*G + G/2 + j] + (q[o, g*G + j] + 8), i.
 nibble (signed) holds the second half of the group and the low nibble (biased by 8) the first
 half. The group index is the minor axis, so one reduction over the last two axes does the whole
 product, which is the form XLA-CPU runs fast; nibbles are split with float ops (convert, scale,
-floor) since its integer shifts fall back to slow loops (see ARCHITECTURE.md).
+floor) since its integer shifts fall back to slow loops (BUILD_NOTES "Foundation").
 Legend: T = tokens, O = rows (outputs), C = cols (inputs), G = group, N = number of groups.
 """
 
@@ -317,10 +317,10 @@ def _by_row_blocks(dequant, rows: int, cols: int, x: jax.Array) -> jax.Array:
   dequant(start, n) -> [n, cols] (x in the column order the decoded block comes in).
 
   Decoding the whole weight at once makes a float32 temporary 4x (int8) or 8x (int4) its size:
-  above glibc's 32 MB mmap ceiling it is page-faulted in afresh every call (~2 GB/s). A loop
-  over blocks of ~DEQUANT_BLOCK_BYTES reuses one warm buffer: int8 at 64 tokens 70-82 -> 165-201
-  GFLOP/s on the large experts (BUILD_NOTES). Blocks are equal; the last one starts at
-  rows - n, recomputing a few rows (same values). A weight within one block is done whole.
+  above glibc's 32 MB mmap ceiling it is page-faulted in afresh every call. A loop over blocks
+  of ~DEQUANT_BLOCK_BYTES reuses one warm buffer (figures: BUILD_NOTES "Measurements moved out of the code"). Blocks are equal; the last one
+  starts at rows - n, recomputing a few rows (same values). A weight within one block is done
+  whole.
   """
   n = min(rows, max(8, DEQUANT_BLOCK_BYTES // (4 * cols)))
   nb = -(-rows // n)
@@ -338,8 +338,7 @@ def _by_row_blocks(dequant, rows: int, cols: int, x: jax.Array) -> jax.Array:
 def _dot(w: jax.Array, x: jax.Array) -> jax.Array:
   """w [O, C] . x [M, C] -> [O, M], contracting both minor axes (the weight as the left operand).
 
-  Measured: the same int8 product runs at 13.5 GB/s in this form and at 0.4 GB/s when x is
-  handed over transposed ([C, M]), which makes XLA pick a slow loop.
+  Handing x over transposed ([C, M]) makes XLA pick a slow loop, 30x slower (BUILD_NOTES "Measurements moved out of the code").
   """
   pref = jnp.int32 if w.dtype == jnp.int8 else F32
   return jax.lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=pref)
@@ -354,8 +353,8 @@ def _int8_dot(q: jax.Array, xq: jax.Array) -> jax.Array:
   """q [O, C] . xq [M, C] -> int32 [O, M]. For one token (M = 2: the two levels), the weight is
   read as [O/2, 2C] (each pair of rows side by side, a free reshape) against the block-diagonal
   [[x, 0], [0, x]]: exact (integer products of zeros add nothing), and rows twice as long suit
-  the int8 kernel, measured 8.9 -> 10.8 GB/s for a 5632x1024 weight, 6.1 -> 9.9 for 1024x2816
-  (blocks of 4 or 8 rows were slower again: the zero products start to cost)."""
+  the int8 kernel; blocks of 4 or 8 rows were slower again, the zero products start to cost
+  (BUILD_NOTES "Measurements moved out of the code")."""
   o, c = q.shape
   m = xq.shape[0]
   if m > 2 or o % 2:
@@ -369,9 +368,9 @@ def _int8_matmul(q: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
   int8 x int8 -> int32 products; rescaled by both activation scales and the row scale.
 
   Relative error ~1e-4, and for one token it fills the second column the product needs anyway.
-  One level would be 2x faster for 8-64 tokens (measured 200-262 vs 121-127 GFLOP/s) but its
-  ~4e-3 error dropped the demo model's top-1 agreement from 99.5% to 97.95%: not taken. Used
-  up to INT8_DEQUANT_TOKENS tokens; more go through exact float32 products by blocks of rows.
+  One level would be faster for 8-64 tokens, but its ~4e-3 error cost the demo model top-1
+  agreement: not taken (BUILD_NOTES "Measurements moved out of the code"). Used up to INT8_DEQUANT_TOKENS tokens; more go through exact
+  float32 products by blocks of rows.
   """
   x = x.astype(F32)
   s1 = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0  # [T, 1]
@@ -443,8 +442,8 @@ def _mxfp4_matmul(blocks: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Arra
 
   Up to 4 tokens: per token, a table of what each of the 256 byte values contributes with the
   two inputs it multiplies (256 per (block, byte position): x-sized work), gathered by the
-  weight bytes and summed with the block scales: 12.9 ms for a gpt-oss gate_up (8.3 MB packed)
-  against 22.9 ms for dequantise-then-product (BUILD_NOTES). More tokens: dequantise once
+  weight bytes and summed with the block scales, faster than dequantise-then-product
+  (BUILD_NOTES "Measurements moved out of the code"). More tokens: dequantise once
   (exact: e2m1 times a power of two), then one product. Nibbles are split with float ops
   (XLA-CPU's integer shifts are slow loops); the scale 2^(s-127) is built from its bits,
   s << 23 as a float32, exact for s in 1..254 (s = 0, 2^-127, reads 0).
@@ -464,8 +463,8 @@ def _mxfp4_matmul(blocks: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Arra
       g = jnp.take_along_axis(table[None], idx, axis=-1)[..., 0]  # [O, N, 16]
       outs.append(jnp.sum(g * s[:, :, None], axis=(1, 2)))
     return jnp.stack(outs)
-  f = blocks.astype(F32)  # whole, not by blocks of rows: the e2m1 decode in a loop body ran
-  hi = jnp.floor(f * (1.0 / 16.0))  # 2-3x slower (BUILD_NOTES)
+  f = blocks.astype(F32)  # whole, not by blocks of rows: the e2m1 decode in a loop body is
+  hi = jnp.floor(f * (1.0 / 16.0))  # slower (BUILD_NOTES "session 5")
   lo = f - 16.0 * hi
   w = jnp.stack([_e2m1(lo), _e2m1(hi)], axis=-1) * s[:, :, None, None]  # [O, N, 16, 2]
   return _dot(w.reshape(o, n * 2 * half), xr.reshape(t, -1)).T

@@ -109,7 +109,7 @@ def moe_decode(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, weights: j
   routed = jnp.zeros_like(xn)
   for j, ex in enumerate(slots):
     # A barrier per expert: otherwise XLA shares the broadcast activation between the experts'
-    # products and materialises it (ARCHITECTURE.md "Several experts in one jit").
+    # products and materialises it (BUILD_NOTES "Measurements moved out of the code").
     xj, ex = jax.lax.optimization_barrier((xn, ex))
     routed = routed + weights[:, j:j + 1] * layers.expert_ffn(spec.moe.act, ex, xj)
   return h + (routed + _shared(spec.moe, p, xn))
