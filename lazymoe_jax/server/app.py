@@ -48,21 +48,14 @@ class ServerState:
   started: float = dataclasses.field(default_factory=time.time)
 
 
-def create_app(state: ServerState) -> FastAPI:
-  """The FastAPI app over a started (or starting) Scheduler."""
+def create_app(state: ServerState):
+  """The ASGI app (FastAPI) over a started (or starting) Scheduler."""
   app = FastAPI(title="LazyMoE-JAX", docs_url=None, redoc_url=None, openapi_url=None)
   sched = state.scheduler
   registry = CollectorRegistry()
   requests_total = Counter("lazymoe_requests", "HTTP requests by endpoint and status.",
                            ["endpoint", "status"], registry=registry)
   registry.register(_EngineCollector(state))
-
-  @app.middleware("http")
-  async def count_requests(request: Request, call_next):
-    response = await call_next(request)
-    if request.url.path != "/metrics":
-      requests_total.labels(request.url.path, str(response.status_code)).inc()
-    return response
 
   @app.exception_handler(APIError)
   async def api_error(request: Request, e: APIError):
@@ -298,7 +291,31 @@ def create_app(state: ServerState) -> FastAPI:
     with open(os.path.join(STATIC, "index.html"), encoding="utf-8") as f:
       return HTMLResponse(f.read())
 
-  return app
+  return _CountRequests(app, requests_total)
+
+
+class _CountRequests:
+  """The app counted by endpoint and status: a plain ASGI wrapper, as starlette's
+  BaseHTTPMiddleware would hide a client's disconnect from request.is_disconnected() (which
+  cancels non-streaming requests)."""
+
+  def __init__(self, app: FastAPI, counter: Counter):
+    self.app = app
+    self.counter = counter
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http" or scope["path"] == "/metrics":
+      return await self.app(scope, receive, send)
+    status = ["500"]
+
+    async def send_status(message):
+      if message["type"] == "http.response.start":
+        status[0] = str(message["status"])
+      await send(message)
+    try:
+      await self.app(scope, receive, send_status)
+    finally:
+      self.counter.labels(scope["path"], status[0]).inc()
 
 
 class _Relay:
