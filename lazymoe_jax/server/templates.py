@@ -211,8 +211,11 @@ class HarmonyParser:
         self._in_body = True
         continue
       i = self._buf.find("<|")
-      if i < 0:
-        out, self._buf = self._buf, ""
+      if i < 0:  # a last "<" may be the start of a marker
+        keep = 1 if self._buf.endswith("<") else 0
+        out, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        (reasoning if self._channel == "analysis" else content).append(out)
+        break
       else:
         j = self._buf.find("|>", i)
         if j < 0:  # an incomplete marker: wait for the rest
