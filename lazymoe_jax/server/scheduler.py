@@ -192,12 +192,15 @@ class Scheduler:
     so that the first client does not wait for XLA (seconds on the demo model)."""
     eng = self.engine
     n_max = min(self.prefill_chunk, eng.max_context - 2)
+    # varied ids: prefill compiles one expert program per bucket of tokens an expert gets, so
+    # a prompt of one repeated token would compile only the largest
+    rng = np.random.RandomState(0)
     size = 8
     while True:
       n = min(size, n_max)
       seq = eng.session(min(eng.max_context, n + 2))
-      seq.feed([min(3, eng.cfg.vocab_size - 1)] * n)
-      eng.feed_batch([seq], [min(3, eng.cfg.vocab_size - 1)])
+      seq.feed(rng.randint(0, eng.cfg.vocab_size, n).tolist())
+      eng.feed_batch([seq], [int(rng.randint(0, eng.cfg.vocab_size))])
       if n >= n_max:
         break
       size *= 2
