@@ -307,8 +307,18 @@ def test_store_without_template(tmp_path, server):
   manifest.pop("chat_template")
   with open(f"{store}/manifest.json", "w") as f:
     json.dump(manifest, f)
-  srv = Server(store, "--nowarmup")
+  srv = Server(store, "--nowarmup", "--sse_ping_s=0.3")
   try:
+    # the first prompt compiles the programs (seconds): the stream stays alive with comments
+    conn = http_client.HTTPConnection("127.0.0.1", srv.port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"prompt": "def f():", "max_tokens": 3, "stream": True}),
+                 {"Content-Type": "application/json"})
+    lines = [line.rstrip(b"\r\n") for line in conn.getresponse()]
+    conn.close()
+    first_data = next(i for i, line in enumerate(lines) if line.startswith(b"data:"))
+    assert any(line.startswith(b":") for line in lines[:first_data]), lines[:5]
+    assert lines[-2:] == [b"data: [DONE]", b""] or b"data: [DONE]" in lines
     status, err = http("POST", srv.url + "/v1/chat/completions",
                        {"messages": [{"role": "user", "content": "hi"}]})
     assert status == 400 and err["error"]["code"] == "no_chat_template"
