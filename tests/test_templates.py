@@ -231,3 +231,24 @@ def test_demo_store_has_its_template_and_special_tokens_encode(demo_store):
   ids = templates.encode_rendered(tok, "<s>def f():</s>", t.special_tokens)
   assert ids[0] == tok.sp.bos_id() and ids[-1] == tok.sp.eos_id()
   assert ids[1:-1] == tok.sp.encode("def f():")
+
+
+@pytest.mark.parametrize("out,want", [
+    ("<think>\nStep 1 < 2.\n</think>\n\nThe answer.", ("\nStep 1 < 2.\n", "The answer.")),
+    ("No thinking here <think>x</think>", ("", "No thinking here <think>x</think>")),
+    ("<thin", ("", "<thin")),
+    ("<think>cut off", ("cut off", "")),
+])
+def test_think_split_whatever_the_pieces(out, want):
+  for size in (1, 2, 3, 5, len(out)):
+    p = templates.ThinkParser()
+    reasoning, content = "", ""
+    for i in range(0, len(out), size):
+      r, c = p.push(out[i:i + size])
+      reasoning, content = reasoning + r, content + c
+    r, c = p.flush()
+    assert (reasoning + r, content + c) == want
+  t = templates.ChatTemplate(QWEN3)
+  assert isinstance(t.output_parser(), templates.ThinkParser)
+  assert isinstance(templates.ChatTemplate(GPT_OSS).output_parser(), templates.HarmonyParser)
+  assert templates.ChatTemplate(MIXTRAL).output_parser() is None

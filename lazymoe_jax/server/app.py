@@ -329,8 +329,9 @@ class _Relay:
     self.created = protocol.now()
     self.model = state.model_name
     self.prompt_tokens = prompt_tokens
-    self.harmony = (templates.HarmonyParser() if p.kind == "chat" and state.template is not None
-                    and state.template.harmony else None)
+    # reasoning_content: gpt-oss harmony channels, or <think> blocks (Qwen3, DeepSeek-R1)
+    self.parser = (state.template.output_parser() if p.kind == "chat" and state.template
+                   is not None else None)
     self.content, self.reasoning, self.lp = [], [], []
     self.finish_reason = None
     self.completion_tokens = 0
@@ -366,10 +367,10 @@ class _Relay:
     """Chunks for one scheduler event (also recorded for whole())."""
     text = ev.get("text", "")
     reasoning = ""
-    if self.harmony is not None:
-      reasoning, text = self.harmony.push(text)
+    if self.parser is not None:
+      reasoning, text = self.parser.push(text)
       if ev["type"] == "done":
-        r2, t2 = self.harmony.flush()
+        r2, t2 = self.parser.flush()
         reasoning, text = reasoning + r2, text + t2
     self.content.append(text)
     self.reasoning.append(reasoning)
@@ -418,7 +419,7 @@ class _Relay:
     text = "".join(self.content)
     if self.p.kind == "chat":
       message = {"role": "assistant", "content": text}
-      if self.harmony is not None:
+      if self.parser is not None:
         message["reasoning_content"] = "".join(self.reasoning)
       choice = {"index": 0, "message": message, "logprobs": {"content": self.lp}
                 if self.p.logprobs else None, "finish_reason": self.finish_reason}

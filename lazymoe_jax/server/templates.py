@@ -103,6 +103,12 @@ class ChatTemplate:
     self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
     # gpt-oss's harmony format: channels in the output, split by HarmonyParser
     self.harmony = "<|channel|>" in source
+    # <think> reasoning (Qwen3, DeepSeek-R1), split by ThinkParser
+    self.thinks = not self.harmony and "</think>" in source
+
+  def output_parser(self):
+    """A new parser of the model's output into (reasoning, content), or None."""
+    return HarmonyParser() if self.harmony else ThinkParser() if self.thinks else None
 
   def render(self, messages: list[dict], add_generation_prompt: bool = True,
              tools: list | None = None, **kwargs) -> str:
@@ -237,3 +243,55 @@ class HarmonyParser:
     if not self._in_body:
       return "", ""  # an unfinished header is no text
     return (rest, "") if self._channel == "analysis" else ("", rest)
+
+
+class ThinkParser:
+  """Splits `<think>...</think>` reasoning (Qwen3, DeepSeek-R1 templates) from the answer, fed
+  text as it streams: reasoning only when the output opens with <think> (with thinking off,
+  Qwen3's prompt already closed an empty block and the output is all content)."""
+
+  OPEN, CLOSE = "<think>", "</think>"
+
+  def __init__(self):
+    self._buf = ""
+    self._state = "start"  # start -> reasoning -> after -> content, or start -> content
+
+  def push(self, text: str) -> tuple[str, str]:
+    """(reasoning, content) that text completes."""
+    self._buf += text
+    if self._state == "start":
+      head = self._buf.lstrip()
+      if head.startswith(self.OPEN):
+        self._buf, self._state = head[len(self.OPEN):], "reasoning"
+      elif self.OPEN.startswith(head):
+        return "", ""  # "" or the start of <think>: wait
+      else:
+        self._state = "content"
+    if self._state == "reasoning":
+      i = self._buf.find(self.CLOSE)
+      if i < 0:
+        keep = _partial_suffix(self._buf, self.CLOSE)
+        out, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        return out, ""
+      reasoning, self._buf = self._buf[:i], self._buf[i + len(self.CLOSE):]
+      self._state = "after"
+      return reasoning, self.push("")[1]
+    if self._state == "after":  # the newlines the template puts after </think> are no answer
+      self._buf = self._buf.lstrip("\n")
+      if not self._buf:
+        return "", ""
+      self._state = "content"
+    out, self._buf = self._buf, ""
+    return "", out
+
+  def flush(self) -> tuple[str, str]:
+    rest, self._buf = self._buf, ""
+    return (rest, "") if self._state == "reasoning" else ("", rest)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+  """Length of the longest tail of text that is a proper prefix of marker."""
+  for k in range(min(len(marker) - 1, len(text)), 0, -1):
+    if text.endswith(marker[:k]):
+      return k
+  return 0
