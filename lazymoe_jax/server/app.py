@@ -174,8 +174,13 @@ def create_app(state: ServerState):
     sampler = Sampler(p.temperature, p.top_p, p.top_k, seed % (2**32))
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    job = Job(prompt_ids=ids, max_tokens=max_tokens, sampler=sampler,
-              emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), stop=p.stop,
+
+    def emit(ev):  # on the engine thread
+      try:
+        loop.call_soon_threadsafe(queue.put_nowait, ev)
+      except RuntimeError:
+        pass  # the event loop is closed (shutting down): nobody is listening
+    job = Job(prompt_ids=ids, max_tokens=max_tokens, sampler=sampler, emit=emit, stop=p.stop,
               top_logprobs=p.top_logprobs if p.logprobs else None)
     sched.submit(job)
     relay = _Relay(state, eng, p, len(ids))
