@@ -214,7 +214,35 @@ def _tokenizer(src: str, dst: str, hf: dict, log: Callable[[str], None]) -> dict
   return None
 
 
-STORE_ENTRIES = {fmt.MANIFEST, fmt.DENSE_DIR, fmt.EXPERTS_DIR} | {n for n, _ in TOKENIZER_FILES}
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _chat_template(src: str, dst: str) -> dict | None:
+  """Copies the model's chat template into the store (for the server): chat_template.jinja as
+  transformers saves it, else tokenizer_config.json's chat_template (a string, or a list of
+  named templates: the "default" one); with the bos/eos strings the template reads."""
+  tok_cfg = {}
+  if os.path.exists(os.path.join(src, "tokenizer_config.json")):
+    with open(os.path.join(src, "tokenizer_config.json")) as f:
+      tok_cfg = json.load(f)
+  source = tok_cfg.get("chat_template")
+  if isinstance(source, list):
+    named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+    source = named.get("default") or next(iter(named.values()), None)
+  if os.path.exists(os.path.join(src, CHAT_TEMPLATE_FILE)):
+    with open(os.path.join(src, CHAT_TEMPLATE_FILE), encoding="utf-8") as f:
+      source = f.read()
+  if not isinstance(source, str) or not source:
+    return None
+  with open(os.path.join(dst, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+    f.write(source)
+  token = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731  (AddedToken)
+  return {"file": CHAT_TEMPLATE_FILE, "bos_token": token(tok_cfg.get("bos_token")),
+          "eos_token": token(tok_cfg.get("eos_token"))}
+
+
+STORE_ENTRIES = {fmt.MANIFEST, fmt.DENSE_DIR, fmt.EXPERTS_DIR, CHAT_TEMPLATE_FILE} | {
+    n for n, _ in TOKENIZER_FILES}
 
 
 def _check_destination(src: str, dst: str, overwrite: bool) -> str:
@@ -371,6 +399,7 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
         "experts": {"layers": moe_layers, "encoding": enc.name, "tensors": tensors,
                     "checksum": "crc32", "crc32": crc},
         "tokenizer": _tokenizer(src, tmp, hf, log),
+        "chat_template": _chat_template(src, tmp),
         "generation": {"eos_token_ids": _eos_ids(src, spec)},
         "source": {"path": os.path.abspath(src), "expert_dtype": src_dtype},
     }

@@ -89,7 +89,10 @@ class IncrementalDecoder:
     return self.tokenizer.decode(ids) if ids else ""
 
   def push(self, token_id: int) -> str:
-    """Adds one token; returns the text it completes ("" while a character is incomplete)."""
+    """Adds one token; returns the text it completes ("" while a character is incomplete).
+    A store without a tokenizer streams each id as "<id> "."""
+    if isinstance(self.tokenizer, tokenizers_.NoTokenizer):
+      return f"{int(token_id)} "
     ids = self._take(int(token_id))
     if not ids:
       return ""
@@ -170,7 +173,24 @@ class IncrementalDecoder:
 
   def flush(self) -> str:
     """The text held back (an incomplete character at the end, as U+FFFD); then resets."""
+    if isinstance(self.tokenizer, tokenizers_.NoTokenizer):
+      return ""
     self._ids += self._held
     text, prefix = self._decode(self._ids), self._prefix_text()
     self._restart([])
     return text[len(prefix):]
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+  """The bytes one token stands for, as OpenAI's logprobs report them: sentencepiece byte
+  pieces (<0x0A>) as that byte, '▁' as a space; tokenizer.json tokens through its decoder."""
+  if isinstance(tokenizer, tokenizers_.SentencePieceTokenizer):
+    sp = tokenizer.sp
+    if sp.is_byte(token_id):
+      return bytes([int(sp.id_to_piece(token_id)[3:5], 16)])
+    if sp.is_control(token_id):
+      return sp.id_to_piece(token_id).encode()
+    return sp.id_to_piece(token_id).replace("\u2581", " ").encode()
+  if isinstance(tokenizer, tokenizers_.JsonTokenizer):
+    return tokenizer.decode([token_id]).encode()
+  return str(token_id).encode()

@@ -135,3 +135,12 @@ def test_special_tokens_are_printed_as_decode_prints_them(tok):
   assert out == tok.decode(prompt + new)[len(tok.decode(prompt)):]
   if not isinstance(tok, tokenizer.SentencePieceTokenizer):
     assert out.startswith("<s></s>")
+
+
+def test_token_bytes_and_id_only_stores():
+  sp = tokenizer.SentencePieceTokenizer(os.path.join(default_model.DEMO_DIR, "tokenizer.model"),
+                                        add_bos=False)
+  ids = sp.encode("a b\n")
+  assert b"".join(detokenize.token_bytes(sp, t) for t in ids) == b" a b\n"
+  dec = detokenize.IncrementalDecoder(tokenizer.NoTokenizer(), [1, 2])
+  assert dec.push(5) + dec.push(6) + dec.flush() == "5 6 "
