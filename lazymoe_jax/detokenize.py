@@ -50,6 +50,9 @@ class IncrementalDecoder:
   def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
     self.tokenizer = tokenizer
     self._json = isinstance(tokenizer, tokenizers_.JsonTokenizer)
+    if isinstance(tokenizer, tokenizers_.NoTokenizer):  # ids only: nothing to decode
+      self._ids, self.max_window = [], 0
+      return
     self._stream = None
     # a short tail of the prompt as the printed prefix; for tokenizer.json all of a run of
     # byte tokens it ends with (decoded with the run's continuation, see _take) and the token

@@ -141,6 +141,6 @@ def test_token_bytes_and_id_only_stores():
   sp = tokenizer.SentencePieceTokenizer(os.path.join(default_model.DEMO_DIR, "tokenizer.model"),
                                         add_bos=False)
   ids = sp.encode("a b\n")
-  assert b"".join(detokenize.token_bytes(sp, t) for t in ids) == b" a b\n"
+  assert b"".join(detokenize.token_bytes(sp, t) for t in ids) == b"a b\n"  # no dummy prefix
   dec = detokenize.IncrementalDecoder(tokenizer.NoTokenizer(), [1, 2])
   assert dec.push(5) + dec.push(6) + dec.flush() == "5 6 "
