@@ -237,7 +237,9 @@ TGT2 inline int32_t hsum8i(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-template <int R, int MT, bool BF16>
+// kind 0 float32, 1 bf16 (shifted to f32), 2 int8 (converted to f32; the row scale applied
+// by the caller): weights decoded once per 8 columns, one FMA per token.
+template <int R, int MT, int KIND>
 TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
   __m256 acc[R][MT];
   for (int r = 0; r < R; ++r)
@@ -247,16 +249,21 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
   const int64_t cn = a.cn, cv = cn / 8 * 8;
   const uint16_t* wh[R];
   const float* wf[R];
+  const int8_t* wi[R];
   for (int r = 0; r < R; ++r) {
     wh[r] = static_cast<const uint16_t*>(w.w) + (o + r) * w.cols + a.c0;
     wf[r] = static_cast<const float*>(w.w) + (o + r) * w.cols + a.c0;
+    wi[r] = static_cast<const int8_t*>(w.w) + (o + r) * w.cols + a.c0;
   }
   for (int64_t c = 0; c < cv; c += 8) {
     __m256 wv[R];
     for (int r = 0; r < R; ++r) {
-      if (BF16) {
+      if (KIND == 1) {
         const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wh[r] + c)));
         wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+      } else if (KIND == 2) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wi[r] + c));
+        wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
       } else {
         wv[r] = _mm256_loadu_ps(wf[r] + c);
       }
@@ -269,17 +276,22 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) {
       float s = hsum8(acc[r][m]);
-      for (int64_t c = cv; c < cn; ++c) s += (BF16 ? bf16_to_f32(wh[r][c]) : wf[r][c]) * x[m][c];
+      for (int64_t c = cv; c < cn; ++c)
+        s += (KIND == 1 ? bf16_to_f32(wh[r][c]) : KIND == 2 ? float(wi[r][c]) : wf[r][c]) * x[m][c];
       raw[r * M + m0 + m] = s;
     }
 }
 template <int R, int MT>
 TGT2 void f32_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
-  float_tile2<R, MT, false>(w, a, o, m0, raw, M);
+  float_tile2<R, MT, 0>(w, a, o, m0, raw, M);
 }
 template <int R, int MT>
 TGT2 void bf16_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
-  float_tile2<R, MT, true>(w, a, o, m0, raw, M);
+  float_tile2<R, MT, 1>(w, a, o, m0, raw, M);
+}
+template <int R, int MT>
+TGT2 void i8f_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
+  float_tile2<R, MT, 2>(w, a, o, m0, raw, M);
 }
 
 // int8: |w| (u8, <= 127) against sign(x, w): pairs stay below the s16 limit (ggml's trick).
@@ -418,32 +430,54 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw,
 
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
-  const int M = a.tokens * a.levels;
+  // int8 weights for 2+ tokens: float32 activations, the weight converted and FMA'd. Without
+  // VNNI (AVX2) that costs what one level of int8 products does (4 ops per 32 products a
+  // token), i.e. half of two levels, and it is exact (BUILD_NOTES.md, "Native kernels").
+  const bool i8f = w.enc == kI8 && a.tokens >= 2 && a.xf != nullptr;
+  const int M = i8f ? a.tokens : a.tokens * a.levels;
+  const bool fl = w.enc == kF32 || w.enc == kBF16 || i8f;
   std::vector<float> rawf(size_t(kRowTile) * M);
   std::vector<int32_t> rawi(size_t(kRowTile) * M);
-  const int rmax = (w.enc == kI4 || w.enc == kMXFP4) ? 1 : 2;  // 16 ymm registers
+  // 16 ymm registers: float forms 4 rows x 2 tokens (enough independent FMA chains for one
+  // token), int8 2 x 4, int4 / mxfp4 1 x 4
+  const int rmax = fl ? 4 : (w.enc == kI8 ? 2 : 1);
+  const int mtmax = fl ? 2 : 4;
   for (int64_t o = r0; o < r1; o += rmax) {
     const int R = int(std::min<int64_t>(rmax, r1 - o));
-    for (int m0 = 0; m0 < M; m0 += 4) {
-      const int mt = std::min(4, M - m0);
+    for (int m0 = 0; m0 < M; m0 += mtmax) {
+      const int mt = std::min(mtmax, M - m0);
       float* rf = rawf.data();
       int32_t* ri = rawi.data();
+      if (fl) {
+        for (int r0t = 0; r0t < R;) {  // 4 rows at a time, then single rows
+          const int rr = R - r0t >= 4 ? 4 : 1;
+          float* rfr = rf + r0t * M;
+#define LAZYMOE_FL(TILE) \
+  if (rr == 4) { if (mt == 2) TILE<4, 2>(w, a, o + r0t, m0, rfr, M); else TILE<4, 1>(w, a, o + r0t, m0, rfr, M); } \
+  else { if (mt == 2) TILE<1, 2>(w, a, o + r0t, m0, rfr, M); else TILE<1, 1>(w, a, o + r0t, m0, rfr, M); }
+          if (w.enc == kF32) { LAZYMOE_FL(f32_tile2) }
+          else if (w.enc == kBF16) { LAZYMOE_FL(bf16_tile2) }
+          else { LAZYMOE_FL(i8f_tile2) }
+#undef LAZYMOE_FL
+          r0t += rr;
+        }
+        continue;
+      }
       switch (w.enc) {
-        case kF32:
-          if (R == 2) { LAZYMOE_MT_SWITCH(f32_tile2, 2, w, a, o, m0, rf, M) }
-          else { LAZYMOE_MT_SWITCH(f32_tile2, 1, w, a, o, m0, rf, M) }
-          break;
-        case kBF16:
-          if (R == 2) { LAZYMOE_MT_SWITCH(bf16_tile2, 2, w, a, o, m0, rf, M) }
-          else { LAZYMOE_MT_SWITCH(bf16_tile2, 1, w, a, o, m0, rf, M) }
-          break;
         case kI8:
           if (R == 2) { LAZYMOE_MT_SWITCH(i8_tile2, 2, w, a, o, m0, ri, M) }
           else { LAZYMOE_MT_SWITCH(i8_tile2, 1, w, a, o, m0, ri, M) }
           break;
         case kI4: LAZYMOE_MT_SWITCH1(i4_tile2, w, a, o, m0, rf, M) break;
         case kMXFP4: LAZYMOE_MT_SWITCH1(mx_tile2, w, a, o, m0, rf, M) break;
+        default: break;
       }
+    }
+    if (i8f) {
+      const float* sw = static_cast<const float*>(w.scale);
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < a.tokens; ++t) y[t * ldy + o - r0 + r] = rawf[r * M + t] * sw[o + r];
+      continue;
     }
     switch (w.enc) {
       case kF32:
@@ -739,10 +773,10 @@ void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx
   a.tokens = tokens;
   a.c0 = c0;
   a.cn = cn;
+  a.xf = x;  // kept for every encoding (the AVX2 int8 form for 2+ tokens reads it)
+  a.ldf = ldx;
   if (enc == kF32 || enc == kBF16) {
     a.levels = 1;
-    a.xf = x;
-    a.ldf = ldx;
     return;
   }
   a.levels = levels;

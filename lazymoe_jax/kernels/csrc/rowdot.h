@@ -36,7 +36,7 @@ struct Weight {
 struct Act {
   int enc = kF32, group = 0, tokens = 0, levels = 1;
   int64_t c0 = 0, cn = 0;
-  const float* xf = nullptr;  // float encodings: column c of token t at xf[t * ldf + c]
+  const float* xf = nullptr;  // column c of token t at xf[t * ldf + c] (float32)
   int64_t ldf = 0;
   std::vector<int8_t> q;       // [M][ldq], layout per encoding (rowdot.cc), zero padded
   int64_t ldq = 0;
@@ -46,8 +46,8 @@ struct Act {
 };
 
 // Prepares `a` for weights of encoding enc (group G for int4) from x [tokens][ldx] float32,
-// whose columns 0..cn-1 multiply weight columns c0..c0+cn-1. Float encodings keep a pointer
-// to x (it must outlive `a`).
+// whose columns 0..cn-1 multiply weight columns c0..c0+cn-1. `a` keeps a pointer to x (it
+// must outlive `a`).
 void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx, int tokens,
              int64_t c0, int64_t cn);
 
