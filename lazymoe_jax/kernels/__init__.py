@@ -201,3 +201,20 @@ def moe_ffn(encoding: str, experts: tuple[dict, ...], x: jax.Array, weights: jax
       x, jnp.asarray(weights, jnp.float32), *ops, **_attrs(kind, enc, group),
       act=np.int64(ACTIVATIONS[kind_act]), alpha=np.float32(alpha), limit=np.float32(limit),
       has_bias=np.int64(bool(has_bias[0])))
+
+
+def error_bound(encoding: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """Bound [T, O] on |linear(encoding, W, x) - x @ w^T| where w [O, C] is the decoded float
+  weight (Encoding.decode) and x [T, C]: the activation's int8 rounding (half a step a level:
+  step max|x_t| / 127, a second level's step at most that / 254) times sum_c |w[o, c]|, plus
+  float32 summation (1e-5 of sum |w| |x|). Zero rounding term for float weights."""
+  w = np.abs(np.asarray(w, np.float64))
+  x = np.asarray(x, np.float64)
+  kind = _encoding(encoding)[0]
+  fp = 1e-5 * np.abs(x) @ w.T
+  levels = ACT_LEVELS.get(kind, 0)
+  if not levels:
+    return fp
+  step = np.abs(x).max(axis=1, keepdims=True) / 127.0  # [T, 1]
+  half = step / 2.0 if levels == 1 else step / 508.0
+  return half * w.sum(axis=1)[None, :] + fp
