@@ -94,8 +94,14 @@ def _requested_mode() -> str:
 
 
 def available() -> bool:
-  """The library is loaded and LAZYMOE_KERNELS is not "xla"."""
-  return _requested_mode() != "xla" and _library()[0] is not None
+  """The library is loaded and LAZYMOE_KERNELS is not "xla" (warns once, on one line, when the
+  library is missing and the XLA path will be taken)."""
+  if _requested_mode() == "xla":
+    return False
+  lib, why = _library()
+  if lib is None:
+    _warn_once(why)
+  return lib is not None
 
 
 def mode() -> str:
