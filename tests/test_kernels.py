@@ -205,3 +205,15 @@ def test_unsupported_isa_is_refused(monkeypatch):
   monkeypatch.setenv("LAZYMOE_KERNELS_ISA", missing[0])
   with pytest.raises(RuntimeError, match="cannot run"):
     kernels.isa()
+
+
+def test_missing_library_falls_back_or_fails_clearly(monkeypatch):
+  monkeypatch.setattr(kernels, "_library", lambda: (None, "native kernel library not built"))
+  kernels._warn_once.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.delenv("LAZYMOE_KERNELS", raising=False)
+  with pytest.warns(RuntimeWarning, match="using the XLA path"):
+    assert not kernels.available()
+  assert kernels.mode() == "xla"
+  monkeypatch.setenv("LAZYMOE_KERNELS", "native")
+  with pytest.raises(RuntimeError, match="LAZYMOE_KERNELS=native but the native kernel library"):
+    kernels.mode()
