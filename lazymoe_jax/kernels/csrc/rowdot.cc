@@ -433,15 +433,17 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
   // int8 weights for 2+ tokens: float32 activations, the weight converted and FMA'd. Without
   // VNNI (AVX2) that costs what one level of int8 products does (4 ops per 32 products a
   // token), i.e. half of two levels, and it is exact (BUILD_NOTES.md, "Native kernels").
-  const bool i8f = w.enc == kI8 && a.tokens >= 2 && a.xf != nullptr;
+  const bool i8f = w.enc == kI8 && a.tokens >= 4 && a.xf != nullptr;
   const int M = i8f ? a.tokens : a.tokens * a.levels;
   const bool fl = w.enc == kF32 || w.enc == kBF16 || i8f;
   std::vector<float> rawf(size_t(kRowTile) * M);
   std::vector<int32_t> rawi(size_t(kRowTile) * M);
-  // 16 ymm registers: float forms 4 rows x 2 tokens (enough independent FMA chains for one
-  // token), int8 2 x 4, int4 / mxfp4 1 x 4
-  const int rmax = fl ? 4 : (w.enc == kI8 ? 2 : 1);
-  const int mtmax = fl ? 2 : 4;
+  // 16 ymm registers. Float forms: 4 rows x 2 tokens for 1-2 tokens (enough independent FMA
+  // chains for one), 2 rows x 4 tokens for more (each weight decode then feeds 4 tokens);
+  // int8 2 x 4; int4 / mxfp4 1 x 4.
+  const bool wide = fl && M >= 3;
+  const int rmax = fl ? (wide ? 2 : 4) : (w.enc == kI8 ? 2 : 1);
+  const int mtmax = fl && !wide ? 2 : 4;
   for (int64_t o = r0; o < r1; o += rmax) {
     const int R = int(std::min<int64_t>(rmax, r1 - o));
     for (int m0 = 0; m0 < M; m0 += mtmax) {
@@ -449,12 +451,13 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
       float* rf = rawf.data();
       int32_t* ri = rawi.data();
       if (fl) {
-        for (int r0t = 0; r0t < R;) {  // 4 rows at a time, then single rows
-          const int rr = R - r0t >= 4 ? 4 : 1;
+        for (int r0t = 0; r0t < R;) {  // rmax rows at a time, then single rows
+          const int rr = R - r0t >= rmax ? rmax : 1;
           float* rfr = rf + r0t * M;
 #define LAZYMOE_FL(TILE) \
   if (rr == 4) { if (mt == 2) TILE<4, 2>(w, a, o + r0t, m0, rfr, M); else TILE<4, 1>(w, a, o + r0t, m0, rfr, M); } \
-  else { if (mt == 2) TILE<1, 2>(w, a, o + r0t, m0, rfr, M); else TILE<1, 1>(w, a, o + r0t, m0, rfr, M); }
+  else if (rr == 2) { LAZYMOE_MT_SWITCH(TILE, 2, w, a, o + r0t, m0, rfr, M) } \
+  else { LAZYMOE_MT_SWITCH(TILE, 1, w, a, o + r0t, m0, rfr, M) }
           if (w.enc == kF32) { LAZYMOE_FL(f32_tile2) }
           else if (w.enc == kBF16) { LAZYMOE_FL(bf16_tile2) }
           else { LAZYMOE_FL(i8f_tile2) }
