@@ -430,9 +430,10 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw,
 
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
-  // int8 weights for 2+ tokens: float32 activations, the weight converted and FMA'd. Without
-  // VNNI (AVX2) that costs what one level of int8 products does (4 ops per 32 products a
-  // token), i.e. half of two levels, and it is exact (BUILD_NOTES.md, "Native kernels").
+  // int8 weights for 4+ tokens: float32 activations, the weight converted once per 4 tokens and
+  // FMA'd. Without VNNI (AVX2) a token then costs what one level of int8 products does (4 ops
+  // per 32 products), half of two levels, and it is exact; for 1-3 tokens the conversion is
+  // not amortised and the two-level int8 products stay (BUILD_NOTES.md, "Native kernels").
   const bool i8f = w.enc == kI8 && a.tokens >= 4 && a.xf != nullptr;
   const int M = i8f ? a.tokens : a.tokens * a.levels;
   const bool fl = w.enc == kF32 || w.enc == kBF16 || i8f;
@@ -776,7 +777,7 @@ void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx
   a.tokens = tokens;
   a.c0 = c0;
   a.cn = cn;
-  a.xf = x;  // kept for every encoding (the AVX2 int8 form for 2+ tokens reads it)
+  a.xf = x;  // kept for every encoding (the AVX2 int8 form for 4+ tokens reads it)
   a.ldf = ldx;
   if (enc == kF32 || enc == kBF16) {
     a.levels = 1;
