@@ -1,11 +1,12 @@
 // Row products for every encoding and ISA variant (see rowdot.h).
 //
 // Each encoding has a portable scalar kernel (the reference, correct on any CPU) and an
-// AVX-512 kernel (F/BW/VL/VNNI/VBMI, chosen at run time). The AVX2 variant is the portable
-// code compiled for AVX2+FMA (flattened, so the compiler vectorises it): correct on any x86-64
-// with AVX2, not hand-tuned. The integer kernels give the same integer sums on every variant.
+// AVX2 and an AVX-512 kernel (F/BW/VL/VNNI/VBMI), chosen at run time. The integer kernels give
+// the same integer sums on every variant, except AVX2's int8 one, which quantises the
+// activation to int16 (one finer level, within the same bound) since it has no VNNI.
 //
-// Integer inner loops use vpdpbusd (u8 x s8 -> s32 over 4 bytes). The weight codes are made
+// Integer inner loops use vpdpbusd (u8 x s8 -> s32 over 4 bytes; AVX2: vpmaddubsw then
+// vpmaddwd by ones). The weight codes are made
 // unsigned by a fixed offset and the activation stays signed, so the correction (offset x
 // sum of the activation codes) depends on the activation only and is computed once in
 // prepare() (Act::init), not per weight row: int8 w + 128, int4 nibbles + 8 (the low nibble is
@@ -237,8 +238,7 @@ TGT2 inline int32_t hsum8i(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// kind 0 float32, 1 bf16 (shifted to f32), 2 int8 (converted to f32; the row scale applied
-// by the caller): weights decoded once per 8 columns, one FMA per token.
+// kind 0 float32, 1 bf16 (shifted to f32): weights decoded once per 8 columns, one FMA a token.
 template <int R, int MT, int KIND>
 TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
   __m256 acc[R][MT];
@@ -249,11 +249,9 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
   const int64_t cn = a.cn, cv = cn / 8 * 8;
   const uint16_t* wh[R];
   const float* wf[R];
-  const int8_t* wi[R];
   for (int r = 0; r < R; ++r) {
     wh[r] = static_cast<const uint16_t*>(w.w) + (o + r) * w.cols + a.c0;
     wf[r] = static_cast<const float*>(w.w) + (o + r) * w.cols + a.c0;
-    wi[r] = static_cast<const int8_t*>(w.w) + (o + r) * w.cols + a.c0;
   }
   for (int64_t c = 0; c < cv; c += 8) {
     __m256 wv[R];
@@ -261,9 +259,6 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
       if (KIND == 1) {
         const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wh[r] + c)));
         wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-      } else if (KIND == 2) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wi[r] + c));
-        wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
       } else {
         wv[r] = _mm256_loadu_ps(wf[r] + c);
       }
@@ -277,7 +272,7 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
     for (int m = 0; m < MT; ++m) {
       float s = hsum8(acc[r][m]);
       for (int64_t c = cv; c < cn; ++c)
-        s += (KIND == 1 ? bf16_to_f32(wh[r][c]) : KIND == 2 ? float(wi[r][c]) : wf[r][c]) * x[m][c];
+        s += (KIND == 1 ? bf16_to_f32(wh[r][c]) : wf[r][c]) * x[m][c];
       raw[r * M + m0 + m] = s;
     }
 }
@@ -289,42 +284,48 @@ template <int R, int MT>
 TGT2 void bf16_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
   float_tile2<R, MT, 1>(w, a, o, m0, raw, M);
 }
-template <int R, int MT>
-TGT2 void i8f_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
-  float_tile2<R, MT, 2>(w, a, o, m0, raw, M);
-}
 
-// int8: |w| (u8, <= 127) against sign(x, w): pairs stay below the s16 limit (ggml's trick).
+
+// int8 weights against int16 activations (one level, step max|x| / 32767, finer than the two
+// int8 levels of the other variants): vpmaddwd of the sign-extended weight, 2 ops per 16
+// products a token where two int8 levels through vpmaddubsw take 8 per 32 (no VNNI on AVX2).
+// int32 lanes are flushed to int64 every 2048 columns (127 x 32767 x 256 < 2^31).
 template <int R, int MT>
-TGT2 void i8_tile2(const Weight& w, const Act& a, int64_t o, int m0, int32_t* raw, int M) {
-  __m256i acc[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t ld16, int64_t o,
+                    int m0, int64_t* raw, int M) {
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = static_cast<const int8_t*>(w.w) + (o + r) * w.cols + a.c0;
-  const int8_t* x[MT];
-  for (int m = 0; m < MT; ++m) x[m] = a.q.data() + (m0 + m) * a.ldq;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t cn = a.cn, cv = cn / 32 * 32;
-  for (int64_t c = 0; c < cv; c += 32) {
-    __m256i wv[R], wa[R];
-    for (int r = 0; r < R; ++r) {
-      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + c));
-      wa[r] = _mm256_sign_epi8(wv[r], wv[r]);
-    }
-    for (int m = 0; m < MT; ++m) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m] + c));
-      for (int r = 0; r < R; ++r) {
-        const __m256i p = _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r]));
-        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(p, ones));
+  const int16_t* x[MT];
+  for (int m = 0; m < MT; ++m) x[m] = q16 + (m0 + m) * ld16;
+  int64_t tot[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) tot[r][m] = 0;
+  const int64_t cn = a.cn, cv = cn / 16 * 16;
+  for (int64_t cb = 0; cb < cv; cb += 2048) {
+    const int64_t ce = std::min<int64_t>(cv, cb + 2048);
+    __m256i acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t c = cb; c < ce; c += 16) {
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r)
+        wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + c)));
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m] + c));
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv[r], xv));
       }
     }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) {
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[r][m]);
+        for (int k = 0; k < 8; ++k) tot[r][m] += lanes[k];
+      }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) {
-      int32_t s = hsum8i(acc[r][m]);
-      for (int64_t c = cv; c < cn; ++c) s += int32_t(wr[r][c]) * int32_t(x[m][c]);
-      raw[r * M + m0 + m] = s;
+      for (int64_t c = cv; c < cn; ++c) tot[r][m] += int32_t(wr[r][c]) * int32_t(x[m][c]);
+      raw[r * M + m0 + m] = tot[r][m];
     }
 }
 
@@ -430,15 +431,28 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw,
 
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
-  // int8 weights for 4+ tokens: float32 activations, the weight converted once per 4 tokens and
-  // FMA'd. Without VNNI (AVX2) a token then costs what one level of int8 products does (4 ops
-  // per 32 products), half of two levels, and it is exact; for 1-3 tokens the conversion is
-  // not amortised and the two-level int8 products stay (BUILD_NOTES.md, "Native kernels").
-  const bool i8f = w.enc == kI8 && a.tokens >= 4 && a.xf != nullptr;
-  const int M = i8f ? a.tokens : a.tokens * a.levels;
-  const bool fl = w.enc == kF32 || w.enc == kBF16 || i8f;
+  // int8 weights: int16 activations quantised here from the float32 rows (see i8w_tile2)
+  const bool i8 = w.enc == kI8;
+  const int M = i8 ? a.tokens : a.tokens * a.levels;
+  const bool fl = w.enc == kF32 || w.enc == kBF16;
   std::vector<float> rawf(size_t(kRowTile) * M);
-  std::vector<int32_t> rawi(size_t(kRowTile) * M);
+  std::vector<int64_t> raw64(size_t(kRowTile) * M);
+  std::vector<int16_t> q16;
+  std::vector<float> s16;
+  const int64_t ld16 = (a.cn + 15) / 16 * 16;
+  if (i8) {
+    q16.assign(size_t(M) * ld16, 0);
+    s16.assign(M, 1.0f);
+    for (int t = 0; t < M; ++t) {
+      const float* xr = a.xf + t * a.ldf;
+      float amax = 0;
+      for (int64_t c = 0; c < a.cn; ++c) amax = std::max(amax, std::fabs(xr[c]));
+      const float s = amax > 0 ? amax / 32767.0f : 1.0f;
+      for (int64_t c = 0; c < a.cn; ++c)
+        q16[t * ld16 + c] = int16_t(std::max(-32767.0f, std::min(32767.0f, std::nearbyint(xr[c] / s))));
+      s16[t] = s;
+    }
+  }
   // 16 ymm registers. Float forms: 4 rows x 2 tokens for 1-2 tokens (enough independent FMA
   // chains for one), 2 rows x 4 tokens for more (each weight decode then feeds 4 tokens);
   // int8 2 x 4; int4 / mxfp4 1 x 4.
@@ -450,7 +464,7 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     for (int m0 = 0; m0 < M; m0 += mtmax) {
       const int mt = std::min(mtmax, M - m0);
       float* rf = rawf.data();
-      int32_t* ri = rawi.data();
+      int64_t* r64 = raw64.data();
       if (fl) {
         for (int r0t = 0; r0t < R;) {  // rmax rows at a time, then single rows
           const int rr = R - r0t >= rmax ? rmax : 1;
@@ -460,8 +474,7 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
   else if (rr == 2) { LAZYMOE_MT_SWITCH(TILE, 2, w, a, o + r0t, m0, rfr, M) } \
   else { LAZYMOE_MT_SWITCH(TILE, 1, w, a, o + r0t, m0, rfr, M) }
           if (w.enc == kF32) { LAZYMOE_FL(f32_tile2) }
-          else if (w.enc == kBF16) { LAZYMOE_FL(bf16_tile2) }
-          else { LAZYMOE_FL(i8f_tile2) }
+          else { LAZYMOE_FL(bf16_tile2) }
 #undef LAZYMOE_FL
           r0t += rr;
         }
@@ -469,24 +482,24 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
       }
       switch (w.enc) {
         case kI8:
-          if (R == 2) { LAZYMOE_MT_SWITCH(i8_tile2, 2, w, a, o, m0, ri, M) }
-          else { LAZYMOE_MT_SWITCH(i8_tile2, 1, w, a, o, m0, ri, M) }
+          if (R == 2) { LAZYMOE_MT_SWITCH(i8w_tile2, 2, w, a, q16.data(), ld16, o, m0, r64, M) }
+          else { LAZYMOE_MT_SWITCH(i8w_tile2, 1, w, a, q16.data(), ld16, o, m0, r64, M) }
           break;
         case kI4: LAZYMOE_MT_SWITCH1(i4_tile2, w, a, o, m0, rf, M) break;
         case kMXFP4: LAZYMOE_MT_SWITCH1(mx_tile2, w, a, o, m0, rf, M) break;
         default: break;
       }
     }
-    if (i8f) {
+    if (i8) {
       const float* sw = static_cast<const float*>(w.scale);
       for (int r = 0; r < R; ++r)
-        for (int t = 0; t < a.tokens; ++t) y[t * ldy + o - r0 + r] = rawf[r * M + t] * sw[o + r];
+        for (int t = 0; t < a.tokens; ++t)
+          y[t * ldy + o - r0 + r] = (s16[t] * float(raw64[r * M + t])) * sw[o + r];
       continue;
     }
     switch (w.enc) {
       case kF32:
       case kBF16: store_float(rawf.data(), R, M, o - r0, y, ldy); break;
-      case kI8: combine_i8(w, a, rawi.data(), o, R, o - r0, y, ldy); break;
       case kI4: combine_grouped(a, rawf.data(), R, o - r0, 1.0f, y, ldy); break;
       case kMXFP4: combine_grouped(a, rawf.data(), R, o - r0, 0.5f, y, ldy); break;
     }
@@ -777,7 +790,7 @@ void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx
   a.tokens = tokens;
   a.c0 = c0;
   a.cn = cn;
-  a.xf = x;  // kept for every encoding (the AVX2 int8 form for 4+ tokens reads it)
+  a.xf = x;  // kept for every encoding (the AVX2 int8 kernel quantises it to int16 itself)
   a.ldf = ldx;
   if (enc == kF32 || enc == kBF16) {
     a.levels = 1;

@@ -3,9 +3,9 @@
 // A weight is read in the exact layout lazymoe_jax/model/encodings.py stores it. An
 // activation is prepared once per call (per token, per column range) into the form the
 // weight's inner loop wants: float32 as it is for float weights; int8 (one or two levels:
-// value, then residual) for the integer inner loops (vpdpbusd on AVX-512 VNNI). Every ISA
-// variant computes the same integer sums, so results differ between variants only by the
-// order of float additions. See BUILD_NOTES.md, "Native kernels".
+// value, then residual) for the integer inner loops (vpdpbusd on AVX-512 VNNI). The variants
+// compute the same integer sums (results differ by the order of float additions), except
+// AVX2 with int8 weights (int16 activations, rowdot.cc). See BUILD_NOTES.md, "Native kernels".
 #pragma once
 
 #include <cstdint>
