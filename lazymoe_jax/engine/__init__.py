@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from lazymoe_jax import families
+from lazymoe_jax import families, kernels
 from lazymoe_jax import kv as kv_lib
 from lazymoe_jax import tokenizer as tokenizer_lib
 from lazymoe_jax.engine import memory, weights
@@ -174,6 +174,7 @@ class Engine:
         "prefetch_used": self.pool.prefetch_used,
         "prefetch_errors": self.pool.prefetch_errors,
         "cache_policy": self.pool.policy,
+        "kernels": kernels.mode(),
         "io_wait_s": self.pool.io_wait_s,
         "disk_busy_s": self.experts.disk_busy.seconds(),
         "dense_bytes": self.dense_bytes,

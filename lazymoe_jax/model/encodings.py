@@ -278,7 +278,8 @@ def get(name: str) -> Encoding:
 @jax.tree_util.register_pytree_node_class
 class Weight:
   """A weight as the model math uses it: its encoding (static: part of the jitted program)
-  and its arrays by suffix (the pytree's leaves). `w.matmul(x)` is x @ W^T in float32."""
+  and its arrays by suffix (the pytree's leaves). `w.matmul(x)` is x @ W^T in float32, by the
+  native kernels where they serve (LAZYMOE_KERNELS), else by `encoding.matmul` (pure XLA)."""
 
   def __init__(self, encoding: Encoding, arrays: dict[str, jax.Array]):
     self.encoding = encoding
@@ -290,6 +291,11 @@ class Weight:
     return w if isinstance(w, Weight) else cls(get(w.dtype.name), {"": w})
 
   def matmul(self, x: jax.Array) -> jax.Array:
+    """x @ W^T: the native kernel where one serves this encoding and row count (kernels/),
+    else the encoding's XLA form."""
+    from lazymoe_jax import kernels  # pylint: disable=import-outside-toplevel
+    if kernels.native_for(self.encoding.name, x.shape[0]):
+      return kernels.linear(self.encoding.name, self.arrays, x)
     return self.encoding.matmul(self.arrays, x)
 
   @property

@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lazymoe_jax import kernels
 from lazymoe_jax.model import layers
 from lazymoe_jax.model.routers import route
 from lazymoe_jax.model.spec import Moe, ModelSpec
@@ -105,7 +106,11 @@ def _shared(moe: Moe, p: dict, xn: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("spec",))
 def moe_decode(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, weights: jax.Array,
                slots: tuple) -> jax.Array:
-  """One token: slots[j] = {tensor: Weight} of its j-th expert; weights [1, k]."""
+  """One token: slots[j] = {tensor: Weight} of its j-th expert; weights [1, k]. The native
+  kernels take all k experts in one call where they serve the encoding."""
+  enc = slots[0]["w_gate_up"].encoding.name
+  if kernels.native_for(enc, xn.shape[0]):
+    return h + (_native_experts(spec, enc, slots, xn, weights) + _shared(spec.moe, p, xn))
   routed = jnp.zeros_like(xn)
   for j, ex in enumerate(slots):
     # A barrier per expert: otherwise XLA shares the broadcast activation between the experts'
@@ -119,8 +124,20 @@ def moe_decode(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, weights: j
 def expert_scatter_add(spec: ModelSpec, acc: jax.Array, xn: jax.Array, idx: jax.Array,
                        w: jax.Array, ex: dict) -> jax.Array:
   """acc[idx] += w * expert(xn[idx]). idx, w [B] are padded with weight 0 to a bucket size."""
-  y = layers.expert_ffn(spec.moe.act, ex, jnp.take(xn, idx, axis=0))
+  x = jnp.take(xn, idx, axis=0)
+  enc = ex["w_gate_up"].encoding.name
+  if kernels.native_for(enc, x.shape[0]):
+    return acc.at[idx].add(_native_experts(spec, enc, (ex,), x, w[:, None]))
+  y = layers.expert_ffn(spec.moe.act, ex, x)
   return acc.at[idx].add(y * w[:, None])
+
+
+def _native_experts(spec: ModelSpec, enc: str, experts: tuple, x: jax.Array,
+                    weights: jax.Array) -> jax.Array:
+  """sum_j weights[:, j] * expert_j(x) in one native call (kernels.moe_ffn)."""
+  act = spec.moe.act
+  return kernels.moe_ffn(enc, tuple({t: w.arrays for t, w in ex.items()} for ex in experts),
+                         x, weights, (act.kind, act.alpha, act.limit))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -1,0 +1,155 @@
+// What the FFI handlers share: reading an encoded weight from its operands with checks, and
+// splitting work over XLA:CPU's intra-op thread pool without blocking the handler.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "rowdot.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace lazymoe {
+namespace ffi = xla::ffi;
+
+inline std::string dims_str(ffi::AnyBuffer::Dimensions d) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
+  s << "]";
+  return s.str();
+}
+
+inline std::string dims_str(const std::vector<int64_t>& d) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
+  s << "]";
+  return s.str();
+}
+
+// "" when buffer b has dtype t and dimensions want, else a message naming it.
+inline std::string check(const ffi::AnyBuffer& b, ffi::DataType t, const std::vector<int64_t>& want,
+                         const std::string& what) {
+  auto d = b.dimensions();
+  bool ok = b.element_type() == t && d.size() == want.size();
+  for (size_t i = 0; ok && i < want.size(); ++i) ok = d[i] == want[i];
+  if (ok) return "";
+  std::ostringstream s;
+  s << what << ": got dtype " << int(b.element_type()) << " shape " << dims_str(d)
+    << ", expected dtype " << int(t) << " shape " << dims_str(want);
+  return s.str();
+}
+
+inline int arrays_per_weight(int enc) { return (enc == kF32 || enc == kBF16) ? 1 : 2; }
+
+// Reads the weight at args[i] (and its scale at args[i + 1]) of encoding enc, checking
+// dtypes and the layout of encodings.py. rows / cols < 0: take them from the array.
+inline std::string read_weight(const ffi::RemainingArgs& args, size_t i, int enc, int group,
+                               int64_t rows, int64_t cols, const std::string& what, Weight* w) {
+  auto main = args.get<ffi::AnyBuffer>(i);
+  if (!main.has_value()) return what + ": missing operand";
+  ffi::AnyBuffer a = *main;
+  auto d = a.dimensions();
+  w->enc = enc;
+  w->group = enc == kI4 ? group : (enc == kMXFP4 ? 32 : 0);
+  w->w = a.untyped_data();
+  const int64_t o = rows >= 0 ? rows : (d.size() > 0 ? d[0] : -1);
+  std::string err;
+  if (enc == kF32 || enc == kBF16) {
+    const int64_t c = cols >= 0 ? cols : (d.size() == 2 ? d[1] : -1);
+    err = check(a, enc == kF32 ? ffi::DataType::F32 : ffi::DataType::BF16, {o, c}, what);
+    w->rows = o;
+    w->cols = c;
+    return err;
+  }
+  auto sb = args.get<ffi::AnyBuffer>(i + 1);
+  if (!sb.has_value()) return what + ": missing scale operand";
+  w->scale = sb->untyped_data();
+  if (enc == kI8) {
+    const int64_t c = cols >= 0 ? cols : (d.size() == 2 ? d[1] : -1);
+    err = check(a, ffi::DataType::S8, {o, c}, what);
+    if (err.empty()) err = check(*sb, ffi::DataType::F32, {o}, what + " scale");
+    w->rows = o;
+    w->cols = c;
+  } else if (enc == kI4) {
+    if (group != 32 && group != 64 && group != 128) return what + ": int4 group must be 32, 64 or 128";
+    const int64_t c = cols >= 0 ? cols : (d.size() == 3 ? d[2] * group : -1);
+    if (c % group) return what + ": int4 group does not divide the input width";
+    err = check(a, ffi::DataType::S8, {o, group / 2, c / group}, what);
+    if (err.empty()) err = check(*sb, ffi::DataType::F16, {o, c / group}, what + " scale");
+    w->rows = o;
+    w->cols = c;
+  } else if (enc == kMXFP4) {
+    const int64_t c = cols >= 0 ? cols : (d.size() == 3 ? d[1] * 32 : -1);
+    if (c % 32) return what + ": mxfp4 blocks of 32 do not divide the input width";
+    err = check(a, ffi::DataType::U8, {o, c / 32, 16}, what);
+    if (err.empty()) err = check(*sb, ffi::DataType::U8, {o, c / 32}, what + " scale");
+    w->rows = o;
+    w->cols = c;
+  } else {
+    return what + ": unknown encoding id " + std::to_string(enc);
+  }
+  if (err.empty() && (w->cols > (int64_t(1) << 24) || w->cols <= 0 || w->rows <= 0))
+    err = what + ": sizes out of range";
+  return err;
+}
+
+inline ffi::Future failed(const std::string& msg) {
+  ffi::Promise p;
+  ffi::Future f(p);
+  p.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument, "lazymoe kernels: " + msg));
+  return f;
+}
+
+inline std::string check_common(int isa, int levels) {
+  if (!isa_supported(isa)) return "ISA variant " + std::to_string(isa) + " is not supported by this CPU";
+  if (levels != 1 && levels != 2) return "levels must be 1 or 2";
+  return "";
+}
+
+// Runs work(0..parts-1) on the pool (part 0 on the calling thread: it computes, never waits),
+// then finish() on whichever thread ends last, then completes the returned future.
+inline ffi::Future run_parts(ffi::ThreadPool& pool, int parts, std::function<void(int)> work,
+                             std::function<void()> finish) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  if (parts <= 1) {
+    work(0);
+    finish();
+    promise.SetAvailable();
+    return future;
+  }
+  struct Ctl {
+    std::atomic<int> left;
+    std::function<void(int)> work;
+    std::function<void()> finish;
+    ffi::Promise promise;
+  };
+  auto ctl = std::make_shared<Ctl>();
+  ctl->left.store(parts);
+  ctl->work = std::move(work);
+  ctl->finish = std::move(finish);
+  ctl->promise = promise;
+  auto task = [ctl](int p) {
+    ctl->work(p);
+    if (ctl->left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      ctl->finish();
+      ctl->promise.SetAvailable();
+    }
+  };
+  for (int p = 1; p < parts; ++p) pool.Schedule([task, p] { task(p); });
+  task(0);
+  return future;
+}
+
+inline int num_parts(ffi::ThreadPool& pool, double work) {
+  const int64_t n = pool.num_threads();
+  if (work < double(1 << 16)) return 1;  // tiny products: one fork-join costs more
+  return int(std::max<int64_t>(1, std::min<int64_t>(n, 64)));
+}
+
+}  // namespace lazymoe

@@ -1,0 +1,58 @@
+// Row products of encoded weights, shared by the kernel families (expert_ffn.cc, gemv.cc).
+//
+// A weight is read in the exact layout lazymoe_jax/model/encodings.py stores it. An
+// activation is prepared once per call (per token, per column range) into the form the
+// weight's inner loop wants: float32 as it is for float weights; int8 (one or two levels:
+// value, then residual) for the integer inner loops (vpdpbusd on AVX-512 VNNI). The variants
+// compute the same integer sums (results differ by the order of float additions), except
+// AVX2 with int8 weights (int16 activations, rowdot.cc). See BUILD_NOTES.md, "Native kernels".
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace lazymoe {
+
+enum Enc : int { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kMXFP4 = 4 };
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool isa_supported(int isa);
+int best_isa();
+
+// One encoded weight [rows, cols]: f32 / bf16 / int8 [rows, cols]; int4 [rows, G/2, cols/G]
+// (byte[o, j, g] = 16 q[o, gG + G/2 + j] + q[o, gG + j] + 8); mxfp4 [rows, cols/32, 16]
+// (low nibble = even column). scale: int8 f32 [rows]; int4 f16 [rows, cols/G]; mxfp4 e8m0
+// uint8 [rows, cols/32].
+struct Weight {
+  int enc = kF32, group = 0;
+  const void* w = nullptr;
+  const void* scale = nullptr;
+  int64_t rows = 0, cols = 0;
+};
+
+// An activation of `tokens` rows over weight columns [c0, c0 + cn), as `levels` int8 rows per
+// token (M = levels * tokens rows, row m = level m % levels of token m / levels) for the
+// integer encodings, or float32 rows for the float ones.
+struct Act {
+  int enc = kF32, group = 0, tokens = 0, levels = 1;
+  int64_t c0 = 0, cn = 0;
+  const float* xf = nullptr;  // column c of token t at xf[t * ldf + c] (float32)
+  int64_t ldf = 0;
+  std::vector<int8_t> q;       // [M][ldq], layout per encoding (rowdot.cc), zero padded
+  int64_t ldq = 0;
+  std::vector<int32_t> init;  // [M][ldi]: what the biased (unsigned) weight codes add, negated
+  int64_t ldi = 0;
+  std::vector<float> scale;   // [M]: the int8 step of each row
+};
+
+// Prepares `a` for weights of encoding enc (group G for int4) from x [tokens][ldx] float32,
+// whose columns 0..cn-1 multiply weight columns c0..c0+cn-1. `a` keeps a pointer to x (it
+// must outlive `a`).
+void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx, int tokens,
+             int64_t c0, int64_t cn);
+
+// y[t * ldy + (o - r0)] = sum_c W[o, a.c0 + c] * x[t, c] for o in [r0, r1), all tokens.
+void rows(int isa, const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
+          int64_t ldy);
+
+}  // namespace lazymoe

@@ -1,0 +1,230 @@
+"""Native kernels (lazymoe_jax.kernels) against the XLA path, on every compiled ISA variant.
+
+float32 / bfloat16 weights: within 1e-5 relative. Integer weights (int8 activations): within
+kernels.error_bound of the exact product with the decoded weight for `linear`; `moe_ffn`
+within the relative bounds MOE_REL below (the activation's rounding goes through the gated
+activation and a second product). Skipped, with the reason, when the library is unavailable.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lazymoe_jax import kernels
+from lazymoe_jax.model import encodings, layers
+from lazymoe_jax.model.spec import Activation
+
+_LIB, _WHY = kernels._library()  # pylint: disable=protected-access
+pytestmark = pytest.mark.skipif(_LIB is None, reason=f"native kernels unavailable: {_WHY}")
+ISAS = kernels.supported_isas() or ["portable"]
+FLOAT = ("float32", "bfloat16")
+QUANT = ("int8", "int4-g32", "int4-g64", "int4-g128", "mxfp4")
+# moe_ffn, max |native - xla| / max |xla|: int8 two-level activations (measured ~5e-5);
+# int4 / mxfp4 one level (measured 1-2e-2; their weights' own error is ~0.1 relative RMS)
+MOE_REL = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 1e-3, "int4-g32": 5e-2,
+           "int4-g64": 5e-2, "int4-g128": 5e-2, "mxfp4": 5e-2}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+  monkeypatch.setenv("LAZYMOE_KERNELS_ISA", request.param)
+  monkeypatch.delenv("LAZYMOE_KERNELS", raising=False)
+  return request.param
+
+
+def _encode(name: str, w: np.ndarray) -> dict:
+  return {k: jnp.asarray(v) for k, v in encodings.get(name).encode(w).items()}
+
+
+def _decode(name: str, arrays: dict) -> np.ndarray:
+  return encodings.get(name).decode({k: np.asarray(v) for k, v in arrays.items()})
+
+
+def _width(name: str, c: int) -> int:
+  g = 128 if name == "int4-g128" else 64 if name == "int4-g64" else 32
+  return c if c % g == 0 else (c // g + 1) * g
+
+
+def _linear(name, arrays, x):
+  return np.asarray(jax.jit(lambda a, x: kernels.linear(name, a, x))(arrays, x))
+
+
+# (rows, cols, tokens): widths not a multiple of the vector width, odd row counts
+LINEAR_CASES = [(37, 96, 1), (33, 160, 2), (5, 2880, 3), (64, 2880, 8), (17, 160, 16),
+                (9, 4096, 1)]
+
+
+@pytest.mark.parametrize("name", FLOAT)
+@pytest.mark.parametrize("o,c,t", LINEAR_CASES)
+def test_linear_float_equals_xla(isa, name, o, c, t):
+  rng = np.random.default_rng(o * c + t)
+  arrays = _encode(name, rng.standard_normal((o, c), dtype=np.float32))
+  x = jnp.asarray(rng.standard_normal((t, c), dtype=np.float32))
+  ref = np.asarray(encodings.get(name).matmul(arrays, x))
+  y = _linear(name, arrays, x)
+  assert y.shape == (t, o)
+  assert np.max(np.abs(y - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("name", QUANT)
+@pytest.mark.parametrize("o,c,t", LINEAR_CASES)
+def test_linear_quantised_within_bound(isa, name, o, c, t):
+  c = _width(name, c)
+  rng = np.random.default_rng(o * c + t + 1)
+  arrays = _encode(name, rng.standard_normal((o, c), dtype=np.float32))
+  x = rng.standard_normal((t, c), dtype=np.float32)
+  x[0, :7] *= 20.0  # an outlier row: the int8 step is per token
+  wd = _decode(name, arrays)
+  exact = x.astype(np.float64) @ wd.T.astype(np.float64)
+  bound = kernels.error_bound(name, wd, x)
+  y = _linear(name, arrays, jnp.asarray(x))
+  assert np.all(np.abs(y - exact) <= bound)
+  xla = np.asarray(encodings.get(name).matmul(arrays, jnp.asarray(x)))
+  xla_bound = (kernels.error_bound(name, wd, x) if name == "int8" else
+               kernels.error_bound("float32", wd, x))  # XLA's int8 path: two levels too
+  assert np.all(np.abs(y - xla) <= bound + xla_bound)
+
+
+def _experts(name, h, i, k, rng, bias):
+  exs = []
+  for _ in range(k):
+    ex = {"w_gate_up": _encode(name, rng.standard_normal((2 * i, h), dtype=np.float32) * 0.2),
+          "w_down": _encode(name, rng.standard_normal((h, i), dtype=np.float32) * 0.2)}
+    if bias:
+      ex["b_gate_up"] = {"": jnp.asarray(rng.standard_normal(2 * i, dtype=np.float32))}
+      ex["b_down"] = {"": jnp.asarray(rng.standard_normal(h, dtype=np.float32))}
+    exs.append(ex)
+  return tuple(exs)
+
+
+def _moe_xla(name, exs, x, w, act):
+  """The XLA path, by the encoding's own products (Encoding.matmul never dispatches native)."""
+  enc, ea = encodings.get(name), Activation(*act)
+  out = 0
+  for j, ex in enumerate(exs):
+    gu = enc.matmul(ex["w_gate_up"], x)
+    if "b_gate_up" in ex:
+      gu = gu + ex["b_gate_up"][""]
+    i = gu.shape[1] // 2
+    y = enc.matmul(ex["w_down"], layers.activate(ea, gu[:, :i], gu[:, i:]))
+    if "b_down" in ex:
+      y = y + ex["b_down"][""]
+    out = out + w[:, j:j + 1] * y
+  return out
+
+
+def _moe(name, exs, x, w, act):
+  return jax.jit(lambda e, x, w: kernels.moe_ffn(name, e, x, w, act))(exs, x, w)
+
+
+ACTS = {"silu": ("silu", 1.702, 7.0), "clamped_swiglu": ("clamped_swiglu", 1.702, 7.0)}
+
+
+@pytest.mark.parametrize("name", FLOAT + QUANT)
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("t", [1, 2, 3, 8, 16])
+def test_moe_ffn_equals_xla(isa, name, act, t):
+  rng = np.random.default_rng(t)
+  # expert width 96 splits unevenly over two threads (64 + 32); g64/g128 need 128 (for g128
+  # one part gets the whole width, the other none)
+  h, i = (160, 96) if name not in ("int4-g64", "int4-g128") else (256, 128)
+  exs = _experts(name, h, i, 3, rng, bias=act == "clamped_swiglu")
+  x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32))
+  w = jnp.asarray(rng.random((t, 3), dtype=np.float32))
+  y = np.asarray(_moe(name, exs, x, w, ACTS[act]))
+  ref = np.asarray(_moe_xla(name, exs, x, w, ACTS[act]))
+  assert y.shape == (t, h)
+  assert np.max(np.abs(y - ref)) <= MOE_REL[name] * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "int8", "mxfp4"])
+def test_moe_ffn_many_tokens(isa, name):
+  rng = np.random.default_rng(64)
+  exs = _experts(name, 160, 96, 2, rng, bias=False)
+  x = jnp.asarray(rng.standard_normal((64, 160), dtype=np.float32))
+  w = jnp.asarray(rng.random((64, 2), dtype=np.float32))
+  y, ref = (np.asarray(f(name, exs, x, w, ACTS["silu"])) for f in (_moe, _moe_xla))
+  assert np.max(np.abs(y - ref)) <= MOE_REL[name] * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "int8", "int4-g32", "mxfp4"])
+def test_buffer_refilled_in_place_is_read_afresh(isa, name):
+  """The pool refills a slot's buffers in place (donation): the kernel must read the new
+  contents on the next call, through the same jitted program."""
+  rng = np.random.default_rng(5)
+  a, b = (_experts(name, 160, 96, 1, rng, bias=False) for _ in range(2))
+  x = jnp.asarray(rng.standard_normal((2, 160), dtype=np.float32))
+  w = jnp.ones((2, 1), jnp.float32)
+  fn = jax.jit(lambda e, x, w: kernels.moe_ffn(name, e, x, w))
+  slot = jax.tree.map(lambda v: v.copy(), a)
+  y_a = np.asarray(fn(slot, x, w))
+  ptrs = [v.unsafe_buffer_pointer() for v in jax.tree.leaves(slot)]
+  refill = jax.jit(lambda old, new: jax.tree.map(lambda o, n: o.at[...].set(n), old, new),
+                   donate_argnums=0)
+  slot = refill(slot, b)
+  same_buffers = ptrs == [v.unsafe_buffer_pointer() for v in jax.tree.leaves(slot)]
+  y_b = np.asarray(fn(slot, x, w))
+  ref_b = np.asarray(_moe_xla(name, b, x, w, ACTS["silu"]))
+  assert not np.allclose(y_a, y_b)
+  assert np.max(np.abs(y_b - ref_b)) <= MOE_REL[name] * np.max(np.abs(ref_b))
+  assert same_buffers  # the refill really reused the buffers the kernel read before
+  # dense products too: a weight refilled in place
+  wt = _encode(name, rng.standard_normal((33, 160), dtype=np.float32))
+  wt2 = _encode(name, rng.standard_normal((33, 160), dtype=np.float32))
+  lin = jax.jit(lambda a, x: kernels.linear(name, a, x))
+  y1 = np.asarray(lin(wt, x))
+  wt = refill(wt, wt2)
+  y2 = np.asarray(lin(wt, x))
+  assert not np.allclose(y1, y2)
+  np.testing.assert_allclose(y2, np.asarray(lin(jax.tree.map(jnp.copy, wt2), x)), rtol=0,
+                             atol=0)
+
+
+def test_bad_shapes_give_a_clear_error(isa):
+  rng = np.random.default_rng(0)
+  arrays = _encode("int8", rng.standard_normal((8, 64), dtype=np.float32))
+  bad = {"": arrays[""], "scale": arrays["scale"][:4]}
+  with pytest.raises(Exception, match="linear weight scale: got dtype .* shape \\[4\\]"):
+    np.asarray(kernels.linear("int8", bad, jnp.ones((1, 64), jnp.float32)))
+  exs = _experts("float32", 64, 32, 2, rng, bias=False)
+  with pytest.raises(Exception, match="weights must be \\[T, k\\]"):
+    np.asarray(kernels.moe_ffn("float32", exs, jnp.ones((1, 64)), jnp.ones((1, 3))))
+
+
+def test_mode_selection(monkeypatch):
+  monkeypatch.delenv("LAZYMOE_KERNELS", raising=False)
+  assert kernels.available() and kernels.mode() == "native"
+  monkeypatch.setenv("LAZYMOE_KERNELS", "xla")
+  assert not kernels.available() and kernels.mode() == "xla"
+  rng = np.random.default_rng(1)
+  arrays = _encode("int8", rng.standard_normal((8, 64), dtype=np.float32))
+  x = jnp.asarray(rng.standard_normal((2, 64), dtype=np.float32))
+  np.testing.assert_array_equal(np.asarray(kernels.linear("int8", arrays, x)),
+                                np.asarray(encodings.get("int8").matmul(arrays, x)))
+  monkeypatch.setenv("LAZYMOE_KERNELS", "fast")
+  with pytest.raises(ValueError, match="LAZYMOE_KERNELS"):
+    kernels.mode()
+
+
+def test_unsupported_isa_is_refused(monkeypatch):
+  missing = [n for n in kernels.ISAS if n not in kernels.supported_isas()]
+  if not missing:
+    pytest.skip("this CPU runs every compiled variant")
+  monkeypatch.setenv("LAZYMOE_KERNELS_ISA", missing[0])
+  with pytest.raises(RuntimeError, match="cannot run"):
+    kernels.isa()
+
+
+def test_missing_library_falls_back_or_fails_clearly(monkeypatch):
+  monkeypatch.setattr(kernels, "_library", lambda: (None, "native kernel library not built"))
+  kernels._warn_once.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.delenv("LAZYMOE_KERNELS", raising=False)
+  with pytest.warns(RuntimeWarning, match="using the XLA path"):
+    assert not kernels.available()
+  assert kernels.mode() == "xla"
+  monkeypatch.setenv("LAZYMOE_KERNELS", "native")
+  with pytest.raises(RuntimeError, match="LAZYMOE_KERNELS=native but the native kernel library"):
+    kernels.mode()
