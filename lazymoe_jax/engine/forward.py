@@ -108,8 +108,8 @@ class Forward:
                 caches: Sequence[KVCache]) -> tuple[jax.Array, list[KVCache]]:
     """One decode step of N sequences: tokens[i] at positions[i] with caches[i]. Attention
     runs per sequence (each its own cache and position); the router once over the batch; each
-    expert the batch picks is acquired once and applied to its tokens. Returns (x [N, H],
-    caches)."""
+    expert the batch picks is acquired once and applied to its tokens. Returns (x [>= N, H]:
+    rows past N are padding, caches)."""
     spec = self.spec
     n = len(tokens)
     caches = list(caches)
@@ -117,7 +117,12 @@ class Forward:
       if pos + 1 > cache.capacity:
         raise PlanError(f"KV cache too small for {pos + 1} positions.")
     pos = [jnp.asarray(np.array([p], np.int32)) for p in positions]
-    x = steps.embed(spec, self.globals, jnp.asarray(np.asarray(tokens, np.int32)))
+    # rows padded to a power of two (few compiled shapes as sequences join and leave); the
+    # padding rows are never routed (ids[:n]) and their outputs are dropped
+    nb = bucket(n, 1)
+    padded = np.zeros(nb, np.int32)
+    padded[:n] = tokens
+    x = steps.embed(spec, self.globals, jnp.asarray(padded))
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
       hs, xns = [], []
@@ -126,6 +131,9 @@ class Forward:
                                                         pos[i], caches[i][layer])
         hs.append(h)
         xns.append(xn)
+      if nb > n:
+        hs.append(x[n:])
+        xns.append(x[n:])
       h, xn = jnp.concatenate(hs), jnp.concatenate(xns)
       if spec.layers[layer].mlp == DENSE_MLP:
         x = steps.dense_mlp(spec, p, h, xn)
@@ -133,11 +141,11 @@ class Forward:
       ahead = self._layers_ahead(layer) if self.prefetch else []
       ids, weights, guesses = steps.route_block(spec, p, h, xn,
                                                 tuple(self.routers[a] for a in ahead))
-      ids = np.asarray(ids)
+      ids = np.asarray(ids)[:n]
       if self.trace is not None:
-        self.trace(layer, ids, h)
-      x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights))
-      self._prefetch(ahead, guesses)
+        self.trace(layer, ids, h[:n])
+      x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
+      self._prefetch(ahead, [g[:n] for g in guesses])
     return x, caches
 
   # ---- shared pieces -----------------------------------------------------------------------

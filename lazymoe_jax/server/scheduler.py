@@ -204,6 +204,14 @@ class Scheduler:
       if n >= n_max:
         break
       size *= 2
+    # batched decode: one program set per power-of-two batch size up to --parallel
+    nb = 2
+    while nb <= max(2, self.parallel):
+      seqs = [eng.session(min(eng.max_context, 16)) for _ in range(nb)]
+      for seq in seqs:
+        seq.advance(rng.randint(0, eng.spec.vocab_size, 8).tolist())
+      eng.feed_batch(seqs, rng.randint(0, eng.spec.vocab_size, nb).tolist())
+      nb *= 2
 
   def _admit(self) -> None:
     while self._queue and self._queue[0].cancelled:
