@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import lazymoe_jax
+from lazymoe_jax import kernels
 from tests.conftest import FAMILIES, token_ids
 
 N_TOKENS = 20
 TOL = 1e-4
+NATIVE_INT8_TOL = 2e-2  # int8-quantised activations of the native kernels (measured 7.2e-3)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -147,7 +149,11 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantised_weights(tm
     engine = lazymoe_jax.load(str(tmp_path / store), expert_slots=2)
     diff = np.abs(engine.logits(ids) - ref).max()
     print(f"gpt_oss {store} from MXFP4 experts: max |logit diff| = {diff:.2e}")
-    assert diff <= TOL
+    # the native MXFP4 kernel quantises the activations to int8 (one level, its stated bound:
+    # kernels.error_bound; BUILD_NOTES "Native kernels"): looser here, exact on the XLA path
+    native_int8 = kernels.native_for(engine.experts.encoding.name, 1) and (
+        engine.experts.encoding.name.split("-")[0] in kernels.ACT_LEVELS)
+    assert diff <= (NATIVE_INT8_TOL if native_int8 else TOL)
     _assert_greedy_matches(engine, model, ids[:6], 12)
 
 
