@@ -107,3 +107,33 @@ def test_options_are_checked_once(mixtral):
     lazymoe_jax.load(mixtral, dense_dtype="int3")
   with pytest.raises(ValueError, match="memory_budget_gb=nan"):
     lazymoe_jax.load(mixtral, memory_budget_gb=float("nan"))
+
+
+def test_a_store_that_no_longer_matches_its_config_is_refused(mixtral, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  store = tmp_path / "store"
+  shutil.copytree(mixtral, store)
+  manifest = json.loads((store / "manifest.json").read_text())
+  manifest["hf_config"]["num_local_experts"] += 2  # as if the family parsed it differently now
+  (store / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(lazymoe_jax.StoreError, match="experts per layer: store 6, config 8"):
+    lazymoe_jax.load(str(store))
+
+
+def test_layer_types_of_the_wrong_length_are_refused():
+  from lazymoe_jax import families  # pylint: disable=import-outside-toplevel
+  hf = {"model_type": "qwen2_moe", "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 4,
+        "num_attention_heads": 2, "moe_intermediate_size": 4, "num_experts": 4,
+        "num_experts_per_tok": 2, "layer_types": ["full_attention"] * 2}
+  with pytest.raises(lazymoe_jax.UnsupportedModelError, match="num_hidden_layers is 4"):
+    families.spec_from_hf(hf)
+
+
+def test_kv_cache_bytes_follow_the_sessions(mixtral):
+  engine = lazymoe_jax.load(mixtral, expert_slots=4)
+  seq = engine.session()
+  seq.feed(token_ids(5))
+  assert engine.stats()["kv_cache_bytes"] == seq.kv_cache_bytes > 0
+  seq.feed(token_ids(20))  # grows
+  assert engine.stats()["kv_cache_bytes"] == seq.kv_cache_bytes

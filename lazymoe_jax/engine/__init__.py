@@ -28,6 +28,7 @@ from lazymoe_jax.engine.session import Session
 from lazymoe_jax.plan import MemoryPlan, make_plan, resident_bytes
 from lazymoe_jax.sampling import Sampler
 from lazymoe_jax.store import format as fmt
+from lazymoe_jax.errors import StoreError
 from lazymoe_jax.store.experts import ExpertStore
 from lazymoe_jax.store.pool import ExpertPool
 
@@ -50,6 +51,7 @@ class Engine:
                           mla=spec.attention.cache_kind == "latent")
     self.kv.validate(spec)
     self.experts = ExpertStore(store_dir, self.manifest)
+    _check_store_matches(store_dir, self.manifest, spec, self.experts)
     glob, layers = weights.load(store_dir, spec, options.dense_dtype)
     memory.return_freed_memory()  # the plan below measures resident memory
     self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers)))
@@ -115,7 +117,6 @@ class Engine:
     t0 = time.perf_counter()
     seq = self.session(len(tokens))
     out = seq.feed(tokens, all_logits=True)
-    self._kv_bytes = seq.kv_cache_bytes
     self._last = {"prompt_tokens_per_s": len(tokens) / (time.perf_counter() - t0),
                   "decode_tokens_per_s": 0.0}
     return out
@@ -143,7 +144,6 @@ class Engine:
     if max_new_tokens == 0:
       return
     seq = self.session(n + max_new_tokens)
-    self._kv_bytes = seq.kv_cache_bytes
     t0 = time.perf_counter()
     logits = seq.feed(tokens)
     t1 = time.perf_counter()
@@ -182,6 +182,10 @@ class Engine:
         **self._last,
     }
 
+  def note_kv_bytes(self, nbytes: int) -> None:
+    """stats()["kv_cache_bytes"]: the bytes of the cache a session allocated last."""
+    self._kv_bytes = nbytes
+
   def check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
     """token ids as int32, or a ValueError saying what is wrong with them."""
     tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -196,6 +200,21 @@ class Engine:
       raise ValueError(f"token ids must be in [0, {self.spec.vocab_size}); got "
                        f"[{tokens.min()}, {tokens.max()}].")
     return tokens.astype(np.int32)
+
+
+def _check_store_matches(store_dir: str, manifest: dict, spec, experts: ExpertStore) -> None:
+  """The spec parsed from the store's hf_config describes the store that was written (a later
+  change of a family's parsing must not silently run an old store as another model)."""
+  found = {"family": (manifest["family"], spec.family),
+           "MoE layers": (list(experts.layers), list(spec.moe_layers)),
+           "experts per layer": (next(iter(experts.specs.values()))["shape"][1],
+                                 spec.num_experts),
+           "dense parts": (list(manifest["dense"]["parts"]), fmt.dense_part_names(spec))}
+  wrong = [f"{k}: store {a}, config {b}" for k, (a, b) in found.items() if a != b]
+  if wrong:
+    raise StoreError(f"{store_dir}: the store does not match its config.json as "
+                     f"this version parses it ({'; '.join(wrong)}); re-convert the model with "
+                     "--overwrite.")
 
 
 def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: int | None = None,

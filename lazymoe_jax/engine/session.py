@@ -39,6 +39,8 @@ class Session:
     # capacities are rounded up (few compiled shapes), within the engine's max_context
     self.cache: KVCache | None = (engine.forward.new_cache(max_context, engine.max_context)
                                   if max_context else None)
+    if self.cache is not None:
+      engine.note_kv_bytes(self.kv_cache_bytes)
 
   @property
   def kv_cache_bytes(self) -> int:
@@ -82,3 +84,4 @@ class Session:
         new[layer] = jax.tree.map(
             lambda n, a: jax.lax.dynamic_update_slice(n, a, (0,) * a.ndim), new[layer], o)
     self.cache = new
+    self.engine.note_kv_bytes(self.kv_cache_bytes)

@@ -105,6 +105,10 @@ def sparse_mlp_layers(hf: dict[str, Any], n: int) -> tuple[str, ...]:
 def layer_plan(attention: list[str] | tuple[str, ...], mlp: tuple[str, ...],
                window: int | None) -> tuple[Layer, ...]:
   """Per-layer specs from per-layer attention kinds (FULL / SLIDING) and MLP kinds."""
+  if len(attention) != len(mlp):
+    raise UnsupportedModelError(
+        f"config.json describes {len(attention)} layers' attention (layer_types) but "
+        f"num_hidden_layers is {len(mlp)}; fix layer_types to one entry per layer.")
   return tuple(Layer(attention=a, mlp=m, window=window if a == SLIDING else None)
                for a, m in zip(attention, mlp))
 

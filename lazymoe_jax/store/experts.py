@@ -210,8 +210,16 @@ class ExpertStore:
     self.row = {layer: r for r, layer in enumerate(self.layers)}
     self.encoding = encodings.get(ex["encoding"])
     self.specs = ex["tensors"]  # array name -> {path, shape, dtype, tensor, suffix, encoding}
-    self.tensor_encodings = {s["tensor"]: encodings.get(s["encoding"])
-                             for s in self.specs.values()}
+    try:
+      self.tensor_encodings = {s["tensor"]: encodings.get(s["encoding"])
+                               for s in self.specs.values()}
+    except ValueError as e:
+      raise StoreError(f"{store_dir}: {e} The store was written by another version; re-convert "
+                       "with --overwrite.") from e
+    weights = {t: e.name for t, e in self.tensor_encodings.items() if t.startswith("w_")}
+    if set(weights.values()) != {self.encoding.name}:
+      raise StoreError(f"{store_dir}: expert weights in {weights} where the manifest says "
+                       f"{self.encoding.name}; re-convert with --overwrite.")
     self.crc32 = {name: ex["crc32"][name] for name in self.specs}
     self.dtypes = {n: fmt.numpy_dtype(s["dtype"]) for n, s in self.specs.items()}
     self.shapes = {n: tuple(s["shape"][2:]) for n, s in self.specs.items()}
