@@ -24,8 +24,8 @@ def _generate(*args, env=None):
                         env={**os.environ, **(env or {})})
 
 
-def test_generate_on_a_store_without_tokenizer(family_models):
-  _, _, store = family_models["olmoe"]
+def test_generate_on_a_store_without_tokenizer(tiny_stores):
+  _, store = tiny_stores["olmoe"]
   res = _generate(f"--model={store}", "--prompt_ids=5,6,7,8", "--max_new_tokens=6",
                   "--expert_slots=2")
   assert res.returncode == 0, res.stderr
