@@ -95,9 +95,7 @@ def family_models(tmp_path_factory):
 
 class _TinyStores(dict):
   """name -> (HF dir, store dir) of a torch-free checkpoint (tests/checkpoints.py), written
-  and converted through the CLI on first use. A name is a family, or one of VARIANTS."""
-
-  VARIANTS = {}
+  and converted through the CLI on first use; a name is a family of tests/checkpoints.py."""
 
   def __init__(self, tmp_path_factory):
     super().__init__()
@@ -105,8 +103,7 @@ class _TinyStores(dict):
 
   def __missing__(self, name):
     base = self.tmp.mktemp("tiny_" + name)
-    family, overrides = self.VARIANTS.get(name, (name, {}))
-    hf = write_checkpoint(base / "hf", family, **overrides)
+    hf = write_checkpoint(base / "hf", name)
     res = convert_cli(hf, str(base / "store"))
     assert res.returncode == 0, res.stderr[-3000:]
     self[name] = (hf, str(base / "store"))
