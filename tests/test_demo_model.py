@@ -6,12 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import lazymoe_jax
 from checkpoints_tools import corpus, default_model
-
-transformers = pytest.importorskip("transformers")
+from tests.conftest import import_reference
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +27,7 @@ def test_shipped_files_are_small_and_complete():
 
 
 def test_matches_transformers_mixtral(demo):
+  torch, transformers = import_reference()
   engine, ids = demo
   model = transformers.MixtralForCausalLM.from_pretrained(default_model.DEMO_DIR,
                                                           dtype=torch.float32).eval()

@@ -1,30 +1,33 @@
-"""The engine's public step API: sessions, batched decode, options (engine/)."""
+"""The engine's public step API (engine/): sessions and their caches, batched decode, options,
+token checks. On torch-free tiny stores (tests/checkpoints.py)."""
 
+import jax
 import numpy as np
 import pytest
 
 import lazymoe_jax
+from lazymoe_jax.engine import forward
 from tests.conftest import token_ids
 
 
 @pytest.fixture(scope="module")
-def mixtral(family_models):
-  return family_models["mixtral"][2]
+def mixtral(tiny_stores):
+  return tiny_stores["mixtral"][1]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])  # dense / sinks+window / latent
-def test_feed_prompt_then_tokens_equals_logits_of_the_whole(family_models, family):
-  store = family_models[family][2]
+def test_feed_prompt_then_tokens_equals_logits_of_the_whole(tiny_stores, family):
+  store = tiny_stores[family][1]
   engine = lazymoe_jax.load(store, expert_slots=4)
   ids = token_ids(24, seed=5)
   full = engine.logits(ids)
-  seq = engine.session()  # no max_context: the cache grows (8 -> 16 -> 32 positions)
+  seq = engine.session()  # no max_context: the cache is made at the first feed, grown as needed
   rows = [seq.feed(ids[:7], all_logits=True)]
   for t in ids[7:]:
     rows.append(seq.feed([t])[None])
   np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-5, rtol=0)
   assert seq.position == 24
-  assert seq.cache.capacity >= 24
+  assert seq.cache.capacity == 256  # the first feed rounds up to KV_ROUND: the whole context
   assert seq.kv_cache_bytes == engine.kv.nbytes(list(seq.cache))
   last = engine.session(24)
   np.testing.assert_allclose(last.feed(ids), full[-1], atol=1e-5, rtol=0)
@@ -137,3 +140,68 @@ def test_kv_cache_bytes_follow_the_sessions(mixtral):
   assert engine.stats()["kv_cache_bytes"] == seq.kv_cache_bytes > 0
   seq.feed(token_ids(20))  # grows
   assert engine.stats()["kv_cache_bytes"] == seq.kv_cache_bytes
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # dense and latent caches
+def test_a_grown_cache_keeps_the_old_positions_bit_exact(tiny_stores, family, monkeypatch):
+  """With capacities rounded to 8 (not KV_ROUND), a session fed 8 tokens then one at a time
+  grows 8 -> 16 -> 32: each grown cache holds the old one's positions bit-exact, zeros past
+  them, and the logits equal those of a session allocated at 32 from the start."""
+  monkeypatch.setattr(forward, "KV_ROUND", 8)
+  engine = lazymoe_jax.load(tiny_stores[family][1], expert_slots=1000)
+  ids = token_ids(32, seed=11)
+  seq = engine.session()
+  rows = [seq.feed(ids[:8], all_logits=True)]
+  capacities = [seq.cache.capacity]
+  for t in ids[8:]:
+    old, old_position = seq.cache, seq.position
+    old_arrays = [jax.tree.map(np.asarray, layer) for layer in old]
+    rows.append(seq.feed([t])[None])
+    if seq.cache.capacity == old.capacity:
+      continue
+    capacities.append(seq.cache.capacity)
+    for before, after in zip(old_arrays, seq.cache):
+      for name, a in before.items():
+        b = np.asarray(after[name])
+        grew = [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
+        assert len(grew) == 1 and a.ndim == b.ndim  # the position axis only
+        axis = grew[0]
+        assert (a.shape[axis], b.shape[axis]) == (old.capacity, seq.cache.capacity)
+        np.testing.assert_array_equal(np.take(b, range(old_position), axis),
+                                      np.take(a, range(old_position), axis))
+        assert not np.take(b, range(old_position + 1, seq.cache.capacity), axis).any()
+  assert capacities == [8, 16, 32]
+  assert seq.kv_cache_bytes == engine.kv.nbytes(list(seq.cache))
+  fixed = engine.session(32)
+  assert fixed.cache.capacity == 32
+  np.testing.assert_allclose(np.concatenate(rows), fixed.feed(ids, all_logits=True),
+                             atol=1e-5, rtol=0)
+
+
+def test_bad_token_ids(mixtral):
+  engine = lazymoe_jax.load(mixtral)
+  with pytest.raises(ValueError, match="empty"):
+    engine.logits([])
+  with pytest.raises(ValueError, match=r"\[0, 96\)"):
+    engine.logits([5, 96])
+  with pytest.raises(lazymoe_jax.TokenizerMissingError, match="token ids"):
+    engine.tokenizer.encode("hello")
+
+
+def test_kv_cache_stays_within_max_context_and_per_sequence(mixtral):
+  engine = lazymoe_jax.load(mixtral, max_context=150, expert_slots=100)
+  ids = token_ids(140)
+  full = lazymoe_jax.load(mixtral, expert_slots=100).logits(ids)
+  np.testing.assert_allclose(engine.logits(ids), full, atol=1e-5)
+  cfg = engine.spec
+  per_position = cfg.num_hidden_layers * cfg.attention.num_kv_heads * cfg.attention.head_dim * 2 * 4
+  assert engine.stats()["kv_cache_bytes"] == 150 * per_position  # not the 256-token bucket
+  # two sequences on one engine: each keeps its own capacity
+  a = engine.stream(token_ids(100, seed=2), 45)
+  next(a)
+  b = list(engine.stream(token_ids(4, seed=3), 3))
+  assert len(b) == 3 and len(list(a)) == 44
+
+
+def test_deepseek_refuses_kv_bits(tiny_stores):
+  _, store = tiny_stores["deepseek_v3"]
+  with pytest.raises(ValueError, match="multi-head latent attention"):
+    lazymoe_jax.load(store, kv_bits=4)

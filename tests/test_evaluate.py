@@ -8,25 +8,24 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import lazymoe_jax
 from checkpoints_tools import corpus, default_model
 from lazymoe_jax import evaluate
 from lazymoe_jax.sampling import Sampler
-from tests.conftest import ROOT
-
-transformers = pytest.importorskip("transformers")
+from tests.conftest import ROOT, import_reference
 
 
 @pytest.fixture(scope="module")
 def hf_demo():
+  torch, transformers = import_reference()
   return transformers.MixtralForCausalLM.from_pretrained(default_model.DEMO_DIR,
                                                          dtype=torch.float32).eval()
 
 
 def _hf_perplexity(model, ids, context, stride):
   """The transformers-docs sliding-window scheme, with transformers' own loss (labels=-100)."""
+  torch, _ = import_reference()
   nll, count, done, begin = 0.0, 0, 1, 0
   while done < len(ids):
     end = min(begin + context, len(ids))

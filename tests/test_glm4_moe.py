@@ -9,19 +9,20 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file, save_file
 
 import lazymoe_jax
 from lazymoe_jax import families
 from lazymoe_jax.model import layers
-from tests.conftest import ROOT, convert_cli, make_hf_model, token_ids
+from tests.checkpoints import hf_config
+from tests.conftest import ROOT, convert_cli, import_reference, make_hf_model, token_ids
 
 TOL = 1e-4
 N_TOKENS = 20
 
 
 def _ref(model, ids):
+  torch, _ = import_reference()
   with torch.no_grad():
     return model(torch.tensor(ids)[None]).logits[0].numpy()
 
@@ -30,6 +31,7 @@ def test_glm4_moe_parity_is_sensitive_to_each_of_its_features(family_models):
   """Each GLM feature moves the reference logits far beyond the tolerance, so the parity
   test proves the engine computes it: partial rotary (against full RoPE on the same weights),
   qk-norm, the score bias, the group limit, the routed scaling and the shared expert."""
+  torch, _ = import_reference()
   model, _, store = family_models["glm4_moe"]
   ids = token_ids(N_TOKENS)
   ref = _ref(model, ids)
@@ -85,15 +87,15 @@ def test_glm4_moe_published_config_parses():
   assert families.spec_from_hf(no_factor).attention.rope.dim == 64  # transformers' default
 
 
-def test_glm4_moe_mtp_layer_is_skipped(family_models, tmp_path):
+def test_glm4_moe_mtp_layer_is_skipped(tiny_stores, tmp_path):
   """A checkpoint with a multi-token-prediction layer after the last one (as published)
   converts, ignoring it, to the same logits."""
-  model, hf_dir, store = family_models["glm4_moe"]
+  hf_dir, store = tiny_stores["glm4_moe"]
   src = tmp_path / "hf"
   src.mkdir()
   tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
-  h = model.config.hidden_size
-  n = model.config.num_hidden_layers
+  h = hf_config("glm4_moe")["hidden_size"]
+  n = hf_config("glm4_moe")["num_hidden_layers"]
   rng = np.random.default_rng(0)
   tensors |= {f"model.layers.{n}.eh_proj.weight": rng.standard_normal((h, 2 * h), np.float32),
               f"model.layers.{n}.enorm.weight": np.ones(h, np.float32),
@@ -114,17 +116,31 @@ def test_glm4_moe_mtp_layer_is_skipped(family_models, tmp_path):
   assert res.returncode != 0 and "does not use" in res.stderr
 
 
-def test_glm4_moe_generates_through_the_cli(family_models):
-  model, _, store = family_models["glm4_moe"]
+def _greedy(engine, prompt, n):
+  engine.eos_ids = set()
+  return engine.generate(prompt, n)
+
+
+def test_glm4_moe_generates_through_the_cli(tiny_stores):
+  _, store = tiny_stores["glm4_moe"]
   res = subprocess.run([sys.executable, "-m", "lazymoe_jax.generate", f"--model={store}",
                         "--prompt_ids=5,6,7,8", "--max_new_tokens=8", "--expert_slots=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   engine = lazymoe_jax.load(store, expert_slots=2)
-  engine.eos_ids = set()
-  want = engine.generate([5, 6, 7, 8], 8)
+  eos = engine.eos_ids
+  want = _greedy(engine, [5, 6, 7, 8], 8)
+  # the CLI stops after the first eos it prints (the engine above ran without eos)
+  cut = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))
   printed = [int(t) for t in res.stdout.splitlines()[0].split()]
-  assert printed == want[:len(printed)] and len(printed) >= 1
+  assert printed == want[:cut]
+
+
+def test_glm4_moe_greedy_generation_equals_transformers(family_models):
+  """What the CLI test above prints, from the engine, is transformers' own greedy output."""
+  torch, _ = import_reference()
+  model, _, store = family_models["glm4_moe"]
+  want = _greedy(lazymoe_jax.load(store, expert_slots=2), [5, 6, 7, 8], 8)
   with torch.no_grad():
     ref = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, do_sample=False,
                          eos_token_id=None, pad_token_id=0)[0, 4:].tolist()

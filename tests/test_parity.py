@@ -1,19 +1,45 @@
-"""Logit and greedy-generation parity with Hugging Face transformers, per family."""
+"""Logit and greedy-generation parity with Hugging Face transformers, per family; and the
+torch-free test checkpoints (tests/checkpoints.py) against what transformers writes.
+
+Needs the test extra (torch + transformers): without it this module is skipped, and so only
+it among the torch-free tier's modules."""
 
 import os
 import re
 
 import numpy as np
+import psutil
 import pytest
-import torch
 
 import lazymoe_jax
 from lazymoe_jax import kernels
-from tests.conftest import FAMILIES, token_ids
+from tests import checkpoints
+from tests.conftest import FAMILIES, PARITY_REASON, token_ids
+
+torch = pytest.importorskip("torch", reason=PARITY_REASON)
+pytest.importorskip("transformers", reason=PARITY_REASON)
 
 N_TOKENS = 20
 TOL = 1e-4
 NATIVE_INT8_TOL = 2e-2  # int8-quantised activations of the native kernels (measured 7.2e-3)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_torch_free_checkpoints_are_laid_out_as_transformers_writes_them(family_models, family):
+  """tests/checkpoints.py's tensor names and shapes are save_pretrained's, exactly, and its
+  config.json reads back into transformers' config with every setting kept."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  model, hf, _ = family_models[family]
+  with safe_open(os.path.join(hf, "model.safetensors"), "numpy") as f:
+    written = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+  cfg = checkpoints.hf_config(family)
+  assert checkpoints.tensor_shapes(cfg) == written
+  back = transformers.AutoConfig.for_model(**cfg)
+  assert type(back) is type(model.config)
+  for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "num_experts_per_tok"):
+    assert getattr(back, key) == getattr(model.config, key), key
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -204,12 +230,6 @@ def test_deepseek_parity_is_sensitive_to_its_router_rope_and_scales(family_model
     assert engine.stats()["kv_cache_bytes"] == engine.spec.num_hidden_layers * latent
 
 
-def test_deepseek_refuses_kv_bits(family_models):
-  _, _, store = family_models["deepseek_v3"]
-  with pytest.raises(ValueError, match="multi-head latent attention"):
-    lazymoe_jax.load(store, kv_bits=4)
-
-
 def test_deepseek_v2_greedy_router_matches_transformers(tmp_path):
   """DeepSeek-V2's other topk_method: plain top-k of the softmax, scaled, not renormalised."""
   from tests.conftest import convert_cli, make_hf_model  # pylint: disable=import-outside-toplevel
@@ -341,3 +361,39 @@ def test_deepseek_v3_published_config_parses():
   assert router.kind == "sigmoid_group_topk" and (router.n_group, router.topk_group) == (8, 4)
   assert spec.moe_layers == tuple(range(3, 61)) and spec.moe.shared_width == 2048
   assert not spec.moe.shared_gate and router.scaling == 2.5
+
+
+def test_stats_count_distinct_routed_experts_exactly(family_models):
+  model, _, store = family_models["qwen2_moe"]
+  ids = token_ids(24, seed=5)
+  # The reference routing: transformers' own router logits, top-k per token and layer.
+  with torch.no_grad():
+    out = model(torch.tensor(ids)[None], output_router_logits=True)
+  k = model.config.num_experts_per_tok
+  pairs = set()
+  moe_layers = [i for i in range(model.config.num_hidden_layers) if i not in [1]]
+  assert len(out.router_logits) == len(moe_layers)
+  for layer, logits in zip(moe_layers, out.router_logits):
+    top = torch.topk(torch.softmax(logits.float(), -1), k, dim=-1).indices
+    pairs |= {(layer, int(e)) for e in top.flatten()}
+  engine = lazymoe_jax.load(store, expert_slots=10_000)
+  engine.logits(ids)
+  s = engine.stats()
+  assert s["expert_misses"] == len(pairs)
+  assert s["expert_hits"] == 0  # prefill reads each (layer, expert) once for the whole prompt
+  i, h = model.config.moe_intermediate_size, model.config.hidden_size
+  assert s["bytes_read"] == len(pairs) * 3 * i * h * 4  # f32: gate+up [2I,H] and down [H,I]
+  engine.logits(ids)  # everything is resident now: only hits
+  rss_now = psutil.Process().memory_info().rss  # before stats(): the process keeps growing
+  s2 = engine.stats()
+  assert s2["expert_misses"] == len(pairs) and s2["bytes_read"] == s["bytes_read"]
+  assert s2["expert_hits"] == len(pairs)
+  # float32 K and V per layer at the cache's capacity: 24 positions round up to KV_ROUND (256,
+  # also the model's max_position_embeddings)
+  c = model.config
+  assert s2["kv_cache_bytes"] == c.num_hidden_layers * 2 * c.num_key_value_heads * (
+      c.hidden_size // c.num_attention_heads) * 256 * 4
+  # the peak is about at least the resident set now (the kernel's per-thread RSS counters lag
+  # by up to 64 pages each), and in bytes: not KiB (1024x less), nor beyond the machine
+  assert 0.9 * rss_now <= s2["peak_rss_bytes"] <= (
+      psutil.virtual_memory().total)

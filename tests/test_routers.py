@@ -1,8 +1,9 @@
-"""DeepSeek routers on hand-written arrays (the parity tests check them against transformers)."""
+"""Routers on hand-written arrays (the parity tests check them against transformers)."""
 
 import numpy as np
 
 from lazymoe_jax.model import routers
+from lazymoe_jax.model.routers import softmax_topk
 
 
 def _logit(p):
@@ -33,3 +34,15 @@ def test_softmax_group_topk_zeroes_experts_outside_the_best_groups():
   ids, w = routers.softmax_group_topk(np.log(p), 3, 3, 1)  # only group 0: third pick is a zero
   got = dict(zip(np.asarray(ids)[0].tolist(), np.asarray(w)[0].tolist()))
   assert {0, 1} <= set(got) and min(got.values()) == 0.0
+
+
+def test_router_softmax_topk_by_hand():
+  logits = np.array([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 1.0]], np.float32)
+  ids, w = softmax_topk(logits, 2, renormalize=False)
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(ids), [[3, 2], [0, 3]])
+  np.testing.assert_allclose(np.asarray(w), [[p[0, 3], p[0, 2]], [p[1, 0], p[1, 3]]], rtol=1e-6)
+  ids, w = softmax_topk(logits, 2, renormalize=True)
+  np.testing.assert_allclose(np.asarray(w).sum(-1), [1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(w)[0], [1 / (1 + np.exp(-1)), 1 - 1 / (1 + np.exp(-1))],
+                             rtol=1e-6)

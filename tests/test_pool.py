@@ -1,0 +1,189 @@
+"""lazymoe_jax/store/pool.py: the expert slot pool. Its policies choose exactly the victims they
+promise; prefetch never changes results, even when it guesses wrong; read errors are reported
+by the miss that needs the expert and leave nothing unchecked resident.
+
+The pools are built directly on a tiny torch-free store (3 layers of 6 experts, top-2) where
+the test is about the pool; through the engine where it is about results."""
+
+import collections
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+import lazymoe_jax
+from lazymoe_jax.store import format as fmt
+from lazymoe_jax.store.experts import ExpertStore
+from lazymoe_jax.store.pool import ExpertPool
+from tests.checkpoints import hf_config
+from tests.conftest import token_ids
+
+K = hf_config("mixtral")["num_experts_per_tok"]  # 2
+N_LAYERS = hf_config("mixtral")["num_hidden_layers"]  # 3
+N_EXPERTS = hf_config("mixtral")["num_local_experts"]  # 6
+
+
+@pytest.fixture(scope="module")
+def store(tiny_stores):
+  return tiny_stores["mixtral"][1]
+
+
+def _pool(store, slots, policy="lru"):
+  return ExpertPool(ExpertStore(store, fmt.read_manifest(store)), slots, K, policy)
+
+
+def _damaged_copy(src, tmp_path, chunks):
+  store = tmp_path / "store"
+  shutil.copytree(src, store)
+  for name, row, expert in chunks:
+    os.remove(fmt.chunk_path(str(store), name, row, expert))
+  return str(store)
+
+
+# ---- policies, exactly ----------------------------------------------------------------------
+
+def test_lru_evicts_the_least_recently_used(store):
+  pool = _pool(store, 3, "lru")
+  pool.acquire(0, [0, 1])
+  pool.acquire(0, [2])
+  pool.acquire(0, [0])  # 1 is now the least recently used
+  pool.acquire(0, [3])
+  assert set(pool.table) == {(0, 0), (0, 2), (0, 3)}
+  assert (pool.hits, pool.misses) == (1, 4)
+  assert pool.bytes_read == 4 * pool.store.bytes_per_expert
+
+
+def test_lfu_evicts_the_least_used_then_the_oldest(store):
+  pool = _pool(store, 3, "lfu")
+  for experts in ([0, 1], [0, 1], [2], [0], [3]):  # uses: 0 x3, 1 x2, 2 x1 -> 2 goes
+    pool.acquire(0, experts)
+  assert set(pool.table) == {(0, 0), (0, 1), (0, 3)}
+  pool.acquire(0, [4])  # 3 (one use) goes, not 1 (two)
+  assert set(pool.table) == {(0, 0), (0, 1), (0, 4)}
+
+
+def test_layer_policy_evicts_within_a_layer_at_its_quota(store):
+  pool = _pool(store, 3 * 2, "layer")  # a quota of 2 slots per layer
+  assert pool.quota == 2
+  pool.acquire(0, [0, 1])
+  pool.acquire(1, [0, 1])
+  pool.acquire(2, [0, 1])
+  pool.acquire(0, [2])  # layer 0 holds its quota: it evicts its own (0, 0), not layer 1's
+  assert set(pool.table) == {(0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1)}
+
+
+def test_hits_are_pinned_before_misses_choose_victims(store):
+  pool = _pool(store, 2, "lru")
+  pool.acquire(0, [0, 1])
+  pool.acquire(0, [2, 0])  # the miss (2) must evict 1, not the hit (0)
+  assert pool.misses == 3 and pool.hits == 1
+  assert set(pool.table) == {(0, 0), (0, 2)}
+
+
+def test_bad_pool_settings_are_refused(store):
+  with pytest.raises(ValueError, match="not one of lru, lfu, layer"):
+    _pool(store, 4, "fifo")
+  with pytest.raises(lazymoe_jax.PlanError, match="at least 2"):
+    _pool(store, 1)
+  pool = _pool(store, 2)
+  with pytest.raises(lazymoe_jax.PlanError, match="3 experts requested at once but the pool "
+                     "has 2 slots"):
+    pool.acquire(0, [0, 1, 2])
+
+
+def test_pool_smaller_than_top_k_is_refused(store):
+  with pytest.raises(lazymoe_jax.PlanError, match="at least 2"):
+    lazymoe_jax.load(store, expert_slots=1)
+
+
+# ---- results never depend on the pool ---------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "layer"])
+def test_every_cache_policy_gives_identical_results(store, policy):
+  prompt, ids = token_ids(6, seed=3), token_ids(20, seed=4)
+  resident = lazymoe_jax.load(store, expert_slots=10_000, prefetch=False)
+  resident.eos_ids = set()
+  want_tokens, want_logits = resident.generate(prompt, 16), resident.logits(ids)
+  used = len(resident.pool.table)  # every (layer, expert) the run routes to, read once each
+  assert resident.stats()["expert_misses"] == used
+  for slots in (K, K + 1, 3 * K):
+    t0 = time.perf_counter()
+    engine = lazymoe_jax.load(store, expert_slots=slots, cache_policy=policy)
+    engine.eos_ids = set()
+    assert engine.generate(prompt, 16) == want_tokens
+    np.testing.assert_array_equal(engine.logits(ids), want_logits)
+    st = engine.stats()
+    elapsed = time.perf_counter() - t0
+    # every miss waited for its read, inside this interval (a bound, not a speed test)
+    assert st["cache_policy"] == policy
+    # every expert used was read at least once: by its miss or by a guess it then used
+    assert st["expert_misses"] + st["prefetch_used"] >= used
+    assert 0 < st["io_wait_s"] <= elapsed
+    assert st["bytes_read"] == (st["expert_misses"] + st["prefetch_reads"]) * \
+        engine.experts.bytes_per_expert
+    assert len(engine.pool.table) <= slots
+  with pytest.raises(ValueError, match="not one of lru, lfu, layer"):
+    lazymoe_jax.load(store, cache_policy="fifo")
+
+
+def test_layer_policy_keeps_each_layers_share(store):
+  engine = lazymoe_jax.load(store, expert_slots=K * N_LAYERS, cache_policy="layer",
+                            prefetch=False)
+  engine.eos_ids = set()
+  engine.generate(token_ids(1, seed=9), 24)
+  held = collections.Counter(layer for layer, _ in engine.pool.table)
+  assert held == {layer: K for layer in range(N_LAYERS)}  # a miss evicts within its own layer
+
+
+def test_prefetch_changes_nothing_even_when_it_guesses_wrong(store):
+  prompt = token_ids(6, seed=7)
+  plain = lazymoe_jax.load(store, expert_slots=2 * K, prefetch=False)
+  plain.eos_ids = set()
+  want = plain.generate(prompt, 20)
+  assert plain.stats()["prefetch_reads"] == 0
+  fetching = lazymoe_jax.load(store, expert_slots=2 * K)
+  fetching.eos_ids = set()
+  assert fetching.generate(prompt, 20) == want
+  st = fetching.stats()
+  assert st["prefetch_reads"] > 0 and 0 < st["prefetch_used"] <= st["prefetch_reads"]
+  assert st["expert_misses"] < plain.stats()["expert_misses"]  # guesses that landed saved reads
+  wrong = lazymoe_jax.load(store, expert_slots=2 * K)
+  wrong.eos_ids = set()
+  rng = np.random.default_rng(0)
+  for nxt in wrong.forward.routers.values():  # the guessing routers, not the real ones
+    nxt["router"] = rng.standard_normal(nxt["router"].shape).astype(np.float32)
+  assert wrong.generate(prompt, 20) == want
+  assert wrong.stats()["prefetch_reads"] > 0
+
+
+# ---- read errors ------------------------------------------------------------------------------
+
+def test_read_error_during_prefetch_is_a_clear_error(store, tmp_path):
+  damaged = _damaged_copy(store, tmp_path, [("w_gate_up", 1, e) for e in range(N_EXPERTS)])
+  engine = lazymoe_jax.load(damaged, expert_slots=4)  # every expert of layer 1 is gone
+  engine.eos_ids = set()
+  with pytest.raises(lazymoe_jax.StoreError, match=r"c/1/\d/0/0 is missing"):
+    engine.generate(token_ids(1), 5)
+
+
+def test_a_guess_whose_read_fails_changes_nothing(store, tmp_path):
+  """A damaged expert that was only guessed never fails a run that does not route to it; when
+  it is routed to, the miss reports it."""
+  pool = _pool(_damaged_copy(store, tmp_path, [("w_down", 2, 5)]), 6)
+  pool.acquire(0, [0, 1])
+  pool.prefetch(2, [5])
+  pool.acquire(1, [0, 1])  # lands (drops) the failed guess for layer 2 if done; no error
+  assert pool.acquire(2, [0, 1]) and pool.prefetch_errors == 1
+  assert (2, 5) not in pool.table
+  with pytest.raises(lazymoe_jax.StoreError, match=r"c/2/5/0/0 is missing"):
+    pool.acquire(2, [5])
+
+
+def test_a_failed_acquire_leaves_nothing_unchecked_resident(store, tmp_path):
+  pool = _pool(_damaged_copy(store, tmp_path, [("w_gate_up", 1, 3)]), 4)
+  with pytest.raises(lazymoe_jax.StoreError, match=r"c/1/3/0/0 is missing"):
+    pool.acquire(1, [2, 3])
+  assert (1, 2) not in pool.table and (1, 3) not in pool.table
+  assert pool.acquire(1, [2]) and pool.misses == 3  # read again, checked
