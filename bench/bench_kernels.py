@@ -3,7 +3,8 @@ r"""One expert FFN per encoding, beside numpy's float32 products measured in the
   python -m bench.bench_kernels [--shapes=mixtral,qwen3,gptoss] [--encodings=...] [--seconds=1]
 
 For each realistic expert shape (hidden x expert width) and encoding, the engine's own jitted
-SwiGLU expert (model/layers.swiglu, the code decode runs) is timed for 1 token (weight bytes
+SwiGLU expert (model/layers.swiglu, the code decode runs: native kernels or XLA as
+LAZYMOE_KERNELS selects; bench_native prints both side by side) is timed for 1 token (weight bytes
 per second) and for 8 and 64 tokens (GFLOP/s), and printed as a ratio of numpy float32:
 matrix-vector bandwidth for 1 token, matrix-matrix GFLOP/s for 8 and 64 tokens, on the same
 weights. Medians of repeated runs after a warm-up. Both sides cycle through copies of the
