@@ -87,10 +87,25 @@ def numpy_reference(w_gu: np.ndarray, w_d: np.ndarray, seconds: float) -> dict:
   return out
 
 
+def random_expert(hidden: int, inter: int, rng: np.random.Generator):
+  """float32 w_gate_up [2I, H] and w_down [H, I], small Gaussian weights."""
+  return (rng.standard_normal((2 * inter, hidden), dtype=np.float32) * 0.02,
+          rng.standard_normal((hidden, inter), dtype=np.float32) * 0.02)
+
+
+def encoded_copies(enc, w_gu: np.ndarray, w_d: np.ndarray, wrap=lambda arrays: arrays):
+  """(Cycle of device copies of the encoded expert as (gate_up, down), bytes of one copy);
+  `wrap` turns each {suffix: array} into what the timed function takes."""
+  gu, dn = enc.encode(w_gu), enc.encode(w_d)
+  nbytes = sum(a.nbytes for a in gu.values()) + sum(a.nbytes for a in dn.values())
+  return Cycle(lambda: (wrap({k: jax.device_put(v.copy()) for k, v in gu.items()}),
+                        wrap({k: jax.device_put(v.copy()) for k, v in dn.items()})),
+               nbytes), nbytes
+
+
 def bench_shape(name: str, hidden: int, inter: int, encs: list[str], seconds: float) -> list[dict]:
   rng = np.random.default_rng(0)
-  w_gu = rng.standard_normal((2 * inter, hidden), dtype=np.float32) * 0.02
-  w_d = rng.standard_normal((hidden, inter), dtype=np.float32) * 0.02
+  w_gu, w_d = random_expert(hidden, inter, rng)
   ref = numpy_reference(w_gu, w_d, seconds)
   print(f"\n{name}: hidden {hidden}, expert width {inter} | numpy f32: gemv "
         f"{ref['gemv_GBps']:.1f} GB/s, 8 tok {ref['gemm8_GFLOPs']:.1f} GFLOP/s, "
@@ -98,11 +113,7 @@ def bench_shape(name: str, hidden: int, inter: int, encs: list[str], seconds: fl
   rows = []
   for enc_name in encs:
     enc = encodings.get(enc_name)
-    gu, dn = enc.encode(w_gu), enc.encode(w_d)
-    nbytes = sum(a.nbytes for a in gu.values()) + sum(a.nbytes for a in dn.values())
-    experts = Cycle(lambda: (
-        encodings.Weight(enc, {k: jax.device_put(v.copy()) for k, v in gu.items()}),
-        encodings.Weight(enc, {k: jax.device_put(v.copy()) for k, v in dn.items()})), nbytes)
+    experts, nbytes = encoded_copies(enc, w_gu, w_d, lambda a, e=enc: encodings.Weight(e, a))
     fn = jax.jit(layers.swiglu)
     row = {"shape": name, "encoding": enc_name, "expert_MB": nbytes / 1e6}
     for m in (1, 8, 64):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.bench_kernels import SHAPES, Cycle, numpy_reference, timeit
+from bench.bench_kernels import SHAPES, encoded_copies, numpy_reference, random_expert, timeit
 from lazymoe_jax import kernels
 from lazymoe_jax.model import encodings, layers
 
@@ -51,8 +51,7 @@ def _xla_swiglu(enc, gu: dict, dn: dict, x):
 def bench_shape(name: str, hidden: int, inter: int, encs: list[str], tokens: list[int],
                 seconds: float, with_xla: bool) -> list[dict]:
   rng = np.random.default_rng(0)
-  w_gu = rng.standard_normal((2 * inter, hidden), dtype=np.float32) * 0.02
-  w_d = rng.standard_normal((hidden, inter), dtype=np.float32) * 0.02
+  w_gu, w_d = random_expert(hidden, inter, rng)
   ref = numpy_reference(w_gu, w_d, seconds)  # gemv and 8 / 64-token products
   flops = 2 * (w_gu.size + w_d.size)
   print(f"\n{name}: hidden {hidden}, expert width {inter} | numpy f32: gemv "
@@ -61,10 +60,7 @@ def bench_shape(name: str, hidden: int, inter: int, encs: list[str], tokens: lis
   rows = []
   for enc_name in encs:
     enc = encodings.get(enc_name)
-    gu, dn = enc.encode(w_gu), enc.encode(w_d)
-    nbytes = sum(a.nbytes for a in gu.values()) + sum(a.nbytes for a in dn.values())
-    experts = Cycle(lambda: ({k: jax.device_put(v.copy()) for k, v in gu.items()},
-                             {k: jax.device_put(v.copy()) for k, v in dn.items()}), nbytes)
+    experts, nbytes = encoded_copies(enc, w_gu, w_d)
     xla_fn = jax.jit(lambda gu, dn, x, enc=enc: _xla_swiglu(enc, gu, dn, x))
     nat_fn = jax.jit(lambda gu, dn, x, w, e=enc_name: kernels.moe_ffn(
         e, ({"w_gate_up": gu, "w_down": dn},), x, w))
