@@ -27,6 +27,29 @@ namespace {
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// nearbyint(v) for |v| < 2^22 in the default rounding mode, without the libm call that
+// std::nearbyint is on baseline x86-64 (no SSE4.1 roundss): adding and taking away 1.5 x 2^23
+// rounds to an integer, to nearest even, and the loops around it vectorise.
+inline float round_even(float v) {
+  constexpr float kMagic = 12582912.0f;  // (kept as two operations: no -ffast-math here)
+  return (v + kMagic) - kMagic;
+}
+
+// max |x[c]| over c < n, in 8 independent partial maxima (so it vectorises without -ffast-math)
+inline float abs_max(const float* x, int64_t n) {
+  float m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int k = 0; k < 8; ++k) {
+      const float v = std::fabs(x[c + k]);
+      m[k] = m[k] > v ? m[k] : v;
+    }
+  for (; c < n; ++c) m[0] = std::max(m[0], std::fabs(x[c]));
+  float r = 0;
+  for (int k = 0; k < 8; ++k) r = std::max(r, m[k]);
+  return r;
+}
+
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
   float f;
@@ -286,6 +309,12 @@ TGT2 void bf16_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* ra
 }
 
 
+// Software prefetch of the next row tile: rows o+R.. at the same columns, a whole tile (some
+// KB) ahead. The hardware prefetchers restart at every 4 KB page, and the int8 / int4 / mxfp4
+// rows of the expert shapes are 1-7 KB (BUILD_NOTES, "Integer kernels at the bandwidth").
+// Prefetches never fault, so past the last row they are harmless.
+TGT2 inline void pf(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 // int8 weights against int16 activations (one level, step max|x| / 32767, finer than the two
 // int8 levels of the other variants): vpmaddwd of the sign-extended weight, 2 ops per 16
 // products a token where two int8 levels through vpmaddubsw take 8 per 32 (no VNNI on AVX2).
@@ -295,6 +324,7 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
                     int m0, int64_t* raw, int M) {
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = static_cast<const int8_t*>(w.w) + (o + r) * w.cols + a.c0;
+  const int64_t ahead = int64_t(R) * w.cols;
   const int16_t* x[MT];
   for (int m = 0; m < MT; ++m) x[m] = q16 + (m0 + m) * ld16;
   int64_t tot[R][MT];
@@ -306,7 +336,10 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
     __m256i acc[R][MT];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
-    for (int64_t c = cb; c < ce; c += 16) {
+    int64_t c = cb;
+    for (; c < ce; c += 16) {
+      if (((c - cb) & 63) == 0)
+        for (int r = 0; r < R; ++r) pf(wr[r] + ahead + c);  // a row's next line, R rows on
       __m256i wv[R];
       for (int r = 0; r < R; ++r)
         wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + c)));
@@ -329,89 +362,227 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
     }
 }
 
-// int4, 8 groups side by side (one int32 lane each): bytes of nibble rows j, j+1 interleaved,
-// widened to words (b_j, b_j+1); shift and mask give (lo_j, hi_j, lo_j+1, hi_j+1) per dword
-// as unsigned codes (+8; the xor 0x80 turns hi into hi + 8), matching prepare()'s layout.
-template <int MT>
-TGT2 void i4_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
-  const int G = w.group;
-  const int64_t N = w.cols / G, g0 = a.c0 / G, n = a.cn / G, npad = a.ldi;
-  const uint8_t* base = static_cast<const uint8_t*>(w.w) + o * (w.cols / 2) + g0;
-  const uint16_t* sc = static_cast<const uint16_t*>(w.scale) + o * N + g0;
-  const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0f);
-  const __m128i flip = _mm_set1_epi8(char(0x80));
-  __m256 accf[MT];
-  for (int m = 0; m < MT; ++m) accf[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < n; g += 8) {
-    const int64_t ng = std::min<int64_t>(8, n - g);
-    __m256i acc[MT];
-    for (int m = 0; m < MT; ++m)
-      acc[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.init.data() + (m0 + m) * a.ldi + g));
-    for (int jp = 0; jp < G / 4; ++jp) {
-      const uint8_t* p = base + (2 * jp) * N + g;
-      __m128i lo, hi;
-      if (ng == 8) {
-        lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-        hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + N));
-      } else {  // tail: zero bytes read as codes (8, 8) against zero activations
-        alignas(16) uint8_t t0[16] = {0}, t1[16] = {0};
-        std::memcpy(t0, p, ng);
-        std::memcpy(t1, p + N, ng);
-        lo = _mm_load_si128(reinterpret_cast<const __m128i*>(t0));
-        hi = _mm_load_si128(reinterpret_cast<const __m128i*>(t1));
+// Activation layouts of the AVX2 int4 / mxfp4 tiles, made once per rows() call from Act
+// (whose layout the portable and AVX-512 kernels read): the same codes and corrections,
+// reordered to the lanes where the tiles' unpacks / horizontal adds leave each group or block.
+struct Avx2Act {
+  std::vector<int8_t> q;      // int4: [M][G/4][n32][4], groups in kI4Perm order per 32
+  std::vector<int32_t> init;  // int4: [M][n32]; mxfp4: [M][nb8], blocks in kMxPerm order per 8
+  int64_t ldq = 0, ldi = 0;
+};
+// int4: unpacklo/hi_epi8 then unpacklo/hi_epi16 of two 32-byte nibble rows leave dword k of
+// vector d (8 dwords) holding group kI4Perm[8 d + k] of the chunk.
+constexpr int kI4Perm[32] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23,
+                             8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+// mxfp4: two levels of vphaddd over 4 vectors of 2 blocks leave the 8 blocks in this order.
+constexpr int kMxPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+inline void avx2_act(const Weight& w, const Act& a, int M, Avx2Act& p) {
+  if (w.enc == kI4) {
+    const int G = w.group;
+    const int64_t n = a.cn / G, n32 = round_up(std::max<int64_t>(n, 1), 32);
+    p.ldq = (G / 4) * n32 * 4;
+    p.ldi = n32;
+    p.q.assign(size_t(M) * p.ldq, 0);
+    p.init.assign(size_t(M) * p.ldi, 0);
+    for (int m = 0; m < M; ++m)
+      for (int64_t g = 0; g < n32; ++g) {
+        const int64_t src = g / 32 * 32 + kI4Perm[g % 32];
+        if (src >= n) continue;
+        p.init[m * p.ldi + g] = a.init[m * a.ldi + src];
+        for (int jp = 0; jp < G / 4; ++jp)
+          std::memcpy(&p.q[m * p.ldq + (jp * n32 + g) * 4],
+                      &a.q[m * a.ldq + (jp * a.ldi + src) * 4], 4);
       }
-      const __m256i d = _mm256_cvtepu8_epi16(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), flip));
-      const __m256i wv = _mm256_and_si256(_mm256_or_si256(d, _mm256_slli_epi16(d, 4)), nib);
-      for (int m = 0; m < MT; ++m) {
-        const __m256i xv = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(a.q.data() + (m0 + m) * a.ldq + (jp * npad + g) * 4));
-        acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+  } else if (w.enc == kMXFP4) {
+    const int64_t nb = a.cn / 32, nb8 = round_up(std::max<int64_t>(nb, 1), 8);
+    p.ldi = nb8;
+    p.init.assign(size_t(M) * nb8, 0);
+    for (int m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb8; ++b) {
+        const int64_t src = b / 8 * 8 + kMxPerm[b % 8];
+        if (src < nb) p.init[m * nb8 + b] = a.init[m * a.ldi + 4 * src];
       }
-    }
-    alignas(16) uint16_t s16[8] = {0};
-    std::memcpy(s16, sc + g, ng * 2);
-    const __m256 s = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(s16)));
-    for (int m = 0; m < MT; ++m) accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), s, accf[m]);
   }
-  for (int m = 0; m < MT; ++m) raw[m0 + m] = hsum8(accf[m]);
 }
 
-// mxfp4, 2 blocks a step: 32 packed bytes, vpshufb through the 2 x e2m1 + 12 table.
-template <int MT>
-TGT2 void mx_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
-  const int64_t nb = a.cn / 32, b0 = a.c0 / 32;
-  const uint8_t* base = static_cast<const uint8_t*>(w.w) + o * (w.cols / 2) + b0 * 16;
-  const uint8_t* sc = static_cast<const uint8_t*>(w.scale) + o * (w.cols / 32) + b0;
+// mxfp4, 8 blocks (128 bytes, 256 weights) a step per row: nibbles through the vpshufb table
+// of 2 x e2m1 + 12, vpmaddubsw against the signed codes, vpmaddwd by ones, then two levels of
+// vphaddd fold the 4 vectors of 2 blocks into one int32 per block, so the correction, the
+// int -> float conversion and the FMA with the 8 e8m0 scales (one load, s << 23) come once per
+// 8 blocks. A tail reads on into the next row (zero activations there, its scales masked to
+// 0); only where that would pass the end of the array is the chunk copied first.
+template <int R, int MT>
+TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Act& p, int64_t o, int m0,
+                   float* raw, int M) {
+  const int64_t nbt = w.cols / 32, nb = a.cn / 32, b0 = a.c0 / 32;
+  const uint8_t* base[R];
+  const uint8_t* sc[R];
+  for (int r = 0; r < R; ++r) {
+    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
+    sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * nbt + b0;
+  }
+  const int64_t ahead = int64_t(R) * (w.cols / 2);
   const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
                                        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  __m256 accf[MT];
-  for (int m = 0; m < MT; ++m) accf[m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; b += 2) {
-    __m256i raw8;
-    __m256 sv;
-    if (b + 2 <= nb) {
-      raw8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + b * 16));
-      sv = _mm256_setr_m128(_mm_set1_ps(e8m0_to_f32(sc[b])), _mm_set1_ps(e8m0_to_f32(sc[b + 1])));
-    } else {  // one block left: the other lane reads zero codes against zero activations
-      raw8 = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + b * 16)));
-      sv = _mm256_setr_m128(_mm_set1_ps(e8m0_to_f32(sc[b])), _mm_setzero_ps());
+  const __m128i sperm = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i lane_blk = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  __m256 accf[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) accf[r][m] = _mm256_setzero_ps();
+  alignas(32) uint8_t tw[R][128], ts[R][16];
+  for (int64_t b = 0; b < nb; b += 8) {
+    __m256 sv[R];
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      wp[r] = base[r] + b * 16;
+      const uint8_t* sp = sc[r] + b;
+      if (b + 8 > nb && (o + r) * nbt + b0 + b + 8 > w.rows * nbt) {  // the last rows
+        std::memset(tw[r], 0, sizeof tw[r]);
+        std::memset(ts[r], 0, sizeof ts[r]);
+        std::memcpy(tw[r], wp[r], (nb - b) * 16);
+        std::memcpy(ts[r], sp, nb - b);
+        wp[r] = tw[r];
+        sp = ts[r];
+      }
+      pf(wp[r] + ahead);
+      pf(wp[r] + ahead + 64);
+      const __m128i s8 = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)), sperm);
+      __m256i si = _mm256_slli_epi32(_mm256_cvtepu8_epi32(s8), 23);
+      if (b + 8 > nb)
+        si = _mm256_and_si256(si, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(nb - b)), lane_blk));
+      sv[r] = _mm256_castsi256_ps(si);
     }
-    const __m256i wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(raw8, low4));
-    const __m256i wh = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(raw8, 4), low4));
-    const int64_t off = (b / 4) * 128 + (b % 4) * 16;
+    __m256i h01[R][MT], h2[R][MT];
+    for (int k = 0; k < 4; ++k) {
+      __m256i wl[R], wh[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i raw8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[r] + 32 * k));
+        wl[r] = _mm256_shuffle_epi8(lut, _mm256_and_si256(raw8, low4));
+        wh[r] = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(raw8, 4), low4));
+      }
+      // blocks b + 2k, b + 2k + 1 in Act's layout: per 4 blocks 64 even-, then 64 odd-column codes
+      const int64_t off = (b / 4) * 128 + (k >> 1) * 128 + (k & 1) * 32;
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* q = a.q.data() + (m0 + m) * a.ldq + off;
+        const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64));
+        for (int r = 0; r < R; ++r) {
+          const __m256i s16 =
+              _mm256_add_epi16(_mm256_maddubs_epi16(wl[r], xe), _mm256_maddubs_epi16(wh[r], xo));
+          const __m256i pk = _mm256_madd_epi16(s16, ones);
+          if (k == 0 || k == 2) (k == 0 ? h01[r][m] : h2[r][m]) = pk;
+          else if (k == 1) h01[r][m] = _mm256_hadd_epi32(h01[r][m], pk);
+          else h01[r][m] = _mm256_hadd_epi32(h01[r][m], _mm256_hadd_epi32(h2[r][m], pk));
+        }
+      }
+    }
     for (int m = 0; m < MT; ++m) {
-      const int8_t* q = a.q.data() + (m0 + m) * a.ldq + off;
-      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64));
-      const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(wl, xe), _mm256_maddubs_epi16(wh, xo));
       const __m256i init = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(a.init.data() + (m0 + m) * a.ldi + b * 4));
-      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), init);
-      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, accf[m]);
+          reinterpret_cast<const __m256i*>(p.init.data() + (m0 + m) * p.ldi + b));
+      for (int r = 0; r < R; ++r)
+        accf[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(h01[r][m], init)), sv[r],
+                                     accf[r][m]);
     }
   }
-  for (int m = 0; m < MT; ++m) raw[m0 + m] = hsum8(accf[m]);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) raw[r * M + m0 + m] = hsum8(accf[r][m]);
+}
+
+// int4, 32 groups side by side per row: per pair of nibble rows j, j+1 (32 bytes each, N
+// apart in the stored [G/2, N] row) the low / high nibbles (the high one + 8 by the xor 0x80),
+// then unpack bytes (lo, hi) and words (j, j+1): 4 vectors whose dwords are the 4 unsigned
+// codes of one group each (order kI4Perm), one vpmaddubsw + vpmaddwd per vector and token,
+// int32 per group; the f16 group scales once per group. 128 weights per 16 decode ops, where
+// the 8-group form took 9 per 32. Tails as in mx_tile2 (read on; copy only at the array end).
+template <int R, int MT>
+TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Act& p, int64_t o, int m0,
+                   float* raw, int M) {
+  const int G = w.group;
+  const int64_t N = w.cols / G, g0 = a.c0 / G, n = a.cn / G;
+  const int64_t rowb = w.cols / 2, end = w.rows * rowb;
+  const uint8_t* base[R];
+  const uint16_t* sc[R];
+  for (int r = 0; r < R; ++r) {
+    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
+    sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
+  }
+  const int64_t ahead = int64_t(R) * rowb;
+  const __m256i nib = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 accf[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) accf[r][m] = _mm256_setzero_ps();
+  std::vector<uint8_t> tw[R];  // a chunk copied at the array's end: [G/2][32]
+  for (int64_t g = 0; g < n; g += 32) {
+    const bool tail = g + 32 > n;
+    const uint8_t* wp[R];
+    int64_t ld[R];
+    alignas(32) uint16_t ts[R][32];
+    const uint16_t* sp[R];
+    for (int r = 0; r < R; ++r) {
+      wp[r] = base[r] + g;
+      ld[r] = N;
+      sp[r] = sc[r] + g;
+      if (tail) {  // scales of the groups past n read as 0 (the codes there meet zero activations)
+        std::memset(ts[r], 0, sizeof ts[r]);
+        std::memcpy(ts[r], sp[r], (n - g) * 2);
+        sp[r] = ts[r];
+        if ((o + r) * rowb + g0 + (G / 2 - 1) * N + g + 32 > end) {
+          tw[r].assign(size_t(G / 2) * 32, 0);
+          for (int j = 0; j < G / 2; ++j) std::memcpy(&tw[r][j * 32], wp[r] + j * N, n - g);
+          wp[r] = tw[r].data();
+          ld[r] = 32;
+        }
+      }
+    }
+    __m256i acc[R][MT][4];
+    for (int m = 0; m < MT; ++m)
+      for (int d = 0; d < 4; ++d) {
+        const __m256i init = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(p.init.data() + (m0 + m) * p.ldi + g + 8 * d));
+        for (int r = 0; r < R; ++r) acc[r][m][d] = init;
+      }
+    for (int jp = 0; jp < G / 4; ++jp) {
+      __m256i dv[R][4];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* pj = wp[r] + (2 * jp) * ld[r];
+        pf(pj + ahead);
+        pf(pj + ld[r] + ahead);
+        const __m256i y0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj)), flip);
+        const __m256i y1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj + ld[r])), flip);
+        const __m256i l0 = _mm256_and_si256(y0, nib), h0 = _mm256_and_si256(_mm256_srli_epi16(y0, 4), nib);
+        const __m256i l1 = _mm256_and_si256(y1, nib), h1 = _mm256_and_si256(_mm256_srli_epi16(y1, 4), nib);
+        const __m256i a0 = _mm256_unpacklo_epi8(l0, h0), b0 = _mm256_unpackhi_epi8(l0, h0);
+        const __m256i a1 = _mm256_unpacklo_epi8(l1, h1), b1 = _mm256_unpackhi_epi8(l1, h1);
+        dv[r][0] = _mm256_unpacklo_epi16(a0, a1);
+        dv[r][1] = _mm256_unpackhi_epi16(a0, a1);
+        dv[r][2] = _mm256_unpacklo_epi16(b0, b1);
+        dv[r][3] = _mm256_unpackhi_epi16(b0, b1);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* q = p.q.data() + (m0 + m) * p.ldq + (jp * p.ldi + g) * 4;
+        for (int d = 0; d < 4; ++d) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * d));
+          for (int r = 0; r < R; ++r)
+            acc[r][m][d] = _mm256_add_epi32(
+                acc[r][m][d], _mm256_madd_epi16(_mm256_maddubs_epi16(dv[r][d], xv), ones));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int d = 0; d < 4; ++d) {  // scales of groups 4d..4d+3 and 16+4d..16+4d+3
+        const __m128i s = _mm_unpacklo_epi64(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp[r] + 4 * d)),
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp[r] + 16 + 4 * d)));
+        const __m256 sf = _mm256_cvtph_ps(s);
+        for (int m = 0; m < MT; ++m)
+          accf[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m][d]), sf, accf[r][m]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) raw[r * M + m0 + m] = hsum8(accf[r][m]);
 }
 
 #define LAZYMOE_MT_SWITCH(TILE, R, ...)       \
@@ -445,20 +616,33 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     s16.assign(M, 1.0f);
     for (int t = 0; t < M; ++t) {
       const float* xr = a.xf + t * a.ldf;
-      float amax = 0;
-      for (int64_t c = 0; c < a.cn; ++c) amax = std::max(amax, std::fabs(xr[c]));
+      const float amax = abs_max(xr, a.cn);
       const float s = amax > 0 ? amax / 32767.0f : 1.0f;
-      for (int64_t c = 0; c < a.cn; ++c)
-        q16[t * ld16 + c] = int16_t(std::max(-32767.0f, std::min(32767.0f, std::nearbyint(xr[c] / s))));
+      for (int64_t c = 0; c < a.cn; ++c) {
+        const float v = round_even(xr[c] / s);
+        q16[t * ld16 + c] = int16_t(v < -32767.0f ? -32767.0f : (v > 32767.0f ? 32767.0f : v));
+      }
       s16[t] = s;
     }
   }
+  Avx2Act pa;
+  avx2_act(w, a, M, pa);
   // 16 ymm registers. Float forms: 4 rows x 2 tokens for 1-2 tokens (enough independent FMA
-  // chains for one), 2 rows x 4 tokens for more (each weight decode then feeds 4 tokens);
-  // int8 2 x 4; int4 / mxfp4 1 x 4.
+  // chains for one), 2 rows x 4 tokens for more (each weight decode then feeds 4 tokens).
+  // int8: 4 x 1-2, else 2 x 4. int4 (4 accumulators a row and token) and mxfp4 (3): 2 rows
+  // for one token (one activation load feeds both), else 1 row x 2 (int4) / 4 (mxfp4) tokens.
   const bool wide = fl && M >= 3;
-  const int rmax = fl ? (wide ? 2 : 4) : (w.enc == kI8 ? 2 : 1);
-  const int mtmax = fl && !wide ? 2 : 4;
+  int rmax, mtmax;
+  if (fl) {
+    rmax = wide ? 2 : 4;
+    mtmax = wide ? 4 : 2;
+  } else if (i8) {
+    rmax = M <= 2 ? 4 : 2;
+    mtmax = M <= 2 ? 2 : 4;
+  } else {
+    rmax = M == 1 ? 2 : 1;
+    mtmax = M == 1 ? 1 : (w.enc == kI4 ? 2 : 4);
+  }
   for (int64_t o = r0; o < r1; o += rmax) {
     const int R = int(std::min<int64_t>(rmax, r1 - o));
     for (int m0 = 0; m0 < M; m0 += mtmax) {
@@ -480,14 +664,29 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
         }
         continue;
       }
-      switch (w.enc) {
-        case kI8:
-          if (R == 2) { LAZYMOE_MT_SWITCH(i8w_tile2, 2, w, a, q16.data(), ld16, o, m0, r64, M) }
-          else { LAZYMOE_MT_SWITCH(i8w_tile2, 1, w, a, q16.data(), ld16, o, m0, r64, M) }
-          break;
-        case kI4: LAZYMOE_MT_SWITCH1(i4_tile2, w, a, o, m0, rf, M) break;
-        case kMXFP4: LAZYMOE_MT_SWITCH1(mx_tile2, w, a, o, m0, rf, M) break;
-        default: break;
+      for (int r0t = 0; r0t < R;) {  // rmax rows at a time, then single rows
+        const int rr = R - r0t >= rmax ? rmax : 1;
+        const int64_t ot = o + r0t;
+        switch (w.enc) {
+          case kI8: {
+            int64_t* rr64 = r64 + r0t * M;
+            if (rr == 4) { if (mt == 2) i8w_tile2<4, 2>(w, a, q16.data(), ld16, ot, m0, rr64, M); else i8w_tile2<4, 1>(w, a, q16.data(), ld16, ot, m0, rr64, M); }
+            else if (rr == 2) { LAZYMOE_MT_SWITCH(i8w_tile2, 2, w, a, q16.data(), ld16, ot, m0, rr64, M) }
+            else { LAZYMOE_MT_SWITCH(i8w_tile2, 1, w, a, q16.data(), ld16, ot, m0, rr64, M) }
+            break;
+          }
+          case kI4:
+            if (rr == 2) i4_tile2<2, 1>(w, a, pa, ot, m0, rf + r0t * M, M);
+            else if (mt == 2) i4_tile2<1, 2>(w, a, pa, ot, m0, rf + r0t * M, M);
+            else i4_tile2<1, 1>(w, a, pa, ot, m0, rf + r0t * M, M);
+            break;
+          case kMXFP4:
+            if (rr == 2) mx_tile2<2, 1>(w, a, pa, ot, m0, rf + r0t * M, M);
+            else { LAZYMOE_MT_SWITCH(mx_tile2, 1, w, a, pa, ot, m0, rf + r0t * M, M) }
+            break;
+          default: break;
+        }
+        r0t += rr;
       }
     }
     if (i8) {
@@ -747,14 +946,14 @@ void quantise(const float* x, int64_t ldx, int tokens, int levels, int64_t cn,
   for (int t = 0; t < tokens; ++t) {
     std::memcpy(r.data(), x + t * ldx, cn * sizeof(float));
     for (int l = 0; l < levels; ++l) {
-      float amax = 0;
-      for (int64_t c = 0; c < cn; ++c) amax = std::max(amax, std::fabs(r[c]));
+      const float amax = abs_max(r.data(), cn);
       const float s = amax > 0 ? amax / 127.0f : 1.0f;
       int8_t* q = lin.data() + (size_t(t) * levels + l) * cn;
       for (int64_t c = 0; c < cn; ++c) {
-        const float v = std::nearbyint(r[c] / s);
-        q[c] = int8_t(std::max(-127.0f, std::min(127.0f, v)));
-        r[c] -= float(q[c]) * s;
+        float v = round_even(r[c] / s);
+        v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+        q[c] = int8_t(v);
+        r[c] -= v * s;
       }
       scale[t * levels + l] = s;
     }
@@ -835,7 +1034,7 @@ void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx
       }
     }
   } else {  // kMXFP4
-    const int64_t nb = cn / 32, nbp = round_up(std::max<int64_t>(nb, 1), 4);
+    const int64_t nb = cn / 32, nbp = round_up(std::max<int64_t>(nb, 1), 8);  // AVX2: 8 a step
     a.ldq = nbp * 32;  // per 4 blocks: 64 even-column codes, then 64 odd-column codes
     a.ldi = nbp * 4;   // per block 4 int32 lanes, the first holding -12 sum(codes)
     a.q.assign(size_t(M) * a.ldq, 0);
