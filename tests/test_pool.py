@@ -187,3 +187,49 @@ def test_a_failed_acquire_leaves_nothing_unchecked_resident(store, tmp_path):
     pool.acquire(1, [2, 3])
   assert (1, 2) not in pool.table and (1, 3) not in pool.table
   assert pool.acquire(1, [2]) and pool.misses == 3  # read again, checked
+
+
+# ---- decode's fast paths (BUILD_NOTES "Per-layer overhead") -----------------------------------
+
+def test_all_hit_acquire_keeps_the_same_books(store):
+  """acquire's all-hit path counts hits, uses, recency and used guesses as the general path."""
+  pool = _pool(store, 4, "lfu")
+  pool.acquire(0, [0, 1])
+  pool.prefetch(1, [2])
+  pool.acquire(0, [1, 0, 1])  # all hits (the guess for layer 1 lands here)
+  assert (pool.hits, pool.misses) == (3, 2)
+  assert pool.uses[(0, 0)] == 2 and pool.uses[(0, 1)] == 3
+  assert list(pool.lru)[-2:] == [pool.table[(0, 0)], pool.table[(0, 1)]]  # most recent last
+  assert pool.in_use == {pool.table[(0, 0)], pool.table[(0, 1)]}
+  assert pool.acquire(1, [2]) == [pool.table[(1, 2)]]  # the landed guess, all hits
+  assert (pool.prefetch_used, pool.prefetched, pool.hits) == (1, set(), 4)
+
+
+def test_holds_layer_follows_the_table(store):
+  pool = _pool(store, N_EXPERTS + 1, "lru")
+  pool.acquire(0, range(N_EXPERTS - 1))
+  assert not pool.holds_layer(0)
+  pool.acquire(0, [N_EXPERTS - 1])
+  assert pool.holds_layer(0) and not pool.holds_layer(1)
+  pool.acquire(1, [0, 1])  # the second evicts layer 0's least recently used expert
+  assert not pool.holds_layer(0)
+  assert pool.held == collections.Counter(layer for layer, _ in pool.table)
+
+
+def test_guesses_are_skipped_for_layers_held_whole_without_changing_results(store):
+  """With every expert resident the routers program computes no guesses; logits and tokens
+  are bit-identical to a minimal pool that guesses and prefetches."""
+  prompt, ids = token_ids(6, seed=11), token_ids(12, seed=12)
+  small = lazymoe_jax.load(store, expert_slots=2 * K)  # too few to hold a layer whole
+  small.eos_ids = set()
+  want_tokens, want_logits = small.generate(prompt, 12), small.logits(ids)
+  assert small.stats()["prefetch_reads"] > 0
+  resident = lazymoe_jax.load(store, expert_slots=N_LAYERS * N_EXPERTS)
+  for layer in range(N_LAYERS):
+    resident.pool.acquire(layer, range(N_EXPERTS))
+  assert all(resident.forward._layers_ahead(layer) == [] for layer in range(N_LAYERS))
+  assert small.forward._layers_ahead(0) == [1, 2]
+  resident.eos_ids = set()
+  assert resident.generate(prompt, 12) == want_tokens
+  np.testing.assert_array_equal(resident.logits(ids), want_logits)
+  assert resident.stats()["prefetch_reads"] == 0

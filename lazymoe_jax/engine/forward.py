@@ -57,6 +57,8 @@ class Forward:
     self.routers = {n: {k: v for k, v in layers[n].items()
                         if k in ("mlp_norm", "router", "router_bias", "router_score_bias")}
                     for n in self.moe_order}
+    self.shared = {n: steps.shared_params(layers[n]) for n in self.moe_order}
+    self.moe_index = {n: i for i, n in enumerate(self.moe_order)}
     # Optional observer: trace(layer, ids [T, k], h [T, H]) after each router (benchmarks).
     self.trace: Callable[[int, np.ndarray, jax.Array], None] | None = None
 
@@ -88,19 +90,21 @@ class Forward:
       if spec.layers[layer].mlp == DENSE_MLP:
         x, cache[layer] = steps.dense_layer(spec, self.kv, window, p, x, pos, cache[layer])
         continue
-      ahead = self._layers_ahead(layer) if (n == 1 and self.prefetch) else []
-      h, xn, ids, weights, cache[layer], guesses = steps.attn_router(
+      ahead = self._layers_ahead(layer) if n == 1 else []
+      h, xn, routed, weights, cache[layer] = steps.attn_router(
           spec, self.kv, window, p, x, pos, cache[layer], tuple(self.routers[a] for a in ahead))
-      ids = np.asarray(ids)[:n]  # waits for this layer's router, hence for all earlier work
+      # the one host round trip of a layer: waits for its router, hence for all earlier work
+      routed = np.asarray(routed)  # [1 + len(ahead), Tb, k]: ids, then the guesses
+      ids = routed[0, :n]
       if self.trace is not None:
         self.trace(layer, ids, h[:n])
       if n == 1:
         slots = self.pool.acquire(layer, ids[0])
-        x = steps.moe_decode(spec, p, h, xn, weights,
+        x = steps.moe_decode(spec, self.shared[layer], h, xn, weights,
                              tuple(self.pool.arrays(s) for s in slots))
-        self._prefetch(ahead, guesses)
+        self._prefetch(ahead, routed[1:])
       else:
-        x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
+        x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n])
     return x, cache
 
   # ---- several sequences, one token each -----------------------------------------------------
@@ -138,14 +142,14 @@ class Forward:
       if spec.layers[layer].mlp == DENSE_MLP:
         x = steps.dense_mlp(spec, p, h, xn)
         continue
-      ahead = self._layers_ahead(layer) if self.prefetch else []
-      ids, weights, guesses = steps.route_block(spec, p, h, xn,
-                                                tuple(self.routers[a] for a in ahead))
-      ids = np.asarray(ids)[:n]
+      ahead = self._layers_ahead(layer)
+      routed, weights = steps.route_block(spec, p, h, xn, tuple(self.routers[a] for a in ahead))
+      routed = np.asarray(routed)[:, :n]  # ids, then the guesses
+      ids = routed[0]
       if self.trace is not None:
         self.trace(layer, ids, h[:n])
-      x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
-      self._prefetch(ahead, [g[:n] for g in guesses])
+      x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n])
+      self._prefetch(ahead, routed[1:])
     return x, caches
 
   # ---- shared pieces -----------------------------------------------------------------------
@@ -159,17 +163,24 @@ class Forward:
     return out
 
   def _layers_ahead(self, layer: int) -> list[int]:
-    i = self.moe_order.index(layer)
-    return self.moe_order[i + 1:i + 1 + self.prefetch_depth]
+    """The MoE layers whose experts a decode step at `layer` guesses and prefetches: the next
+    `prefetch_depth`, less those the pool holds whole (a guess could only hit there; without
+    any, the router program computes no guesses at all)."""
+    if not self.prefetch:
+      return []
+    i = self.moe_index[layer]
+    return [a for a in self.moe_order[i + 1:i + 1 + self.prefetch_depth]
+            if not self.pool.holds_layer(a)]
 
-  def _prefetch(self, ahead: list[int], guesses) -> None:
+  def _prefetch(self, ahead: list[int], guesses: np.ndarray) -> None:
     """Starts reading the likeliest guessed experts of each layer ahead, nearest layer first
-    (the reads overlap this layer's expert compute); a batch's guesses are merged by rank."""
+    (the reads overlap this layer's expert compute); a batch's guesses are merged by rank.
+    guesses [len(ahead), N, k] (numpy: they came to the host with the ids)."""
     for a, guess in zip(ahead, guesses):
-      g = np.asarray(guess)[:, :self.prefetch_width]  # [N, width]
+      g = guess[:, :self.prefetch_width]  # [N, width]
       self.pool.prefetch(a, list(dict.fromkeys(g.T.reshape(-1).tolist())))
 
-  def _moe_grouped(self, layer: int, p: dict, h, xn, ids: np.ndarray, weights: np.ndarray):
+  def _moe_grouped(self, layer: int, h, xn, ids: np.ndarray, weights: np.ndarray):
     """Each expert picked by any token is read once and applied to its tokens.
 
     Experts are applied in ascending id order whatever the pool size, so results are
@@ -189,4 +200,4 @@ class Forward:
         w[:len(tok)] = weights[tok, kpos]
         acc = steps.expert_scatter_add(self.spec, acc, xn, idx, w, self.pool.arrays(slot))
       acc.block_until_ready()  # the next wave may refill these slots
-    return steps.moe_finish(self.spec, p, h, xn, acc)
+    return steps.moe_finish(self.spec, self.shared[layer], h, xn, acc)

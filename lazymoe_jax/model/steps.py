@@ -6,7 +6,10 @@ without experts) -> host maps expert ids to pool slots, reading misses from disk
 `moe_finish` (prefill and batched decode, tokens grouped by expert). The same compiled
 program serves every layer of the same shape: layer indices are never static arguments.
 Batched decode runs `attention_block` per sequence (each has its own cache and position) and
-`route_block` once over the batch.
+`route_block` once over the batch. The router's ids come back with the guesses for the layers
+ahead in one int32 array (`routed`), so a layer has one device->host transfer; the expert
+programs take only the parameters they read (`shared`: the shared expert's, if any), since a
+program's launch costs time per argument leaf (BUILD_NOTES "Per-layer overhead").
 """
 
 import functools
@@ -45,22 +48,24 @@ def _route(moe: Moe, p: dict, xn: jax.Array):
                p.get("router_score_bias"))
 
 
-def _guesses(spec: ModelSpec, h: jax.Array, ahead: tuple) -> tuple:
-  """The routers of the next MoE layers (`ahead`, each its mlp_norm and router) applied to h:
-  what a prefetcher can know before this layer's experts run."""
-  return tuple(_route(spec.moe, nxt, layers.rms_norm(h, nxt["mlp_norm"], spec.norm_eps))[0]
-               for nxt in ahead)
+def _routed(spec: ModelSpec, ids: jax.Array, h: jax.Array, ahead: tuple) -> jax.Array:
+  """int32 [1 + len(ahead), T, k]: this layer's expert ids, then the guesses of the routers of
+  the next MoE layers (`ahead`, each its mlp_norm and router) applied to h, what a prefetcher
+  can know before this layer's experts run: one array, one transfer to the host."""
+  guesses = [_route(spec.moe, nxt, layers.rms_norm(h, nxt["mlp_norm"], spec.norm_eps))[0]
+             for nxt in ahead]
+  return jnp.stack([ids, *guesses])
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "kv", "window"),
                    donate_argnames=("cache",))
 def attn_router(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
                 pos: jax.Array, cache: dict, ahead: tuple = ()):
-  """Attention + residual + norm + router. Returns h, xn [T, H], ids/weights [T, k], cache, and
-  the guesses for the layers `ahead` (see _guesses)."""
+  """Attention + residual + norm + router. Returns h, xn [T, H], routed [1 + len(ahead), T, k]
+  (the ids, then the guesses for the layers `ahead`: see _routed), weights [T, k], cache."""
   h, xn, cache = _attention_residual(spec, kv, window, p, x, pos, cache)
   ids, weights = _route(spec.moe, p, xn)
-  return h, xn, ids, weights, cache, _guesses(spec, h, ahead)
+  return h, xn, _routed(spec, ids, h, ahead), weights, cache
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "kv", "window"),
@@ -73,9 +78,9 @@ def attention_block(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Arr
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def route_block(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, ahead: tuple = ()):
-  """The router over a batch's rows: ids/weights [N, k] and the guesses for `ahead`."""
+  """The router over a batch's rows: routed [1 + len(ahead), N, k] (see _routed), weights."""
   ids, weights = _route(spec.moe, p, xn)
-  return ids, weights, _guesses(spec, h, ahead)
+  return _routed(spec, ids, h, ahead), weights
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -94,6 +99,11 @@ def dense_layer(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
   return h + layers.swiglu(p["w_gate_up"], p["w_down"], xn), cache
 
 
+def shared_params(p: dict) -> dict:
+  """The part of a layer's params the expert programs read: the shared expert's (`shared_*`)."""
+  return {k: v for k, v in p.items() if k.startswith("shared_")}
+
+
 def _shared(moe: Moe, p: dict, xn: jax.Array) -> jax.Array:
   if not moe.shared_width:
     return jnp.zeros_like(xn)
@@ -104,10 +114,12 @@ def _shared(moe: Moe, p: dict, xn: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def moe_decode(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, weights: jax.Array,
+def moe_decode(spec: ModelSpec, shared: dict, h: jax.Array, xn: jax.Array, weights: jax.Array,
                slots: tuple) -> jax.Array:
-  """One token: slots[j] = {tensor: Weight} of its j-th expert; weights [1, k]. The native
-  kernels take all k experts in one call where they serve the encoding."""
+  """One token: slots[j] = {tensor: Weight} of its j-th expert; weights [1, k]; shared: the
+  layer's shared_params. The native kernels take all k experts in one call where they serve
+  the encoding."""
+  p = shared
   enc = slots[0]["w_gate_up"].encoding.name
   if kernels.native_for(enc, xn.shape[0]):
     return h + (_native_experts(spec, enc, slots, xn, weights) + _shared(spec.moe, p, xn))
@@ -141,5 +153,6 @@ def _native_experts(spec: ModelSpec, enc: str, experts: tuple, x: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def moe_finish(spec: ModelSpec, p: dict, h: jax.Array, xn: jax.Array, routed: jax.Array):
-  return h + (routed + _shared(spec.moe, p, xn))
+def moe_finish(spec: ModelSpec, shared: dict, h: jax.Array, xn: jax.Array, routed: jax.Array):
+  """h + routed + the shared experts (shared: the layer's shared_params)."""
+  return h + (routed + _shared(spec.moe, shared, xn))

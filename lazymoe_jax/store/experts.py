@@ -225,6 +225,7 @@ class ExpertStore:
     self.shapes = {n: tuple(s["shape"][2:]) for n, s in self.specs.items()}
     self.nbytes = {n: int(np.prod(self.shapes[n])) * self.dtypes[n].itemsize for n in self.specs}
     self.bytes_per_expert = sum(self.nbytes.values())
+    self.num_experts = int(next(iter(self.specs.values()))["shape"][1])  # per layer
 
     self.arrays = {}
     for name, spec in self.specs.items():

@@ -96,6 +96,8 @@ class ExpertPool:
     self.quota = max(1, num_slots // max(1, len(store.layers)))  # for layer
     self.io_wait_s = 0.0  # time blocked on reads (misses and landing prefetches)
     self.prefetch_errors = 0  # guesses whose read failed (dropped; see _land_prefetches)
+    self.num_experts = store.num_experts  # per layer
+    self.held: collections.Counter[int] = collections.Counter()  # layer -> keys in the table
 
   def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, Weight]:
     return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
@@ -108,18 +110,29 @@ class ExpertPool:
     """The slot's expert as {tensor: Weight} (see model/encodings.py)."""
     return self._arrays[slot]
 
+  def holds_layer(self, layer: int) -> bool:
+    """Every expert of `layer` is resident (a guess for it could only hit)."""
+    return self.held[layer] >= self.num_experts
+
+  def _map(self, slot: int, key: tuple[int, int]) -> None:
+    if key not in self.table:
+      self.held[key[0]] += 1
+    self.owner[slot] = key
+    self.table[key] = slot
+
   def _evict(self, slot: int) -> None:
     """Empties a slot (if the read that refills it fails, it holds nothing valid)."""
-    if self.owner[slot] is not None:
-      del self.table[self.owner[slot]]
-      self.prefetched.discard(self.owner[slot])
+    key = self.owner[slot]
+    if key is not None:
+      del self.table[key]
+      self.held[key[0]] -= 1
+      self.prefetched.discard(key)
     self.owner[slot] = None
 
   def _install(self, slot: int, key: tuple[int, int]) -> None:
     if not self.zero_copy:
       self._arrays[slot] = self._wrap(self.buffers[slot])
-    self.owner[slot] = key
-    self.table[key] = slot
+    self._map(slot, key)
 
   def _victim(self, layer: int, busy: set[int]) -> int | None:
     """The slot a miss of `layer` refills under the policy, never one in `busy`."""
@@ -196,10 +209,14 @@ class ExpertPool:
   def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
     """Makes every expert of `experts` resident for `layer` at once; returns their slots."""
     experts = [int(e) for e in experts]
+    if self.pending:
+      self._land_prefetches(layer)
+    hit = [self.table.get((layer, e)) for e in experts]
+    if None not in hit:
+      return self._all_hits(layer, experts, hit)
     if len(set(experts)) > self.num_slots:
       raise PlanError(f"{len(set(experts))} experts requested at once but the pool has "
                       f"{self.num_slots} slots.")
-    self._land_prefetches(layer)
     # pin every hit first, so a miss never evicts an expert this same call asks for
     pinned = {self.table[(layer, e)] for e in experts if (layer, e) in self.table}
     slots, reads = [], []
@@ -220,8 +237,7 @@ class ExpertPool:
             self.prefetched.clear()
             slot = self._victim(layer, pinned | self._reserved())
           self._evict(slot)
-          self.owner[slot] = key  # reserved: a repeat of e in `experts` maps here
-          self.table[key] = slot
+          self._map(slot, key)  # reserved: a repeat of e in `experts` maps here
           reads.append((slot, key, None))  # listed first: if start_read raises, the slot is freed
           reads[-1] = (slot, key, self.store.start_read(layer, e, self.buffers[slot]))
           self.misses += 1
@@ -244,6 +260,23 @@ class ExpertPool:
         self._evict(slot)
       raise
     self.in_use = pinned
-    # this layer's unused guesses lose their protection (they stay resident, first victims)
-    self.prefetched = {key for key in self.prefetched if key[0] != layer}
+    self._forget_guesses(layer)
     return slots
+
+  def _all_hits(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:
+    """acquire when every expert is resident (decode's common case; the same bookkeeping as
+    the general path, without its per-expert branches: it runs once per layer and token)."""
+    for e, slot in zip(experts, slots):
+      self.uses[(layer, e)] += 1
+      self.lru.move_to_end(slot)
+    self.hits += len(experts)
+    if self.prefetched:
+      self.prefetch_used += len(self.prefetched & {(layer, e) for e in experts})
+      self._forget_guesses(layer)
+    self.in_use = set(slots)
+    return slots
+
+  def _forget_guesses(self, layer: int) -> None:
+    """This layer's unused guesses lose their protection (they stay resident, first victims)."""
+    if self.prefetched:
+      self.prefetched = {key for key in self.prefetched if key[0] != layer}
