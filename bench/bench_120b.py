@@ -147,6 +147,60 @@ def ensure_slice() -> str:
   return store
 
 
+# ---- full mode: the whole 36-layer model, no extrapolation ---------------------------------------
+def full_store_bytes(cfg: dict) -> int:
+  """Bytes the converted store takes: MXFP4 experts (+ f32 biases) and bf16 dense params."""
+  h, i, e, v = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"],
+                cfg["vocab_size"])
+  q = cfg["num_attention_heads"] * cfg["head_dim"]
+  kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+  expert = (2 * i * h + h * i) * 17 // 32 + (2 * i + h) * 4  # 16 bytes + 1 scale per 32, biases
+  layer_dense = 2 * (2 * q * h + 2 * kv * h + q + 2 * kv + 2 * h + e * h + e + 64 + 2 * h)
+  return cfg["num_hidden_layers"] * (e * expert + layer_dense) + 2 * (2 * v * h + h)
+
+
+def wait_for_space(path: str, need: int, wait_minutes: float, log=print) -> None:
+  """Returns once the file system of `path` has `need` bytes free, polling every 30 s for up to
+  `wait_minutes` (the disk is shared); else exits with how much is missing."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  deadline = time.time() + 60 * wait_minutes
+  while True:
+    free = shutil.disk_usage(path).free
+    if free >= need:
+      return
+    if time.time() >= deadline:
+      sys.exit(f"not enough disk space for the full store: {path} has {free / 1e9:.1f} GB free, "
+               f"the store needs {need / 1e9:.1f} GB (61 GB of MXFP4 experts + dense params + "
+               f"1 GB slack). Free {(need - free) / 1e9:.1f} GB, or point --workdir at a larger "
+               "disk.")
+    log(f"waiting for disk space: {free / 1e9:.1f} of {need / 1e9:.1f} GB free at {path}")
+    time.sleep(30)
+
+
+def write_full_store(store: str, layers: int = FULL_LAYERS, wait_minutes: float = 30,
+                     log=print) -> str:
+  """The full gpt-oss-120b-shaped store at `store`, written straight to disk: the project's
+  converter reads a GptOssMxfp4Source (tensors made on demand, expert by expert), so memory
+  holds one layer's dense params and one expert, and no HF folder is ever written (it would
+  double the 61 GB). Only config.json is on disk beside it."""
+  from bench import make_synthetic  # pylint: disable=import-outside-toplevel
+  from checkpoints_tools import convert_hf  # pylint: disable=import-outside-toplevel
+  if os.path.exists(os.path.join(store, "manifest.json")):
+    return store
+  cfg = make_synthetic.gpt_oss_config(layers)
+  parent = os.path.dirname(os.path.abspath(store))
+  os.makedirs(parent, exist_ok=True)
+  wait_for_space(parent, full_store_bytes(cfg) + 10**9, wait_minutes, log)
+  src = store + "-config"
+  os.makedirs(src, exist_ok=True)
+  with open(os.path.join(src, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  convert_hf.convert(src, store, overwrite=True, log=log,
+                     source=make_synthetic.GptOssMxfp4Source(cfg))
+  return store
+
+
 def main(argv) -> None:
   del argv
   if FLAGS.child:

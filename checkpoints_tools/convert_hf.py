@@ -314,8 +314,12 @@ def _eos_ids(src: str, spec: ModelSpec) -> list[int]:
 
 
 def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool = False,
-            log: Callable[[str], None] = print, group_size: int = 32) -> dict:
+            log: Callable[[str], None] = print, group_size: int = 32, source=None) -> dict:
   """Converts HF folder `src` into a store at `dst`; returns the manifest.
+
+  source: read the tensors from this object instead of src's *.safetensors (the reading
+  interface of SafetensorsFolder; e.g. bench.make_synthetic.GptOssMxfp4Source, which makes
+  them on demand); src still gives config.json and any tokenizer.
 
   expert_dtype: None keeps the source dtype (MXFP4 experts stay MXFP4, as published);
   bf16 | f16 | f32 | int8 (per-row scales) | int4 (groups of `group_size` = 32, 64 or 128
@@ -338,7 +342,7 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
                           f"{list(encodings.INT4_GROUPS)}.")
   dst = _check_destination(src, dst, overwrite)
   block = (hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
-  folder = SafetensorsFolder(src, fp8_block=tuple(block))
+  folder = source if source is not None else SafetensorsFolder(src, fp8_block=tuple(block))
   if folder.fp8:
     log(f"{len(folder.fp8)} block-scaled FP8 weights ({list(block)} blocks): dequantised to "
         f"{folder.float_dtype} (experts: to --expert_dtype when given)")
