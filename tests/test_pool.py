@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import lazymoe_jax
+from lazymoe_jax.engine.prefetch import PrefetchPolicy
 from lazymoe_jax.store import format as fmt
 from lazymoe_jax.store.experts import ExpertStore
 from lazymoe_jax.store.pool import ExpertPool
@@ -121,8 +122,11 @@ def test_every_cache_policy_gives_identical_results(store, policy):
     # every expert used was read at least once: by its miss or by a guess it then used
     assert st["expert_misses"] + st["prefetch_used"] >= used
     assert 0 < st["io_wait_s"] <= elapsed
-    assert st["bytes_read"] == (st["expert_misses"] + st["prefetch_reads"]) * \
-        engine.experts.bytes_per_expert
+    # demand reads whole experts; a guess read whole unless cancelled as unneeded mid-way
+    assert st["demand_bytes"] == st["expert_misses"] * engine.experts.bytes_per_expert
+    assert st["bytes_read"] == st["demand_bytes"] + st["speculative_bytes"]
+    assert st["speculative_bytes"] <= st["prefetch_reads"] * engine.experts.bytes_per_expert
+    assert st["unused_speculative_bytes"] <= st["speculative_bytes"]
     assert len(engine.pool.table) <= slots
   with pytest.raises(ValueError, match="not one of lru, lfu, layer"):
     lazymoe_jax.load(store, cache_policy="fifo")
@@ -154,6 +158,14 @@ def test_prefetch_changes_nothing_even_when_it_guesses_wrong(store):
   rng = np.random.default_rng(0)
   for nxt in wrong.forward.routers.values():  # the guessing routers, not the real ones
     nxt["router"] = rng.standard_normal(nxt["router"].shape).astype(np.float32)
+  assert wrong.generate(prompt, 20) == want
+  # the default policy measures these guesses as mostly unused and reads none of them ...
+  assert wrong.stats()["prefetch_reads"] == 0
+  policy = wrong.forward.policy
+  assert all(row["used_rate"] < policy.threshold or row["made"] < policy.min_samples
+             for row in policy.table())
+  # ... and one that reads every guess still changes nothing
+  wrong.forward.policy = PrefetchPolicy(threshold=0.0, min_samples=0)
   assert wrong.generate(prompt, 20) == want
   assert wrong.stats()["prefetch_reads"] > 0
 

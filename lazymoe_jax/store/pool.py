@@ -30,7 +30,7 @@ import numpy as np
 
 from lazymoe_jax.errors import PlanError, StoreError
 from lazymoe_jax.model.encodings import Weight
-from lazymoe_jax.store.experts import ExpertStore
+from lazymoe_jax.store.experts import Cancelled, ExpertStore
 
 ALIGN = 4096
 POLICIES = ("lru", "lfu", "layer")
@@ -96,6 +96,12 @@ class ExpertPool:
     self.quota = max(1, num_slots // max(1, len(store.layers)))  # for layer
     self.io_wait_s = 0.0  # time blocked on reads (misses and landing prefetches)
     self.prefetch_errors = 0  # guesses whose read failed (dropped; see _land_prefetches)
+    # bytes from the disk: demand reads (misses) and speculative ones (guesses, including the
+    # part read of a guess cancelled as unneeded); of the latter, those never used
+    self.demand_bytes = 0
+    self.speculative_bytes = 0
+    self.unused_bytes = 0
+    self.prefetch_cancelled = 0
 
   def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, Weight]:
     return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
@@ -170,11 +176,21 @@ class ExpertPool:
         if key[0] != layer and not self.store.read_done(handle):
           continue
         try:
-          self.bytes_read += self.store.finish_read(handle)
+          self.store.finish_read(handle)
+        except Cancelled:
+          del self.pending[key]
+          done = self.store.bytes_done(handle)
+          self.bytes_read += done
+          self.speculative_bytes += done
+          self.unused_bytes += done
+          self.prefetch_cancelled += 1
+          continue
         except StoreError:
           del self.pending[key]
           self.prefetch_errors += 1
           continue
+        self.bytes_read += self.store.bytes_per_expert
+        self.speculative_bytes += self.store.bytes_per_expert
         del self.pending[key]  # only now: an interrupted wait leaves the slot reserved
         self._install(slot, key)
         self.prefetched.add(key)
@@ -199,6 +215,10 @@ class ExpertPool:
     if len(set(experts)) > self.num_slots:
       raise PlanError(f"{len(set(experts))} experts requested at once but the pool has "
                       f"{self.num_slots} slots.")
+    wanted = set(experts)
+    for key, (_, handle) in self.pending.items():
+      if key[0] == layer and key[1] not in wanted:
+        self.store.cancel(handle)  # an unneeded guess stops at its next piece
     self._land_prefetches(layer)
     # pin every hit first, so a miss never evicts an expert this same call asks for
     pinned = {self.table[(layer, e)] for e in experts if (layer, e) in self.table}
@@ -215,9 +235,9 @@ class ExpertPool:
             self.prefetch_used += 1
         else:  # start every miss's read before waiting for any of them
           slot = self._victim(layer, pinned | self._reserved())
-          if slot is None:  # every other slot awaits a prefetch for a later layer
-            self.drain()
-            self.prefetched.clear()
+          if slot is None:  # every other slot awaits a prefetch for a later layer: drop them
+            self.cancel_prefetches()
+            self._drop_landed(lambda key: True)
             slot = self._victim(layer, pinned | self._reserved())
           self._evict(slot)
           self.owner[slot] = key  # reserved: a repeat of e in `experts` maps here
@@ -232,7 +252,9 @@ class ExpertPool:
       t0 = time.perf_counter()
       try:
         for slot, key, handle in reads:
-          self.bytes_read += self.store.finish_read(handle)
+          n = self.store.finish_read(handle)
+          self.bytes_read += n
+          self.demand_bytes += n
           self._install(slot, key)
       finally:
         self.io_wait_s += time.perf_counter() - t0
@@ -245,5 +267,18 @@ class ExpertPool:
       raise
     self.in_use = pinned
     # this layer's unused guesses lose their protection (they stay resident, first victims)
-    self.prefetched = {key for key in self.prefetched if key[0] != layer}
+    self._drop_landed(lambda key: key[0] == layer)
     return slots
+
+  def _drop_landed(self, which) -> None:
+    """Landed guesses for which(key) are no longer awaited: counted unused (bytes read for
+    nothing so far; resident, they may still hit later, then counted as hits)."""
+    dropped = {key for key in self.prefetched if which(key)}
+    self.unused_bytes += len(dropped) * self.store.bytes_per_expert
+    self.prefetched -= dropped
+
+  def cancel_prefetches(self) -> None:
+    """Cancels every guess in flight and waits until their reads stopped (slots left empty)."""
+    for _, handle in self.pending.values():
+      self.store.cancel(handle)
+    self.drain()
