@@ -12,6 +12,7 @@ session.py (a sequence and its KV cache); plan.py (the memory budget) is beside 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 
@@ -36,12 +37,28 @@ MAX_PLANNED_CONTEXT = 4096  # with a memory budget, the KV cache is planned for 
 DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much of free RAM
 
 
+def enable_compilation_cache() -> str | None:
+  """JAX's persistent compilation cache, so that a second run (or a new prompt length seen
+  before) loads its programs instead of compiling them inside the time to first token. In
+  $LAZYMOE_COMPILATION_CACHE if set (`0` disables it), else ~/.cache/lazymoe_jax/xla (or
+  $XDG_CACHE_HOME's). Returns the folder, or None when disabled or set already by the user."""
+  where = os.environ.get("LAZYMOE_COMPILATION_CACHE")
+  if where == "0" or jax.config.jax_compilation_cache_dir:
+    return None
+  where = where or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                os.path.expanduser("~/.cache"), "lazymoe_jax", "xla")
+  jax.config.update("jax_compilation_cache_dir", where)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  return where
+
+
 class Engine:
   """A loaded store. Build with `lazymoe_jax.load`."""
 
   def __init__(self, store_dir: str, options: EngineOptions = EngineOptions()):
     self.store_dir = store_dir
     self.options = options
+    self.compilation_cache = enable_compilation_cache()
     self.manifest = fmt.read_manifest(store_dir)
     memory.keep_heap_warm()
     self.spec = families.spec_from_hf(self.manifest["hf_config"])
