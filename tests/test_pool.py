@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import lazymoe_jax
-from lazymoe_jax.engine.prefetch import PrefetchPolicy
+from lazymoe_jax.engine.prefetch import PrefetchPolicy, ranked_union
 from lazymoe_jax.store import format as fmt
-from lazymoe_jax.store.experts import ExpertStore
+from lazymoe_jax.store.experts import Cancelled, ExpertStore
 from lazymoe_jax.store.pool import ExpertPool
 from tests.checkpoints import hf_config
 from tests.conftest import token_ids
@@ -199,3 +199,88 @@ def test_a_failed_acquire_leaves_nothing_unchecked_resident(store, tmp_path):
     pool.acquire(1, [2, 3])
   assert (1, 2) not in pool.table and (1, 3) not in pool.table
   assert pool.acquire(1, [2]) and pool.misses == 3  # read again, checked
+
+
+# ---- prefetch that pays for itself: demand first, the confidence rule, prefill order ------------
+
+def test_a_guess_waits_behind_demand_reads_and_can_be_cancelled(store):
+  experts = ExpertStore(store, fmt.read_manifest(store))
+  bufs = lambda: {n: np.zeros(s, experts.dtypes[n]) for n, s in experts.shapes.items()}  # noqa: E731
+  experts.gate.demand_start()  # a demand read in flight
+  guess = experts.start_read(1, 3, bufs(), speculative=True)
+  time.sleep(0.3)
+  assert not experts.read_done(guess) and experts.bytes_done(guess) == 0  # it waits its turn
+  experts.gate.demand_stop()
+  assert experts.finish_read(guess) == experts.bytes_per_expert
+  assert experts.bytes_done(guess) == experts.bytes_per_expert
+  experts.gate.demand_start()
+  guess = experts.start_read(1, 4, bufs(), speculative=True)
+  experts.cancel(guess)
+  with pytest.raises(Cancelled):
+    experts.finish_read(guess)
+  assert experts.bytes_done(guess) == 0
+  experts.gate.demand_stop()
+  # a demand read never waits: it goes while the gate is held
+  experts.gate.demand_start()
+  assert experts.read_into(1, 5, bufs()) == experts.bytes_per_expert
+  experts.gate.demand_stop()
+  assert experts.gate.demand_in_flight == 0
+
+
+def test_an_unneeded_guess_in_flight_is_cancelled_when_its_layer_routes(store):
+  pool = _pool(store, 6)
+  pool.acquire(0, [0, 1])
+  pool.store.gate.demand_start()  # holds the guesses back
+  pool.prefetch(1, [4, 5])
+  pool.acquire(1, [0, 1])  # 4 and 5 were not needed: cancelled, never resident
+  pool.store.gate.demand_stop()
+  assert pool.prefetch_cancelled == 2 and pool.prefetch_reads == 2
+  assert pool.speculative_bytes == pool.unused_bytes == 0
+  assert (1, 4) not in pool.table and (1, 5) not in pool.table
+  assert pool.demand_bytes == 4 * pool.store.bytes_per_expert == pool.bytes_read
+  pool.prefetch(2, [3])  # a needed guess lands and is counted used
+  pool.acquire(2, [3, 0])
+  assert pool.prefetch_used == 1 and pool.speculative_bytes == pool.store.bytes_per_expert
+  assert pool.unused_bytes == 0
+
+
+def test_policy_reads_only_kinds_of_guess_measured_above_the_threshold():
+  policy = PrefetchPolicy(threshold=0.5, min_samples=4)
+  for layer in range(4):  # rank 0 always right, rank 1 right once in four
+    assert policy.choose(layer, "decode", 1, [(7, 0), (8, 1)]) == []  # unmeasured: not read
+    policy.observe(layer, [7] + ([8] if layer == 0 else []))
+  assert policy.rate("decode", 1, 0) == 1.0 and policy.rate("decode", 1, 1) == 0.25
+  assert policy.rate("decode", 2, 0) is None and policy.rate("prefill", 1, 0) is None
+  assert policy.choose(9, "decode", 1, [(3, 0), (2, 1)]) == [3]
+  assert policy.choose(9, "decode", 2, [(3, 0)]) == []  # another distance: measured apart
+  policy.observe(9, [2])  # the rank-0 guess was wrong this time: 4 of 5
+  assert policy.rate("decode", 1, 0) == 0.8 and policy.rate("decode", 1, 1) == 0.4
+  assert [(r["distance"], r["rank"], r["made"], r["read"]) for r in policy.table()] == [
+      (1, 0, 5, 1), (1, 1, 5, 0), (2, 0, 1, 0)]
+  with pytest.raises(ValueError, match="threshold=1.5 must be in"):
+    PrefetchPolicy(threshold=1.5)
+
+
+def test_ranked_union_orders_by_rank_then_row_each_expert_once():
+  rows = np.array([[5, 1, 2], [1, 5, 3], [4, 2, 0]])
+  assert ranked_union(rows) == [(5, 0), (1, 0), (4, 0), (2, 1), (3, 2), (0, 2)]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_prefill_reads_each_expert_once_in_disk_order(store, prefetch):
+  engine = lazymoe_jax.load(store, expert_slots=N_LAYERS * N_EXPERTS, prefetch=prefetch)
+  engine.forward.policy = PrefetchPolicy(threshold=0.0, min_samples=0)  # read every guess
+  reads = []
+  start = engine.experts.start_read
+  engine.experts.start_read = lambda layer, e, bufs, speculative=False: (
+      reads.append((layer, e, speculative)), start(layer, e, bufs, speculative))[1]
+  engine.logits(token_ids(16, seed=5))
+  keys = [(layer, e) for layer, e, _ in reads]
+  assert len(keys) == len(set(keys))  # each (layer, expert) read once, demand or guessed
+  for layer in range(N_LAYERS):
+    for spec in (False, True):  # a layer's misses, and its guesses, each in expert order
+      got = [e for l, e, s in reads if l == layer and s == spec]
+      assert got == sorted(got)
+  assert any(s for _, _, s in reads) == (prefetch and N_LAYERS > 1)
+  used = {key for key in engine.pool.table}
+  assert {(l, e) for l, e, s in reads if not s} <= used
