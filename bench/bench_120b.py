@@ -1,6 +1,17 @@
 r"""The honest "gpt-oss-120b in 8 GB" figure: a real slice measured, the rest extrapolated.
 
   python -m bench.bench_120b [--layers=4] [--budget_gb=8] [--tokens=16] [--dense_dtype=int8]
+  python -m bench.bench_120b --full [--caps_gb=8,4] [--keep] [--workdir=DIR]
+
+Full mode (--full) measures the whole model, with no extrapolation: it writes the 36-layer
+store (write_full_store: ~65 GB, checked against free disk space first, waiting up to
+--wait_minutes for it), then per cap runs one process in a fresh cgroup v1 memory cgroup capped
+from its start (load included), page cache cold: load, a 64-token prompt (time to first token),
+64 teacher-forced decode steps; it prints load time, TTFT, decode tok/s, demand and speculative
+GB per token, hit rate, prefetch accuracy, disk busy %, the cgroup peak, and the disk's O_DIRECT
+bandwidth sampled before and after that run. The store is deleted afterwards unless --keep.
+
+Slice mode (the default):
 
 gpt-oss-120b: 36 layers, 128 experts of hidden 2880 x width 2880, top-4, MXFP4 experts
 (~13 MB each, 61 GB in all), attention 64 q / 8 kv heads of 64, vocab 201,088. This builds (once)
@@ -52,6 +63,8 @@ def define_flags() -> None:
   flags.DEFINE_list("caps_gb", ["8", "4"], "Full mode: cgroup caps (GB), one run each.")
   flags.DEFINE_bool("keep", False, "Full mode: keep the 61 GB store afterwards.")
   flags.DEFINE_float("wait_minutes", 30, "Full mode: how long to wait for disk space.")
+  flags.DEFINE_float("prefetch_threshold", None, "Full mode: the prefetch policy's confidence "
+                     "threshold (default: engine/prefetch.THRESHOLD).")
 
 
 FLAGS = flags.FLAGS
@@ -216,6 +229,8 @@ def run_full_child(conf: dict) -> dict:
   t0 = time.perf_counter()
   engine = _load(conf, memory_budget_gb=conf["budget_gb"])
   load_s = time.perf_counter() - t0
+  if conf.get("threshold") is not None:
+    engine.forward.policy.threshold = conf["threshold"]
   pool, store = engine.pool, engine.experts
   ids = conf["ids"]
   n_prompt, n_tok = conf["prompt"], conf["tokens"]
@@ -279,7 +294,7 @@ def run_full() -> None:
       bench_stream.drop_page_cache(every)  # cold: nothing of the store in the page cache
       conf = {"store": store, "dense_dtype": FLAGS.dense_dtype, "context": n_prompt + n_tok + 8,
               "prompt": n_prompt, "tokens": n_tok, "ids": ids, "mode": "full",
-              "budget_gb": cap, "name": f"full_{cap:g}GB"}
+              "budget_gb": cap, "name": f"full_{cap:g}GB", "threshold": FLAGS.prefetch_threshold}
       row = bench_stream.run_in_cgroup(conf, int(cap * 1e9), "bench.bench_120b")
       after = bench_stream.disk_bandwidth(bench_stream.sample_chunks(chunks, 32), 8)
       row.update(cap_gb=cap, disk_1_in_flight_GBps=disk1, disk_8_in_flight_GBps=disk8,
