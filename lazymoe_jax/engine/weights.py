@@ -32,28 +32,33 @@ def load(store_dir: str, spec: ModelSpec, dense_dtype: str | None,
   enc = encodings.get(dense_dtype) if dense_dtype is not None else None
   head_enc = head_encoding(manifest, tables)
   reencode_head = reencodes_head(manifest, tables, dense_dtype)
-  out = {}
-  for part in fmt.dense_part_names(spec):
-    placed: dict = {}
-    for group in dense_store.restore_part(store_dir, part, tables[part]):
-      for key in list(group):
-        w = group.pop(key)
-        if enc is not None and part != "globals" and key in DENSE_MATRICES:
-          w = encode(enc, w)
-        elif part == "globals" and key in ("lm_head", "embed") and reencode_head:
-          if key == "embed" and spec.tie_word_embeddings:  # v4, tied: the head gets its copy
-            placed["lm_head"] = to_device({"": encode(enc, w)})[""]
-          elif key == "lm_head":
-            w = encode(enc, w)
-        placed[key] = to_device({key: w})[key]
-        del w
-    out[part] = placed
+  out = {part: load_part(store_dir, part, tables[part], spec, enc, reencode_head)
+         for part in fmt.dense_part_names(spec)}
   glob = out.pop("globals")
   if "head" in manifest and not isinstance(head_enc, encodings.Float):
     # the head's arrays lm_head, lm_head_<suffix> as one Weight of its stored encoding
     arrays = {s: glob.pop(fmt.array_name("lm_head", s)) for s in head_enc.arrays(1, spec.hidden_size)}
     glob["lm_head"] = encodings.Weight(head_enc, arrays)
   return glob, [out.pop(f"layer_{i:03d}") for i in range(spec.num_hidden_layers)]
+
+
+def load_part(store_dir: str, part: str, table: dict, spec: ModelSpec,
+              enc: encodings.Encoding | None, reencode_head: bool = False) -> dict:
+  """One part's params on the device, restored a group at a time (see `load`)."""
+  placed: dict = {}
+  for group in dense_store.restore_part(store_dir, part, table):
+    for key in list(group):
+      w = group.pop(key)
+      if enc is not None and part != "globals" and key in DENSE_MATRICES:
+        w = encode(enc, w)
+      elif part == "globals" and key in ("lm_head", "embed") and reencode_head:
+        if key == "embed" and spec.tie_word_embeddings:  # v4, tied: the head gets its copy
+          placed["lm_head"] = to_device({"": encode(enc, w)})[""]
+        elif key == "lm_head":
+          w = encode(enc, w)
+      placed[key] = to_device({key: w})[key]
+      del w
+  return placed
 
 
 def encode(enc: encodings.Encoding, w: np.ndarray) -> encodings.Weight:
