@@ -42,8 +42,11 @@ class Forward:
   """The model as it runs: spec, KV cache kind, dense params on the device, the expert pool."""
 
   def __init__(self, spec: ModelSpec, kv, glob: dict, layers: list[dict], pool: ExpertPool,
-               prefetch: bool):
+               prefetch: bool, embed: Callable[[np.ndarray], jax.Array] | None = None):
     self.spec = spec
+    # token ids [T] -> rows [T, H] float32 (engine/weights.py: read from the store's table, or
+    # taken from a resident one)
+    self.embed = embed or (lambda ids: steps.embed(glob["embed"], jnp.asarray(ids)))
     self.kv = kv
     self.globals = glob
     self.layers = layers
@@ -86,7 +89,7 @@ class Forward:
     padded = np.zeros(tb, np.int32)
     padded[:n] = tokens
     pos = jnp.asarray(start + np.arange(tb, dtype=np.int32))
-    x = steps.embed(spec, self.globals, jnp.asarray(padded))
+    x = self.embed(padded)
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
       if spec.layers[layer].mlp == DENSE_MLP:
@@ -129,7 +132,7 @@ class Forward:
     nb = bucket(n, 1)
     padded = np.zeros(nb, np.int32)
     padded[:n] = tokens
-    x = steps.embed(spec, self.globals, jnp.asarray(padded))
+    x = self.embed(padded)
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
       hs, xns = [], []
