@@ -166,6 +166,7 @@ class GptOssMxfp4Source:
     self.float_dtype = "bfloat16"
     self.src = "<synthetic gpt-oss>"
     self._base: tuple[str | None, np.ndarray | None] = (None, None)
+    self._last: tuple[str | None, np.ndarray | None] = (None, None)
 
   def layer_names(self, layer: int | None) -> list[str]:
     """The tensors of one decoder layer (None: the embedding, final norm and head)."""
@@ -209,6 +210,14 @@ class GptOssMxfp4Source:
 
   def get_row(self, key: str, i: int) -> np.ndarray:
     return self._make(key, self.tensors[key][0][1:], i)
+
+  def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+    """tensor[start:stop] (the converter reads the embedding by blocks of rows): the tensor
+    is made once and kept until another is asked for."""
+    if self._last[0] != key:
+      self._last = (None, None)  # free the previous one first
+      self._last = (key, self.get(key))
+    return self._last[1][start:stop]
 
 
 def make_gpt_oss_mxfp4(dst: str, layers: int, embed_std: float = 1.0, seed: int = 0,
