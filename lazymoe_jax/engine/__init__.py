@@ -37,15 +37,18 @@ DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much 
 
 
 def enable_compilation_cache() -> str | None:
-  """JAX's persistent compilation cache, so that a second run (or a new prompt length seen
-  before) loads its programs instead of compiling them inside the time to first token. In
-  $LAZYMOE_COMPILATION_CACHE if set (`0` disables it), else ~/.cache/lazymoe_jax/xla (or
-  $XDG_CACHE_HOME's). Returns the folder, or None when disabled or set already by the user."""
-  where = os.environ.get("LAZYMOE_COMPILATION_CACHE")
+  """JAX's persistent compilation cache, so that a second run (or a prompt length seen before)
+  loads its programs instead of compiling them inside the time to first token. Opt-in:
+  $LAZYMOE_COMPILATION_CACHE=1 uses ~/.cache/lazymoe_jax/xla (or $XDG_CACHE_HOME's), any other
+  value is the folder; unset or 0 leaves it off (it raised the resident memory the planner
+  measures, BUILD_NOTES session 7 issue 16). A jax_compilation_cache_dir the user set is left
+  alone. Returns the folder in use, or None."""
+  where = os.environ.get("LAZYMOE_COMPILATION_CACHE", "0")
   if where == "0" or jax.config.jax_compilation_cache_dir:
     return None
-  where = where or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                os.path.expanduser("~/.cache"), "lazymoe_jax", "xla")
+  if where == "1":
+    where = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "lazymoe_jax", "xla")
   jax.config.update("jax_compilation_cache_dir", where)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   return where
