@@ -1,6 +1,17 @@
 r"""The honest "gpt-oss-120b in 8 GB" figure: a real slice measured, the rest extrapolated.
 
   python -m bench.bench_120b [--layers=4] [--budget_gb=8] [--tokens=16] [--dense_dtype=int8]
+  python -m bench.bench_120b --full [--caps_gb=8,4] [--keep] [--workdir=DIR]
+
+Full mode (--full) measures the whole model, with no extrapolation: it writes the 36-layer
+store (write_full_store: ~65 GB, checked against free disk space first, waiting up to
+--wait_minutes for it), then per cap runs one process in a fresh cgroup v1 memory cgroup capped
+from its start (load included), page cache cold: load, a 64-token prompt (time to first token),
+64 teacher-forced decode steps; it prints load time, TTFT, decode tok/s, demand and speculative
+GB per token, hit rate, prefetch accuracy, disk busy %, the cgroup peak, and the disk's O_DIRECT
+bandwidth sampled before and after that run. The store is deleted afterwards unless --keep.
+
+Slice mode (the default):
 
 gpt-oss-120b: 36 layers, 128 experts of hidden 2880 x width 2880, top-4, MXFP4 experts
 (~13 MB each, 61 GB in all), attention 64 q / 8 kv heads of 64, vocab 201,088. This builds (once)
@@ -47,6 +58,13 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "/tmp/lazymoe_bench", "Where the slice goes.")
   flags.DEFINE_string("json", None, "Write the figures here too.")
   flags.DEFINE_string("child", None, "(internal) one measurement, given as JSON.")
+  flags.DEFINE_bool("full", False, "Full mode: the whole 36-layer store, measured, no "
+                    "extrapolation (prompt 64 and 64 decode tokens unless given).")
+  flags.DEFINE_list("caps_gb", ["8", "4"], "Full mode: cgroup caps (GB), one run each.")
+  flags.DEFINE_bool("keep", False, "Full mode: keep the 61 GB store afterwards.")
+  flags.DEFINE_float("wait_minutes", 30, "Full mode: how long to wait for disk space.")
+  flags.DEFINE_float("prefetch_threshold", None, "Full mode: the prefetch policy's confidence "
+                     "threshold (default: engine/prefetch.THRESHOLD).")
 
 
 FLAGS = flags.FLAGS
@@ -147,10 +165,209 @@ def ensure_slice() -> str:
   return store
 
 
+# ---- full mode: the whole 36-layer model, no extrapolation ---------------------------------------
+def full_store_bytes(cfg: dict) -> int:
+  """Bytes the converted store takes: MXFP4 experts (+ f32 biases) and bf16 dense params."""
+  h, i, e, v = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"],
+                cfg["vocab_size"])
+  q = cfg["num_attention_heads"] * cfg["head_dim"]
+  kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+  expert = (2 * i * h + h * i) * 17 // 32 + (2 * i + h) * 4  # 16 bytes + 1 scale per 32, biases
+  layer_dense = 2 * (2 * q * h + 2 * kv * h + q + 2 * kv + 2 * h + e * h + e + 64 + 2 * h)
+  return cfg["num_hidden_layers"] * (e * expert + layer_dense) + 2 * (2 * v * h + h)
+
+
+def wait_for_space(path: str, need: int, wait_minutes: float, log=print) -> None:
+  """Returns once the file system of `path` has `need` bytes free, polling every 30 s for up to
+  `wait_minutes` (the disk is shared); else exits with how much is missing."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  deadline = time.time() + 60 * wait_minutes
+  while True:
+    free = shutil.disk_usage(path).free
+    if free >= need:
+      return
+    if time.time() >= deadline:
+      sys.exit(f"not enough disk space for the full store: {path} has {free / 1e9:.1f} GB free, "
+               f"the store needs {need / 1e9:.1f} GB (61 GB of MXFP4 experts + dense params + "
+               f"1 GB slack). Free {(need - free) / 1e9:.1f} GB, or point --workdir at a larger "
+               "disk.")
+    log(f"waiting for disk space: {free / 1e9:.1f} of {need / 1e9:.1f} GB free at {path}")
+    time.sleep(30)
+
+
+def write_full_store(store: str, layers: int = FULL_LAYERS, wait_minutes: float = 30,
+                     log=print) -> str:
+  """The full gpt-oss-120b-shaped store at `store`, written straight to disk: the project's
+  converter reads a GptOssMxfp4Source (tensors made on demand, expert by expert), so memory
+  holds one layer's dense params and one expert, and no HF folder is ever written (it would
+  double the 61 GB). Only config.json is on disk beside it."""
+  from bench import make_synthetic  # pylint: disable=import-outside-toplevel
+  from checkpoints_tools import convert_hf  # pylint: disable=import-outside-toplevel
+  if os.path.exists(os.path.join(store, "manifest.json")):
+    return store
+  cfg = make_synthetic.gpt_oss_config(layers)
+  parent = os.path.dirname(os.path.abspath(store))
+  os.makedirs(parent, exist_ok=True)
+  wait_for_space(parent, full_store_bytes(cfg) + 10**9, wait_minutes, log)
+  src = store + "-config"
+  os.makedirs(src, exist_ok=True)
+  with open(os.path.join(src, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  convert_hf.convert(src, store, overwrite=True, log=log,
+                     source=make_synthetic.GptOssMxfp4Source(cfg))
+  return store
+
+
+def run_full_child(conf: dict) -> dict:
+  """Inside the capped cgroup from the first byte: load, a prompt (time to first token: the
+  prompt through every layer and the head), then teacher-forced decode steps with the head."""
+  import time  # pylint: disable=import-outside-toplevel
+  t_start = time.perf_counter()
+  import lazymoe_jax  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)
+  t0 = time.perf_counter()
+  engine = _load(conf, memory_budget_gb=conf["budget_gb"])
+  load_s = time.perf_counter() - t0
+  if conf.get("threshold") is not None:
+    engine.forward.policy.threshold = conf["threshold"]
+  pool, store = engine.pool, engine.experts
+  ids = conf["ids"]
+  n_prompt, n_tok = conf["prompt"], conf["tokens"]
+  prompt_experts: set = set()
+  engine.forward.trace = lambda layer, e, h: prompt_experts.update(
+      (layer, int(x)) for x in np.unique(e))
+  seq = engine.session(conf["context"])
+  snap = lambda: (pool.demand_bytes, pool.speculative_bytes, pool.unused_bytes, pool.hits,  # noqa: E731
+                  pool.misses, pool.prefetch_reads, pool.prefetch_used, pool.io_wait_s,
+                  store.disk_busy.seconds(), time.perf_counter())
+  a = snap()
+  logits = seq.feed(ids[:n_prompt])
+  first = int(np.argmax(logits))
+  b = snap()
+  engine.forward.trace = None
+  steps_s = []
+  for i in range(n_prompt, n_prompt + n_tok):
+    t = time.perf_counter()
+    logits = seq.feed(ids[i:i + 1])
+    steps_s.append(time.perf_counter() - t)
+  c = snap()
+
+  def phase(x, y, n):
+    d = [q - p for p, q in zip(x, y)]
+    wall = d[9]
+    return {"wall_s": wall, "demand_GB": d[0] / 1e9, "speculative_GB": d[1] / 1e9,
+            "unused_GB": d[2] / 1e9, "hit_rate": d[3] / max(1, d[3] + d[4]),
+            "prefetch_reads": d[5], "prefetch_accuracy": d[6] / d[5] if d[5] else None,
+            "io_wait_s": d[7], "disk_busy_frac": d[8] / wall,
+            "GBps_while_busy": (d[0] + d[1]) / d[8] / 1e9 if d[8] else None,
+            "demand_GB_per_token": d[0] / 1e9 / n, "speculative_GB_per_token": d[1] / 1e9 / n}
+  steady = steps_s[2:]
+  return {"plan": engine.plan.describe(), "slots": pool.num_slots, "load_s": load_s,
+          "process_to_loaded_s": time.perf_counter() - t_start - (c[9] - a[9]),
+          "ttft_s": b[9] - a[9], "first_token": first,
+          "prompt_distinct_experts": len(prompt_experts),
+          "prompt_distinct_GB": len(prompt_experts) * store.bytes_per_expert / 1e9,
+          "prefill": phase(a, b, n_prompt), "decode": phase(b, c, n_tok), "prompt_tokens": n_prompt, "decode_tok_s": n_tok / sum(steps_s),
+          "decode_tok_s_steady": len(steady) / sum(steady) if steady else None,
+          "first_steps_s": steps_s[:3], "policy": engine.forward.policy.table(),
+          "peak_rss_MB": engine.stats()["peak_rss_bytes"] / 1e6}
+
+
+def run_full() -> None:
+  """Full mode (see the module docstring): the whole store, each cap its own process."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  store = write_full_store(os.path.join(FLAGS.workdir, "gptoss120b-36L-store"),
+                           wait_minutes=FLAGS.wait_minutes)
+  n_prompt = FLAGS.prompt if FLAGS["prompt"].present else 64
+  n_tok = FLAGS.tokens if FLAGS["tokens"].present else 64
+  ids = real_text_ids(n_prompt + n_tok)
+  chunks = [c for c in glob.glob(os.path.join(store, "experts", "**", "c", "**", "*"),
+                                 recursive=True) if os.path.isfile(c)]
+  every = [os.path.join(r, f) for r, _, fs in os.walk(store) for f in fs]
+  rows = []
+  try:
+    for cap in [float(c) for c in FLAGS.caps_gb]:
+      sample = bench_stream.sample_chunks(chunks, 64)
+      disk1 = bench_stream.disk_bandwidth(sample[:32], 1)
+      disk8 = bench_stream.disk_bandwidth(sample[32:], 8)
+      bench_stream.drop_page_cache(every)  # cold: nothing of the store in the page cache
+      conf = {"store": store, "dense_dtype": FLAGS.dense_dtype, "context": n_prompt + n_tok + 8,
+              "prompt": n_prompt, "tokens": n_tok, "ids": ids, "mode": "full",
+              "budget_gb": cap, "name": f"full_{cap:g}GB", "threshold": FLAGS.prefetch_threshold}
+      row = bench_stream.run_in_cgroup(conf, int(cap * 1e9), "bench.bench_120b")
+      after = bench_stream.disk_bandwidth(bench_stream.sample_chunks(chunks, 32), 8)
+      row.update(cap_gb=cap, disk_1_in_flight_GBps=disk1, disk_8_in_flight_GBps=disk8,
+                 disk_after_GBps=after, disk_GBps=(disk8 + after) / 2)
+      rows.append(row)
+      print_full_row(row)
+  finally:
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    if not FLAGS.keep:
+      shutil.rmtree(store, ignore_errors=True)
+      shutil.rmtree(store + "-config", ignore_errors=True)
+      print(f"deleted {store} (--keep keeps it)")
+
+
+def print_full_row(row: dict) -> None:
+  cap = row["cap_gb"]
+  if "error" in row and "decode" not in row:
+    print(f"gpt-oss-120b (36 layers) under a {cap:g} GB cgroup cap: FAILED {row['error']}; "
+          f"cgroup peak {row.get('cgroup_peak_MB', 0):.0f} MB, OOM kills {row.get('oom_kills')}")
+    return
+  p, d, disk = row["prefill"], row["decode"], row["disk_GBps"]
+  bound = disk / d["demand_GB_per_token"] if d["demand_GB_per_token"] else float("inf")
+  ttft_io = row["prompt_distinct_GB"] / disk
+  print(f"gpt-oss-120b, all 36 layers, under a {cap:g} GB cgroup cap from the first byte "
+        f"({row['plan']}; {row['slots']} slots):")
+  print(f"  load {row['load_s']:.1f} s (process start to loaded {row['process_to_loaded_s']:.1f}"
+        f" s); cgroup peak {row['cgroup_peak_MB']:.0f} MB, OOM kills {row['oom_kills']}")
+  print(f"  time to first token ({row['prompt_tokens']} prompt tokens): "
+        f"{row['ttft_s']:.1f} s; the prompt needs {row['prompt_distinct_experts']} distinct "
+        f"experts = {row['prompt_distinct_GB']:.1f} GB = {ttft_io:.1f} s at the disk's "
+        f"{disk:.2f} GB/s; prefill read {p['demand_GB']:.1f} GB demand + "
+        f"{p['speculative_GB']:.1f} GB speculative ({p['unused_GB']:.2f} unused), blocked on "
+        f"reads {p['io_wait_s']:.1f} s, disk busy {p['disk_busy_frac']:.0%}")
+  print(f"  decode {row['decode_tok_s']:.3f} tok/s ({row['decode_tok_s_steady']:.3f} after 2 "
+        f"steps); per token {d['demand_GB_per_token']:.2f} GB demand + "
+        f"{d['speculative_GB_per_token']:.2f} GB speculative, unused "
+        f"{d['unused_GB'] / max(1e-9, d['demand_GB'] + d['speculative_GB']):.1%} of bytes read;"
+        f" hit {d['hit_rate']:.1%}, prefetch accuracy {d['prefetch_accuracy']}, disk busy "
+        f"{d['disk_busy_frac']:.0%} ({d['GBps_while_busy'] or 0:.2f} GB/s while busy), blocked "
+        f"on reads {d['io_wait_s']:.1f} s in all")
+  print(f"  disk (O_DIRECT, this run): {row['disk_1_in_flight_GBps']:.2f} GB/s 1 in flight, "
+        f"{row['disk_8_in_flight_GBps']:.2f} 8 in flight before, {row['disk_after_GBps']:.2f} "
+        f"after -> I/O bound {bound:.3f} tok/s; decode = {row['decode_tok_s'] / bound:.2f} x "
+        "the bound")
+
+
+def real_text_ids(n: int) -> list[int]:
+  """Token ids of real text (the demo tokenizer on held-out stdlib source) so that routing
+  sees real-text statistics; random ids when the demo model is not at hand."""
+  ids = [int(i) for i in np.random.default_rng(0).integers(0, 2048, n)]
+  try:
+    import lazymoe_jax  # pylint: disable=import-outside-toplevel
+    from checkpoints_tools import corpus, default_model  # pylint: disable=import-outside-toplevel
+    demo = lazymoe_jax.load(default_model.ensure_default_store(lambda s: None), expert_slots=2)
+    ids = [int(i) for i in demo.tokenizer.encode(corpus.stdlib_corpus(1 << 14, held_out=True))
+           ][:n]
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return ids
+
+
 def main(argv) -> None:
   del argv
   if FLAGS.child:
-    print("RESULT " + json.dumps(run_child(json.loads(FLAGS.child))), flush=True)
+    conf = json.loads(FLAGS.child)
+    run = run_full_child if conf.get("mode") == "full" else run_child
+    print("RESULT " + json.dumps(run(conf)), flush=True)
+    return
+  if FLAGS.full:
+    logging.set_verbosity(logging.WARNING)
+    run_full()
     return
   logging.set_verbosity(logging.WARNING)
   from lazymoe_jax.plan import MARGIN_BASE  # pylint: disable=import-outside-toplevel

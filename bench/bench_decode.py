@@ -56,8 +56,8 @@ def active_bytes_per_token(engine) -> int:
   cfg = engine.spec
   dense = sum(a.nbytes for layer in engine.forward.layers for a in jax.tree.leaves(layer))
   g = engine.forward.globals
-  dense += g["final_norm"].nbytes + g["embed"].nbytes // cfg.vocab_size
-  dense += sum(a.nbytes for a in jax.tree.leaves(g.get("lm_head", g["embed"])))
+  dense += g["final_norm"].nbytes + 4 * cfg.hidden_size  # one embedding row (float32 at most)
+  dense += sum(a.nbytes for a in jax.tree.leaves(g.get("lm_head", g.get("embed"))))
   experts = len(cfg.moe_layers) * cfg.num_experts_per_tok * engine.experts.bytes_per_expert
   return dense + experts
 

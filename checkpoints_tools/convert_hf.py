@@ -28,12 +28,17 @@ from lazymoe_jax.errors import CheckpointError
 from lazymoe_jax.model import encodings
 from lazymoe_jax.model.spec import MOE, ModelSpec
 from lazymoe_jax.store import dense as dense_store
+from lazymoe_jax.store import embedding as embedding_store
 from lazymoe_jax.store import format as fmt
 
 # Short names accepted by --expert_dtype besides every registered encoding's own name
 # (model/encodings.py); "int4" takes --group_size.
 EXPERT_DTYPE_ALIASES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
 TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "json"))
+# --head_dtype: the output head's compute encoding, stored so that load does not re-encode it
+HEAD_DTYPES = {"int8": "int8", "bf16": "bfloat16", "keep": None}
+HEAD_ROW_BLOCK = 4096  # head rows encoded at a time (a 200k-row head in float32 is 2.3 GB)
+EMBED_ROW_BLOCK = 16 * embedding_store.SHARD_ROWS  # embedding rows written at a time
 
 
 FP8_SCALE_SUFFIX = "_scale_inv"  # `X.weight` float8_e4m3fn + `X.weight_scale_inv` float32
@@ -138,6 +143,13 @@ class SafetensorsFolder:
       f.seek(8 + n + begin)
       raw = np.frombuffer(f.read(end - begin), np.uint8)
     return raw.view(ml_dtypes.float8_e4m3fn).reshape(self.shape(key))
+
+  def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+    """tensor[start:stop] (a block of an embedding or head), reading only those rows."""
+    stop = min(stop, self.shape(key)[0])
+    if key in self.fp8:
+      return self.get(key)[start:stop]
+    return self.handles[self.where[key]].get_slice(key)[start:stop]
 
   def get_row(self, key: str, i: int) -> np.ndarray:
     """tensor[i] only (one expert of a fused [E, ...] tensor), without reading the rest."""
@@ -313,13 +325,59 @@ def _eos_ids(src: str, spec: ModelSpec) -> list[int]:
   return ids
 
 
+def embedding_bytes(entry: dict) -> int:
+  return int(np.prod(entry["shape"])) * fmt.numpy_dtype(entry["dtype"]).itemsize
+
+
+def _globals(folder: SafetensorsFolder, dense: dict[str, list[str]], tmp: str,
+             head_enc: encodings.Encoding | None) -> tuple[dict[str, np.ndarray], dict]:
+  """The globals part without the embedding (written as its own table, read by rows at run
+  time: store/embedding.py) and with the output head in its compute encoding (`head_enc`;
+  None keeps the checkpoint's dtype), as arrays `lm_head`, `lm_head_<suffix>`. A tied head is
+  the embedding, encoded (or copied) into the part: the head is resident, the table is not.
+  Both are read and encoded by blocks of rows."""
+  (embed_name,), head_name = dense["embed"], dense.get("lm_head", dense["embed"])[0]
+  shape = folder.shape(embed_name)
+  dtype = fmt.numpy_dtype(SAFETENSORS_FLOATS.get(folder.dtype(embed_name), "float32"))
+  blocks = (folder.get_rows(embed_name, r, r + EMBED_ROW_BLOCK).astype(dtype)
+            for r in range(0, shape[0], EMBED_ROW_BLOCK))
+  entry = embedding_store.write(tmp, blocks, shape, dtype.name)
+  tree = {k: _gather(folder, names) for k, names in dense.items() if k not in ("embed",
+                                                                               "lm_head")}
+  rows = folder.shape(head_name)[0]
+  pieces = [folder.get_rows(head_name, r, r + HEAD_ROW_BLOCK)
+            for r in range(0, rows, HEAD_ROW_BLOCK)]
+  if head_enc is None:
+    tree["lm_head"] = np.ascontiguousarray(np.concatenate(pieces))
+  else:
+    encoded = [head_enc.encode(np.asarray(p, np.float32)) for p in pieces]
+    del pieces
+    for suffix in encoded[0]:
+      tree[fmt.array_name("lm_head", suffix)] = np.ascontiguousarray(
+          np.concatenate([e[suffix] for e in encoded]))
+  return tree, entry
+
+
+def default_head_dtype(expert_encoding: encodings.Encoding) -> str:
+  """int8 when the experts are quantised (the head is then the largest dense matrix read
+  every token), else the checkpoint's dtype."""
+  return "keep" if isinstance(expert_encoding, encodings.Float) else "int8"
+
+
 def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool = False,
-            log: Callable[[str], None] = print, group_size: int = 32) -> dict:
+            log: Callable[[str], None] = print, group_size: int = 32,
+            head_dtype: str | None = None, source=None) -> dict:
   """Converts HF folder `src` into a store at `dst`; returns the manifest.
+
+  source: read the tensors from this object instead of src's *.safetensors (the reading
+  interface of SafetensorsFolder; e.g. bench.make_synthetic.GptOssMxfp4Source, which makes
+  them on demand); src still gives config.json and any tokenizer.
 
   expert_dtype: None keeps the source dtype (MXFP4 experts stay MXFP4, as published);
   bf16 | f16 | f32 | int8 (per-row scales) | int4 (groups of `group_size` = 32, 64 or 128
   inputs with one f16 scale each) | mxfp4 (blocks of 32 e2m1 values, one e8m0 scale each).
+  head_dtype: the output head's stored compute encoding, int8 | bf16 | keep (the checkpoint's
+  dtype); None: int8 when the experts are quantised, else keep.
   """
   cfg_path = os.path.join(src, "config.json")
   if not os.path.exists(cfg_path):
@@ -336,9 +394,12 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
   if group_size not in encodings.INT4_GROUPS:
     raise CheckpointError(f"--group_size={group_size} is not supported; choose one of "
                           f"{list(encodings.INT4_GROUPS)}.")
+  if head_dtype is not None and head_dtype not in HEAD_DTYPES:
+    raise CheckpointError(f"--head_dtype={head_dtype!r} is not supported; choose one of "
+                          f"{list(HEAD_DTYPES)}.")
   dst = _check_destination(src, dst, overwrite)
   block = (hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
-  folder = SafetensorsFolder(src, fp8_block=tuple(block))
+  folder = source if source is not None else SafetensorsFolder(src, fp8_block=tuple(block))
   if folder.fp8:
     log(f"{len(folder.fp8)} block-scaled FP8 weights ({list(block)} blocks): dequantised to "
         f"{folder.float_dtype} (experts: to --expert_dtype when given)")
@@ -359,6 +420,8 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
     raise CheckpointError(f"experts ({src_dtype} in the checkpoint) cannot be stored as {name}: "
                           f"{e}") from e
 
+  head_dtype = head_dtype or default_head_dtype(enc)
+  head_enc = encodings.get(HEAD_DTYPES[head_dtype]) if HEAD_DTYPES[head_dtype] else None
   _remove_stale_partials(dst)
   tmp = f"{dst}.partial-{os.getpid()}"
   os.makedirs(os.path.join(tmp, fmt.DENSE_DIR))
@@ -373,10 +436,17 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
                         "suffix": suffix, "encoding": tensor_enc}
     crc = {aname: [] for aname in layout}
     t0, nbytes = time.perf_counter(), 0
+    tables = {}
     for part, dense, experts in plan:
-      tree = {param: _gather(folder, names) for param, names in dense.items()}
-      dense_store.save_part(tmp, part, tree)
+      if part == "globals":
+        tree, embedding = _globals(folder, dense, tmp, head_enc)
+        nbytes += embedding_bytes(embedding)
+        head_name = head_enc.name if head_enc else tree["lm_head"].dtype.name
+      else:
+        tree = {param: _gather(folder, names) for param, names in dense.items()}
+      tables[part] = dense_store.save_part(tmp, part, tree)
       nbytes += sum(a.nbytes for a in tree.values())
+      del tree
       if experts is None:
         continue
       for aname in layout:
@@ -395,7 +465,9 @@ def convert(src: str, dst: str, expert_dtype: str | None = None, overwrite: bool
     manifest = {
         "format": fmt.FORMAT, "version": fmt.VERSION,
         "family": spec.family, "hf_config": hf,
-        "dense": {"dir": fmt.DENSE_DIR, "parts": [p for p, _, _ in plan]},
+        "dense": {"dir": fmt.DENSE_DIR, "parts": [p for p, _, _ in plan], "tensors": tables},
+        "embedding": embedding,
+        "head": {"encoding": head_name},
         "experts": {"layers": moe_layers, "encoding": enc.name, "tensors": tensors,
                     "checksum": "crc32", "crc32": crc},
         "tokenizer": _tokenizer(src, tmp, hf, log),
@@ -421,6 +493,9 @@ def define_flags() -> None:
   flags.DEFINE_string("expert_dtype", None,
                       "Re-encode experts: bf16 | f16 | f32 | int8 | int4 | mxfp4 (default: keep).")
   flags.DEFINE_integer("group_size", 32, "int4 group size: 32, 64 or 128.")
+  flags.DEFINE_enum("head_dtype", None, list(HEAD_DTYPES),
+                    "Output head's stored encoding (default: int8 when the experts are "
+                    "quantised, else keep the checkpoint's dtype).")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty destination.")
   flags.mark_flags_as_required(["src", "dst"])
 
@@ -428,7 +503,7 @@ def define_flags() -> None:
 def main(argv) -> None:
   del argv
   cli.run(lambda: convert(FLAGS.src, FLAGS.dst, FLAGS.expert_dtype, FLAGS.overwrite,
-                          group_size=FLAGS.group_size))
+                          group_size=FLAGS.group_size, head_dtype=FLAGS.head_dtype))
 
 
 if __name__ == "__main__":

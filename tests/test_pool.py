@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import lazymoe_jax
+from lazymoe_jax.engine.prefetch import PrefetchPolicy, ranked_union
 from lazymoe_jax.store import format as fmt
-from lazymoe_jax.store.experts import ExpertStore
+from lazymoe_jax.store.experts import Cancelled, ExpertStore
 from lazymoe_jax.store.pool import ExpertPool
 from tests.checkpoints import hf_config
 from tests.conftest import token_ids
@@ -121,8 +122,11 @@ def test_every_cache_policy_gives_identical_results(store, policy):
     # every expert used was read at least once: by its miss or by a guess it then used
     assert st["expert_misses"] + st["prefetch_used"] >= used
     assert 0 < st["io_wait_s"] <= elapsed
-    assert st["bytes_read"] == (st["expert_misses"] + st["prefetch_reads"]) * \
-        engine.experts.bytes_per_expert
+    # demand reads whole experts; a guess read whole unless cancelled as unneeded mid-way
+    assert st["demand_bytes"] == st["expert_misses"] * engine.experts.bytes_per_expert
+    assert st["bytes_read"] == st["demand_bytes"] + st["speculative_bytes"]
+    assert st["speculative_bytes"] <= st["prefetch_reads"] * engine.experts.bytes_per_expert
+    assert st["unused_speculative_bytes"] <= st["speculative_bytes"]
     assert len(engine.pool.table) <= slots
   with pytest.raises(ValueError, match="not one of lru, lfu, layer"):
     lazymoe_jax.load(store, cache_policy="fifo")
@@ -155,6 +159,14 @@ def test_prefetch_changes_nothing_even_when_it_guesses_wrong(store):
   for nxt in wrong.forward.routers.values():  # the guessing routers, not the real ones
     nxt["router"] = rng.standard_normal(nxt["router"].shape).astype(np.float32)
   assert wrong.generate(prompt, 20) == want
+  # the default policy measures these guesses as mostly unused and reads none of them ...
+  assert wrong.stats()["prefetch_reads"] == 0
+  policy = wrong.forward.policy
+  assert all(row["used_rate"] < policy.threshold or row["made"] < policy.min_samples
+             for row in policy.table())
+  # ... and one that reads every guess still changes nothing
+  wrong.forward.policy = PrefetchPolicy(threshold=0.0, min_samples=0)
+  assert wrong.generate(prompt, 20) == want
   assert wrong.stats()["prefetch_reads"] > 0
 
 
@@ -174,7 +186,9 @@ def test_a_guess_whose_read_fails_changes_nothing(store, tmp_path):
   pool = _pool(_damaged_copy(store, tmp_path, [("w_down", 2, 5)]), 6)
   pool.acquire(0, [0, 1])
   pool.prefetch(2, [5])
-  pool.acquire(1, [0, 1])  # lands (drops) the failed guess for layer 2 if done; no error
+  pool.drain()  # the guess's read fails and is dropped (not cancelled first: acquire(2) would)
+  assert pool.prefetch_errors == 1
+  pool.acquire(1, [0, 1])
   assert pool.acquire(2, [0, 1]) and pool.prefetch_errors == 1
   assert (2, 5) not in pool.table
   with pytest.raises(lazymoe_jax.StoreError, match=r"c/2/5/0/0 is missing"):
@@ -221,6 +235,7 @@ def test_guesses_are_skipped_for_layers_held_whole_without_changing_results(stor
   are bit-identical to a minimal pool that guesses and prefetches."""
   prompt, ids = token_ids(6, seed=11), token_ids(12, seed=12)
   small = lazymoe_jax.load(store, expert_slots=2 * K)  # too few to hold a layer whole
+  small.forward.policy = PrefetchPolicy(threshold=0.0, min_samples=0)  # reads every guess
   small.eos_ids = set()
   want_tokens, want_logits = small.generate(prompt, 12), small.logits(ids)
   assert small.stats()["prefetch_reads"] > 0
@@ -233,3 +248,87 @@ def test_guesses_are_skipped_for_layers_held_whole_without_changing_results(stor
   assert resident.generate(prompt, 12) == want_tokens
   np.testing.assert_array_equal(resident.logits(ids), want_logits)
   assert resident.stats()["prefetch_reads"] == 0
+
+# ---- prefetch that pays for itself: demand first, the confidence rule, prefill order ------------
+
+def test_a_guess_waits_behind_demand_reads_and_can_be_cancelled(store):
+  experts = ExpertStore(store, fmt.read_manifest(store))
+  bufs = lambda: {n: np.zeros(s, experts.dtypes[n]) for n, s in experts.shapes.items()}  # noqa: E731
+  experts.gate.demand_start()  # a demand read in flight
+  guess = experts.start_read(1, 3, bufs(), speculative=True)
+  time.sleep(0.3)
+  assert not experts.read_done(guess) and experts.bytes_done(guess) == 0  # it waits its turn
+  experts.gate.demand_stop()
+  assert experts.finish_read(guess) == experts.bytes_per_expert
+  assert experts.bytes_done(guess) == experts.bytes_per_expert
+  experts.gate.demand_start()
+  guess = experts.start_read(1, 4, bufs(), speculative=True)
+  experts.cancel(guess)
+  with pytest.raises(Cancelled):
+    experts.finish_read(guess)
+  assert experts.bytes_done(guess) == 0
+  experts.gate.demand_stop()
+  # a demand read never waits: it goes while the gate is held
+  experts.gate.demand_start()
+  assert experts.read_into(1, 5, bufs()) == experts.bytes_per_expert
+  experts.gate.demand_stop()
+  assert experts.gate.demand_in_flight == 0
+
+
+def test_an_unneeded_guess_in_flight_is_cancelled_when_its_layer_routes(store):
+  pool = _pool(store, 6)
+  pool.acquire(0, [0, 1])
+  pool.store.gate.demand_start()  # holds the guesses back
+  pool.prefetch(1, [4, 5])
+  pool.acquire(1, [0, 1])  # 4 and 5 were not needed: cancelled, never resident
+  pool.store.gate.demand_stop()
+  assert pool.prefetch_cancelled == 2 and pool.prefetch_reads == 2
+  assert pool.speculative_bytes == pool.unused_bytes == 0
+  assert (1, 4) not in pool.table and (1, 5) not in pool.table
+  assert pool.demand_bytes == 4 * pool.store.bytes_per_expert == pool.bytes_read
+  pool.prefetch(2, [3])  # a needed guess lands and is counted used
+  pool.acquire(2, [3, 0])
+  assert pool.prefetch_used == 1 and pool.speculative_bytes == pool.store.bytes_per_expert
+  assert pool.unused_bytes == 0
+
+
+def test_policy_reads_only_kinds_of_guess_measured_above_the_threshold():
+  policy = PrefetchPolicy(threshold=0.5, min_samples=4)
+  for layer in range(4):  # rank 0 always right, rank 1 right once in four
+    assert policy.choose(layer, "decode", 1, [(7, 0), (8, 1)]) == []  # unmeasured: not read
+    policy.observe(layer, [7] + ([8] if layer == 0 else []))
+  assert policy.rate("decode", 1, 0) == 1.0 and policy.rate("decode", 1, 1) == 0.25
+  assert policy.rate("decode", 2, 0) is None and policy.rate("prefill", 1, 0) is None
+  assert policy.choose(9, "decode", 1, [(3, 0), (2, 1)]) == [3]
+  assert policy.choose(9, "decode", 2, [(3, 0)]) == []  # another distance: measured apart
+  policy.observe(9, [2])  # the rank-0 guess was wrong this time: 4 of 5
+  assert policy.rate("decode", 1, 0) == 0.8 and policy.rate("decode", 1, 1) == 0.4
+  assert [(r["distance"], r["rank"], r["made"], r["read"]) for r in policy.table()] == [
+      (1, 0, 5, 1), (1, 1, 5, 0), (2, 0, 1, 0)]
+  with pytest.raises(ValueError, match="threshold=1.5 must be in"):
+    PrefetchPolicy(threshold=1.5)
+
+
+def test_ranked_union_orders_by_rank_then_row_each_expert_once():
+  rows = np.array([[5, 1, 2], [1, 5, 3], [4, 2, 0]])
+  assert ranked_union(rows) == [(5, 0), (1, 0), (4, 0), (2, 1), (3, 2), (0, 2)]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_prefill_reads_each_expert_once_in_disk_order(store, prefetch):
+  engine = lazymoe_jax.load(store, expert_slots=N_LAYERS * N_EXPERTS, prefetch=prefetch)
+  engine.forward.policy = PrefetchPolicy(threshold=0.0, min_samples=0)  # read every guess
+  reads = []
+  start = engine.experts.start_read
+  engine.experts.start_read = lambda layer, e, bufs, speculative=False: (
+      reads.append((layer, e, speculative)), start(layer, e, bufs, speculative))[1]
+  engine.logits(token_ids(16, seed=5))
+  keys = [(layer, e) for layer, e, _ in reads]
+  assert len(keys) == len(set(keys))  # each (layer, expert) read once, demand or guessed
+  for layer in range(N_LAYERS):
+    for spec in (False, True):  # a layer's misses, and its guesses, each in expert order
+      got = [e for l, e, s in reads if l == layer and s == spec]
+      assert got == sorted(got)
+  assert any(s for _, _, s in reads) == (prefetch and N_LAYERS > 1)
+  used = {key for key in engine.pool.table}
+  assert {(l, e) for l, e, s in reads if not s} <= used

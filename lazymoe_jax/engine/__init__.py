@@ -12,6 +12,7 @@ session.py (a sequence and its KV cache); plan.py (the memory budget) is beside 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 
@@ -21,19 +22,36 @@ import numpy as np
 from lazymoe_jax import families, kernels
 from lazymoe_jax import kv as kv_lib
 from lazymoe_jax import tokenizer as tokenizer_lib
-from lazymoe_jax.engine import memory, weights
+from lazymoe_jax.engine import budget, memory, weights
 from lazymoe_jax.engine.forward import Forward
 from lazymoe_jax.engine.options import EngineOptions
 from lazymoe_jax.engine.session import Session
-from lazymoe_jax.plan import MemoryPlan, make_plan, resident_bytes
+from lazymoe_jax.engine.budget import MAX_PLANNED_CONTEXT, MemoryPlan, resident_bytes
 from lazymoe_jax.sampling import Sampler
 from lazymoe_jax.store import format as fmt
 from lazymoe_jax.errors import StoreError
 from lazymoe_jax.store.experts import ExpertStore
 from lazymoe_jax.store.pool import ExpertPool
 
-MAX_PLANNED_CONTEXT = 4096  # with a memory budget, the KV cache is planned for this many
 DEFAULT_RAM_FRACTION = 0.5  # without expert_slots, the pool may take this much of free RAM
+
+
+def enable_compilation_cache() -> str | None:
+  """JAX's persistent compilation cache, so that a second run (or a prompt length seen before)
+  loads its programs instead of compiling them inside the time to first token. Opt-in:
+  $LAZYMOE_COMPILATION_CACHE=1 uses ~/.cache/lazymoe_jax/xla (or $XDG_CACHE_HOME's), any other
+  value is the folder; unset or 0 leaves it off (it raised the resident memory the planner
+  measures, BUILD_NOTES session 7 issue 16). A jax_compilation_cache_dir the user set is left
+  alone. Returns the folder in use, or None."""
+  where = os.environ.get("LAZYMOE_COMPILATION_CACHE", "0")
+  if where == "0" or jax.config.jax_compilation_cache_dir:
+    return None
+  if where == "1":
+    where = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "lazymoe_jax", "xla")
+  jax.config.update("jax_compilation_cache_dir", where)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  return where
 
 
 class Engine:
@@ -42,6 +60,7 @@ class Engine:
   def __init__(self, store_dir: str, options: EngineOptions = EngineOptions()):
     self.store_dir = store_dir
     self.options = options
+    self.compilation_cache = enable_compilation_cache()
     self.manifest = fmt.read_manifest(store_dir)
     memory.keep_heap_warm()
     self.spec = families.spec_from_hf(self.manifest["hf_config"])
@@ -52,9 +71,6 @@ class Engine:
     self.kv.validate(spec)
     self.experts = ExpertStore(store_dir, self.manifest)
     _check_store_matches(store_dir, self.manifest, spec, self.experts)
-    glob, layers = weights.load(store_dir, spec, options.dense_dtype)
-    memory.return_freed_memory()  # the plan below measures resident memory
-    self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers)))
     total = len(self.experts.layers) * spec.num_experts
     limit = spec.max_position_embeddings
     if options.max_context is not None and options.max_context > limit:
@@ -62,22 +78,32 @@ class Engine:
                        "model's max_position_embeddings).")
     self.max_context = options.max_context or limit
     self.plan: MemoryPlan | None = None
+    self.planned: MemoryPlan | None = None  # the plan as made before loading
     slots = options.expert_slots
     if options.memory_budget_gb is not None:
-      self.max_context = options.max_context or min(limit, MAX_PLANNED_CONTEXT)
-      kv_shapes = jax.eval_shape(lambda: self.kv.init(spec, self.max_context))
-      self.plan = make_plan(options.memory_budget_gb, resident_bytes(),
-                            sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(kv_shapes)),
-                            self.max_context, self.experts.bytes_per_expert,
-                            3 * spec.moe.width * spec.hidden_size * 4,
-                            spec.num_experts_per_tok, total)
+      # planned from the manifest before a byte of the dense params is read: a budget too
+      # small fails here, naming the minimum (the planner CLI calls the same function)
+      self.plan = budget.plan_store(
+          store_dir, options.memory_budget_gb, budget.runtime_bytes(), manifest=self.manifest,
+          kv_bits=options.kv_bits, k_bits=options.k_bits, v_bits=options.v_bits,
+          max_context=options.max_context, dense_dtype=options.dense_dtype)
+      self.max_context = self.plan.max_context
+    glob, layers = weights.load(store_dir, spec, options.dense_dtype, self.manifest)
+    memory.return_freed_memory()  # what the load freed goes back before the pool is made
+    self.embed = weights.embedding_rows(store_dir, self.manifest, spec, glob)
+    self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers)))
+    if self.plan is not None:
+      self.planned = self.plan
+      self.plan = budget.after_load(self.plan, resident_bytes(), total,
+                                    spec.num_experts_per_tok,
+                                    3 * spec.moe.width * spec.hidden_size * 4)
       slots = self.plan.slots
     elif slots is None:
       fit = int(memory.available_ram() * DEFAULT_RAM_FRACTION) // self.experts.bytes_per_expert
       slots = max(spec.num_experts_per_tok, min(total, fit))
     self.pool = ExpertPool(self.experts, min(slots, total) if total else slots,
                            spec.num_experts_per_tok, options.cache_policy)
-    self.forward = Forward(spec, self.kv, glob, layers, self.pool, options.prefetch)
+    self.forward = Forward(spec, self.kv, glob, layers, self.pool, options.prefetch, self.embed)
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         spec.bos_token_id)
     self.eos_ids = set(spec.eos_token_ids) | set(
@@ -173,6 +199,10 @@ class Engine:
         "prefetch_reads": self.pool.prefetch_reads,
         "prefetch_used": self.pool.prefetch_used,
         "prefetch_errors": self.pool.prefetch_errors,
+        "prefetch_cancelled": self.pool.prefetch_cancelled,
+        "demand_bytes": self.pool.demand_bytes,
+        "speculative_bytes": self.pool.speculative_bytes,
+        "unused_speculative_bytes": self.pool.unused_bytes,
         "cache_policy": self.pool.policy,
         "kernels": kernels.mode(),
         "io_wait_s": self.pool.io_wait_s,

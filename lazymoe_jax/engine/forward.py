@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lazymoe_jax.engine.prefetch import PrefetchPolicy, ranked_union
 from lazymoe_jax.errors import PlanError
 from lazymoe_jax.model import steps
 from lazymoe_jax.model.spec import DENSE_MLP, ModelSpec
@@ -41,18 +42,24 @@ class Forward:
   """The model as it runs: spec, KV cache kind, dense params on the device, the expert pool."""
 
   def __init__(self, spec: ModelSpec, kv, glob: dict, layers: list[dict], pool: ExpertPool,
-               prefetch: bool):
+               prefetch: bool, embed: Callable[[np.ndarray], jax.Array] | None = None):
     self.spec = spec
+    # token ids [T] -> rows [T, H] float32 (engine/weights.py: read from the store's table, or
+    # taken from a resident one)
+    self.embed = embed or (lambda ids: steps.embed(glob["embed"], jnp.asarray(ids)))
     self.kv = kv
     self.globals = glob
     self.layers = layers
     self.pool = pool
-    # Speculative prefetch in decode: layer l applies the routers of the next `prefetch_depth`
-    # MoE layers to its hidden state and starts reading their likeliest `prefetch_width`
-    # experts (half of top-k: BUILD_NOTES "Lookahead prefetch").
+    # Speculative prefetch: layer l applies the routers of the next `prefetch_depth` MoE
+    # layers (in prefill: the next one) to its hidden state, guessing their top
+    # `prefetch_width` experts; `policy` reads those whose kind of guess is measured to be used
+    # often enough (engine/prefetch.py; BUILD_NOTES "Lookahead prefetch", "Prefetch that pays
+    # for itself").
     self.prefetch = prefetch
-    self.prefetch_width = max(1, spec.num_experts_per_tok // 2)
+    self.prefetch_width = spec.num_experts_per_tok
     self.prefetch_depth = PREFETCH_DEPTH
+    self.policy = PrefetchPolicy()
     self.moe_order = list(spec.moe_layers)
     self.routers = {n: {k: v for k, v in layers[n].items()
                         if k in ("mlp_norm", "router", "router_bias", "router_score_bias")}
@@ -84,13 +91,13 @@ class Forward:
     padded = np.zeros(tb, np.int32)
     padded[:n] = tokens
     pos = jnp.asarray(start + np.arange(tb, dtype=np.int32))
-    x = steps.embed(spec, self.globals, jnp.asarray(padded))
+    x = self.embed(padded)
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
       if spec.layers[layer].mlp == DENSE_MLP:
         x, cache[layer] = steps.dense_layer(spec, self.kv, window, p, x, pos, cache[layer])
         continue
-      ahead = self._layers_ahead(layer) if n == 1 else []
+      ahead = self._layers_ahead(layer)[:1 if n > 1 else None]  # a prompt guesses one ahead
       h, xn, routed, weights, cache[layer] = steps.attn_router(
           spec, self.kv, window, p, x, pos, cache[layer], tuple(self.routers[a] for a in ahead))
       # the one host round trip of a layer: waits for its router, hence for all earlier work
@@ -98,13 +105,16 @@ class Forward:
       ids = routed[0, :n]
       if self.trace is not None:
         self.trace(layer, ids, h[:n])
+      if self.prefetch:
+        self.policy.observe(layer, ids.reshape(-1))
       if n == 1:
         slots = self.pool.acquire(layer, ids[0])
         x = steps.moe_decode(spec, self.shared[layer], h, xn, weights,
                              tuple(self.pool.arrays(s) for s in slots))
-        self._prefetch(ahead, routed[1:])
-      else:
-        x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n])
+        self._prefetch(ahead, routed[1:], n, "decode")
+      else:  # the next layer's guesses are read while this layer's experts compute
+        x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n],
+                              lambda: self._prefetch(ahead, routed[1:], n, "prefill"))
     return x, cache
 
   # ---- several sequences, one token each -----------------------------------------------------
@@ -126,7 +136,7 @@ class Forward:
     nb = bucket(n, 1)
     padded = np.zeros(nb, np.int32)
     padded[:n] = tokens
-    x = steps.embed(spec, self.globals, jnp.asarray(padded))
+    x = self.embed(padded)
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
       hs, xns = [], []
@@ -148,8 +158,10 @@ class Forward:
       ids = routed[0]
       if self.trace is not None:
         self.trace(layer, ids, h[:n])
+      if self.prefetch:
+        self.policy.observe(layer, ids.reshape(-1))
       x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n])
-      self._prefetch(ahead, routed[1:])
+      self._prefetch(ahead, routed[1:], n, "batch")
     return x, caches
 
   # ---- shared pieces -----------------------------------------------------------------------
@@ -172,16 +184,22 @@ class Forward:
     return [a for a in self.moe_order[i + 1:i + 1 + self.prefetch_depth]
             if not self.pool.holds_layer(a)]
 
-  def _prefetch(self, ahead: list[int], guesses: np.ndarray) -> None:
-    """Starts reading the likeliest guessed experts of each layer ahead, nearest layer first
-    (the reads overlap this layer's expert compute); a batch's guesses are merged by rank.
-    guesses [len(ahead), N, k] (numpy: they came to the host with the ids)."""
-    for a, guess in zip(ahead, guesses):
-      g = guess[:, :self.prefetch_width]  # [N, width]
-      self.pool.prefetch(a, list(dict.fromkeys(g.T.reshape(-1).tolist())))
+  def _prefetch(self, ahead: list[int], guesses, n: int, kind: str) -> None:
+    """Starts reading the guessed experts of each layer ahead that the policy chooses,
+    nearest layer first (the reads overlap this layer's expert compute, behind any demand
+    read); the guesses of several rows (a prompt, a batch) are merged by rank. A prompt's are
+    read in expert order, which is their order on disk."""
+    for distance, (a, guess) in enumerate(zip(ahead, guesses), 1):
+      rows = np.asarray(guess)[:n, :self.prefetch_width]  # [n, width]
+      chosen = self.policy.choose(a, kind, distance, ranked_union(rows))
+      self.pool.prefetch(a, sorted(chosen) if kind == "prefill" else chosen)
 
-  def _moe_grouped(self, layer: int, h, xn, ids: np.ndarray, weights: np.ndarray):
-    """Each expert picked by any token is read once and applied to its tokens.
+  def _moe_grouped(self, layer: int, h, xn, ids: np.ndarray, weights: np.ndarray,
+                   after_first_wave: Callable[[], None] | None = None):
+    """Each expert picked by any token is read once and applied to its tokens; the misses of
+    a wave are read in ascending expert order (their order on disk), all in flight at once.
+    `after_first_wave` runs once the first wave is resident, before its compute (prefill
+    starts the next layer's guessed reads there).
 
     Experts are applied in ascending id order whatever the pool size, so results are
     bit-identical between a minimal pool and an all-resident one.
@@ -191,6 +209,8 @@ class Forward:
     for w0 in range(0, len(experts), self.pool.num_slots):
       wave = experts[w0:w0 + self.pool.num_slots]
       slots = self.pool.acquire(layer, wave)
+      if w0 == 0 and after_first_wave is not None:
+        after_first_wave()
       for e, slot in zip(wave, slots):
         tok, kpos = np.nonzero(ids == e)
         b = bucket(len(tok), 2)

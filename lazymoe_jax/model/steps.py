@@ -23,15 +23,16 @@ from lazymoe_jax.model.routers import route
 from lazymoe_jax.model.spec import Moe, ModelSpec
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def embed(spec: ModelSpec, g: dict, ids: jax.Array) -> jax.Array:
-  del spec
-  return jnp.take(g["embed"], ids, axis=0).astype(jnp.float32)  # [T, H]
+@jax.jit
+def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """Rows of a resident embedding table (a version 4 store's, or a tied float head); rows read
+  from the store's table come as [T, H] float32 already (engine/weights.py)."""
+  return jnp.take(table, ids, axis=0).astype(jnp.float32)  # [T, H]
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def head(spec: ModelSpec, g: dict, x: jax.Array) -> jax.Array:
-  w = g["lm_head"] if "lm_head" in g else g["embed"]  # tied: the embedding (or its re-encoding)
+  w = g["lm_head"] if "lm_head" in g else g["embed"]  # tied, version 4 store: the embedding
   return layers.linear(layers.rms_norm(x, g["final_norm"], spec.norm_eps), w)  # [T, V]
 
 

@@ -96,16 +96,82 @@ def drop_file_from_page_cache(path: str) -> None:
     os.close(fd)
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+SPECULATIVE_PIECE = 1 << 20  # a guess reads in pieces this size, each after demand reads
+
+
+class Cancelled(Exception):
+  """A speculative read stopped before its end (its guess turned out unneeded)."""
+
+
+class DemandGate:
+  """Demand first: speculative reads go on only while no demand read is in flight.
+
+  Demand reads register when submitted and leave as each chunk completes; a speculative read
+  is cut into SPECULATIVE_PIECE pieces and waits here before each piece, so a guess delays a
+  demand read by at most one piece already on its way to the disk. A guess can also be
+  cancelled between pieces (`cancel` set): then it stops and its slot is empty."""
+
+  def __init__(self):
+    self._cond = threading.Condition()
+    self._demand = 0
+
+  def demand_start(self, n: int = 1) -> None:
+    with self._cond:
+      self._demand += n
+
+  def demand_stop(self, _future=None) -> None:
+    with self._cond:
+      self._demand -= 1
+      if not self._demand:
+        self._cond.notify_all()
+
+  @property
+  def demand_in_flight(self) -> int:
+    with self._cond:
+      return self._demand
+
+  def wait_idle(self, cancel: threading.Event | None = None) -> None:
+    """Blocks while demand reads are in flight; raises Cancelled once `cancel` is set."""
+    with self._cond:
+      while self._demand and not (cancel is not None and cancel.is_set()):
+        self._cond.wait(0.01)  # polls for `cancel`, set without the lock
+    if cancel is not None and cancel.is_set():
+      raise Cancelled
+
+
+class _Speculative:
+  """How one speculative chunk read proceeds: through `gate`, until `cancel`; `done` bytes."""
+
+  def __init__(self, gate: DemandGate, cancel: threading.Event):
+    self.gate, self.cancel, self.done = gate, cancel, 0
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, busy: "BusyClock | None" = None,
+                spec: _Speculative | None = None) -> None:
+  """Reads all of view from offset; a speculative read (`spec`) in pieces, each after the
+  demand gate. `busy` runs during the reads only (not while a piece waits at the gate)."""
   done = 0
   while done < len(view):
-    n = os.preadv(fd, [view[done:]], offset + done)
-    if n == 0:
-      raise EOFError
-    done += n
+    end = len(view) if spec is None else min(len(view), done + SPECULATIVE_PIECE)
+    if spec is not None:
+      spec.gate.wait_idle(spec.cancel)
+    if busy is not None:
+      busy.start()
+    try:
+      while done < end:
+        n = os.preadv(fd, [view[done:end]], offset + done)
+        if n == 0:
+          raise EOFError
+        done += n
+        if spec is not None:
+          spec.done += n
+    finally:
+      if busy is not None:
+        busy.stop()
 
 
-def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" = None) -> None:
+def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" = None,
+               spec: _Speculative | None = None) -> None:
   """Reads one chunk file into `buf`. A chunk file is the array's raw bytes (zarr3 "bytes"
   codec, see format.zarr3_spec), so it is read straight into the slot with O_DIRECT: no page
   cache copy, and one large request the block layer splits into many in flight, faster than
@@ -115,7 +181,8 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" 
   bytes against the crc32 recorded at conversion (on the reader thread, overlapping the other
   reads). Raises StoreError naming the file when it is missing,
   has the wrong size or the wrong checksum. `busy` (a BusyClock) runs during the reads only,
-  not the checksum."""
+  not the checksum. `spec`: a speculative read, in pieces behind demand reads (DemandGate);
+  raises Cancelled when its guess was cancelled."""
   if not buf.flags.c_contiguous:
     raise ValueError("read_chunk needs a C-contiguous buffer (a reshape would read into a copy)")
   view = memoryview(buf.reshape(-1).view(np.uint8))
@@ -140,25 +207,19 @@ def read_chunk(path: str, buf: np.ndarray, crc32: int, busy: "BusyClock | None" 
                        "--overwrite.")
     if mechanism == "f_nocache":
       _no_cache(fd)
-    if busy is not None:
-      busy.start()
-    try:
-      if head:
+    if head:
+      try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+      except OSError:  # e.g. tmpfs: no O_DIRECT
+        head = 0
+      else:
         try:
-          dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError:  # e.g. tmpfs: no O_DIRECT
+          _pread_into(dfd, view[:head], 0, busy, spec)
+        except (OSError, EOFError):  # refused or short direct read: the buffered path below
           head = 0
-        else:
-          try:
-            _pread_into(dfd, view[:head], 0)
-          except (OSError, EOFError):  # refused or short direct read: the buffered path below
-            head = 0
-          finally:
-            os.close(dfd)
-      _pread_into(fd, view[head:], head)
-    finally:
-      if busy is not None:
-        busy.stop()
+        finally:
+          os.close(dfd)
+    _pread_into(fd, view[head:], head, busy, spec)
     if head < len(view) and mechanism != "f_nocache":
       _drop_from_page_cache(fd)
   except EOFError as e:
@@ -205,6 +266,7 @@ class ExpertStore:
   def __init__(self, store_dir: str, manifest: dict):
     self.store_dir = store_dir
     self.disk_busy = BusyClock()
+    self.gate = DemandGate()
     ex = manifest["experts"]
     self.layers: list[int] = list(ex["layers"])  # model layer index of each array row
     self.row = {layer: r for r, layer in enumerate(self.layers)}
@@ -257,13 +319,38 @@ class ExpertStore:
   def start_read(self, layer: int, expert: int, buffers: dict[str, np.ndarray],
                  speculative: bool = False) -> tuple:
     """Starts reading every array of the expert into `buffers` (each chunk file on a reader
-    thread, see read_chunk); returns a handle for finish_read."""
+    thread, see read_chunk); returns a handle for finish_read. A demand read (the default)
+    goes to the disk at once, as one request per chunk file, all of them in flight together;
+    a speculative one waits behind every demand read (DemandGate) and can be cancelled."""
     row = self.row[layer]
-    pool = _PREFETCHERS if speculative else _READERS
-    futures = {name: pool.submit(read_chunk, self.chunk_path(name, row, expert),
-                                 buffers[name], self.crc32[name][row][expert], self.disk_busy)
-               for name in self.arrays}
-    return layer, expert, futures, buffers
+    cancel = threading.Event()
+    if speculative:
+      specs = {name: _Speculative(self.gate, cancel) for name in self.arrays}
+      futures = {name: _PREFETCHERS.submit(read_chunk, self.chunk_path(name, row, expert),
+                                           buffers[name], self.crc32[name][row][expert],
+                                           self.disk_busy, specs[name])
+                 for name in self.arrays}
+    else:
+      specs = {}
+      self.gate.demand_start(len(self.arrays))  # before any submit: no guess slips in first
+      futures = {}
+      for name in self.arrays:
+        futures[name] = _READERS.submit(read_chunk, self.chunk_path(name, row, expert),
+                                        buffers[name], self.crc32[name][row][expert],
+                                        self.disk_busy)
+        futures[name].add_done_callback(self.gate.demand_stop)
+    return layer, expert, futures, buffers, cancel, specs
+
+  @staticmethod
+  def cancel(handle: tuple) -> None:
+    """Stops a speculative read at its next piece (finish_read then raises Cancelled)."""
+    handle[4].set()
+
+  def bytes_done(self, handle: tuple) -> int:
+    """Bytes a read has taken from the disk so far (all of them for a demand read)."""
+    if not handle[5]:
+      return self.bytes_per_expert
+    return sum(s.done for s in handle[5].values())
 
   @staticmethod
   def read_done(handle: tuple) -> bool:
@@ -277,8 +364,8 @@ class ExpertStore:
 
   def finish_read(self, handle: tuple) -> int:
     """Waits for a started read (every chunk of it, before judging any); returns bytes read.
-    Any failure is a StoreError naming the chunk file."""
-    layer, expert, futures, _ = handle
+    Any failure is a StoreError naming the chunk file; a cancelled guess raises Cancelled."""
+    layer, expert, futures = handle[:3]
     row = self.row[layer]
     errors = {}
     for name, fut in futures.items():
@@ -286,6 +373,8 @@ class ExpertStore:
         fut.result()
       except Exception as e:  # pylint: disable=broad-except
         errors[name] = e
+    if any(isinstance(e, Cancelled) for e in errors.values()):
+      raise Cancelled
     for name, e in errors.items():
       if isinstance(e, StoreError):
         raise e

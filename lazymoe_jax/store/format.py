@@ -12,7 +12,14 @@ from lazymoe_jax.model.spec import ModelSpec
 from lazymoe_jax.errors import StoreError
 
 FORMAT = "lazymoe-store"
-VERSION = 4  # 2: expert encodings (arrays per tensor); 3: fused wqkv; 4: family + hf_config
+# 2: expert encodings (arrays per tensor); 3: fused wqkv; 4: family + hf_config; 5: the
+# embedding as a table read by rows (store/embedding.py), the output head in its compute
+# encoding ("head"), every dense tensor's shape and dtype ("dense.tensors": the memory plan is
+# made from them before loading)
+VERSION = 5
+# Version 4 stores still load: embedding and head restored whole, the head re-encoded at load
+# as before (BUILD_NOTES "session 7 — Loading inside the budget").
+READABLE_VERSIONS = (4, 5)
 MANIFEST = "manifest.json"
 DENSE_DIR = "dense"
 EXPERTS_DIR = "experts"
@@ -110,9 +117,9 @@ def read_manifest(store_dir: str) -> dict[str, Any]:
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     raise StoreError(f"{path} is not a {FORMAT} manifest; give a store folder written by "
                      "`python -m checkpoints_tools.convert_hf`.")
-  if manifest.get("version") != VERSION:
+  if manifest.get("version") not in READABLE_VERSIONS:
     raise StoreError(f"{path} has format version {manifest.get('version')}, this engine reads "
-                     f"version {VERSION}; re-convert the model.")
+                     f"versions {list(READABLE_VERSIONS)}; re-convert the model.")
   validate_manifest(manifest, path)
   return manifest
 
@@ -178,6 +185,27 @@ def validate_manifest(manifest: dict[str, Any], path: str = MANIFEST) -> None:
       fail(f"experts.crc32.{name}", f"is not {shape[0]} rows of {shape[1]} checksums")
     for row in sums:
       ints(row, f"experts.crc32.{name}")
+  if manifest.get("version", VERSION) >= 5:
+    tables = get(dense, "tensors", _DICT, "dense.")
+    if sorted(tables) != sorted(parts):
+      fail("dense.tensors", f"names parts {sorted(tables)[:3]}..., not dense.parts")
+    for part, table in tables.items():
+      if not isinstance(table, dict):
+        fail(f"dense.tensors.{part}", f"is {type(table).__name__}, not dict")
+      for key, entry in table.items():
+        where = f"dense.tensors.{part}.{key}."
+        if not isinstance(entry, dict):
+          fail(where[:-1], f"is {type(entry).__name__}, not dict")
+        ints(get(entry, "shape", _LIST, where), where + "shape")
+        get(entry, "dtype", _STR, where)
+    emb = get(manifest, "embedding", _DICT, "")
+    get(emb, "path", _STR, "embedding.")
+    get(emb, "dtype", _STR, "embedding.")
+    shape = get(emb, "shape", _LIST, "embedding.")
+    ints(shape, "embedding.shape")
+    if len(shape) != 2:
+      fail("embedding.shape", f"is {shape}, not [vocab, hidden]")
+    get(get(manifest, "head", _DICT, ""), "encoding", _STR, "head.")
   if "tokenizer" not in manifest:
     fail("tokenizer", "is missing (null for a store without tokenizer)")
   if manifest["tokenizer"] is not None:  # null: converted without tokenizer files

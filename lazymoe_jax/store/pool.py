@@ -30,7 +30,7 @@ import numpy as np
 
 from lazymoe_jax.errors import PlanError, StoreError
 from lazymoe_jax.model.encodings import Weight
-from lazymoe_jax.store.experts import ExpertStore
+from lazymoe_jax.store.experts import Cancelled, ExpertStore
 
 ALIGN = 4096
 POLICIES = ("lru", "lfu", "layer")
@@ -98,6 +98,12 @@ class ExpertPool:
     self.prefetch_errors = 0  # guesses whose read failed (dropped; see _land_prefetches)
     self.num_experts = store.num_experts  # per layer
     self.held: collections.Counter[int] = collections.Counter()  # layer -> keys in the table
+    # bytes from the disk: demand reads (misses) and speculative ones (guesses, including the
+    # part read of a guess cancelled as unneeded); of the latter, those never used
+    self.demand_bytes = 0
+    self.speculative_bytes = 0
+    self.unused_bytes = 0
+    self.prefetch_cancelled = 0
 
   def _wrap(self, bufs: dict[str, np.ndarray]) -> dict[str, Weight]:
     return self.store.as_tree({n: jax.device_put(b) for n, b in bufs.items()})
@@ -183,11 +189,21 @@ class ExpertPool:
         if key[0] != layer and not self.store.read_done(handle):
           continue
         try:
-          self.bytes_read += self.store.finish_read(handle)
+          self.store.finish_read(handle)
+        except Cancelled:
+          del self.pending[key]
+          done = self.store.bytes_done(handle)
+          self.bytes_read += done
+          self.speculative_bytes += done
+          self.unused_bytes += done
+          self.prefetch_cancelled += 1
+          continue
         except StoreError:
           del self.pending[key]
           self.prefetch_errors += 1
           continue
+        self.bytes_read += self.store.bytes_per_expert
+        self.speculative_bytes += self.store.bytes_per_expert
         del self.pending[key]  # only now: an interrupted wait leaves the slot reserved
         self._install(slot, key)
         self.prefetched.add(key)
@@ -210,6 +226,10 @@ class ExpertPool:
     """Makes every expert of `experts` resident for `layer` at once; returns their slots."""
     experts = [int(e) for e in experts]
     if self.pending:
+      wanted = set(experts)
+      for key, (_, handle) in self.pending.items():
+        if key[0] == layer and key[1] not in wanted:
+          self.store.cancel(handle)  # an unneeded guess stops at its next piece
       self._land_prefetches(layer)
     hit = [self.table.get((layer, e)) for e in experts]
     if None not in hit:
@@ -232,9 +252,9 @@ class ExpertPool:
             self.prefetch_used += 1
         else:  # start every miss's read before waiting for any of them
           slot = self._victim(layer, pinned | self._reserved())
-          if slot is None:  # every other slot awaits a prefetch for a later layer
-            self.drain()
-            self.prefetched.clear()
+          if slot is None:  # every other slot awaits a prefetch for a later layer: drop them
+            self.cancel_prefetches()
+            self._drop_landed(lambda key: True)
             slot = self._victim(layer, pinned | self._reserved())
           self._evict(slot)
           self._map(slot, key)  # reserved: a repeat of e in `experts` maps here
@@ -248,7 +268,9 @@ class ExpertPool:
       t0 = time.perf_counter()
       try:
         for slot, key, handle in reads:
-          self.bytes_read += self.store.finish_read(handle)
+          n = self.store.finish_read(handle)
+          self.bytes_read += n
+          self.demand_bytes += n
           self._install(slot, key)
       finally:
         self.io_wait_s += time.perf_counter() - t0
@@ -271,7 +293,9 @@ class ExpertPool:
       self.lru.move_to_end(slot)
     self.hits += len(experts)
     if self.prefetched:
-      self.prefetch_used += len(self.prefetched & {(layer, e) for e in experts})
+      used = self.prefetched & {(layer, e) for e in experts}
+      self.prefetch_used += len(used)
+      self.prefetched -= used  # used, not counted unused below
       self._forget_guesses(layer)
     self.in_use = set(slots)
     return slots
@@ -279,4 +303,17 @@ class ExpertPool:
   def _forget_guesses(self, layer: int) -> None:
     """This layer's unused guesses lose their protection (they stay resident, first victims)."""
     if self.prefetched:
-      self.prefetched = {key for key in self.prefetched if key[0] != layer}
+      self._drop_landed(lambda key: key[0] == layer)
+
+  def _drop_landed(self, which) -> None:
+    """Landed guesses for which(key) are no longer awaited: counted unused (bytes read for
+    nothing so far; resident, they may still hit later, then counted as hits)."""
+    dropped = {key for key in self.prefetched if which(key)}
+    self.unused_bytes += len(dropped) * self.store.bytes_per_expert
+    self.prefetched -= dropped
+
+  def cancel_prefetches(self) -> None:
+    """Cancels every guess in flight and waits until their reads stopped (slots left empty)."""
+    for _, handle in self.pending.values():
+      self.store.cancel(handle)
+    self.drain()
