@@ -253,7 +253,8 @@ def _chat_template(src: str, dst: str) -> dict | None:
           "eos_token": token(tok_cfg.get("eos_token"))}
 
 
-STORE_ENTRIES = {fmt.MANIFEST, fmt.DENSE_DIR, fmt.EXPERTS_DIR, CHAT_TEMPLATE_FILE} | {
+STORE_ENTRIES = {fmt.MANIFEST, fmt.DENSE_DIR, fmt.EXPERTS_DIR, embedding_store.EMBED_DIR,
+                 CHAT_TEMPLATE_FILE} | {
     n for n, _ in TOKENIZER_FILES}
 
 

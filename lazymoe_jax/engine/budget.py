@@ -105,8 +105,8 @@ def make_plan(budget_gb: float, runtime_and_dense_bytes: int, kv_bytes: int, max
   loading = runtime_and_dense_bytes + load_extra_bytes
   if slots < min_slots or budget < loading:
     need = max(steady, loading)
-    load = (f", loading {loading / GB:.3f} GB at its peak (one restore group beyond the dense "
-            "params)" if loading > steady else "")
+    load = (f", loading {loading / GB:.3f} GB at its peak (the dense params placed so far and "
+            "the restore group being placed)" if loading > steady else "")
     raise PlanError(
         f"memory budget {budget_gb:.2f} GB is too small for this model: it needs at least "
         f"{need / GB:.2f} GB (runtime + dense params {runtime_and_dense_bytes / GB:.3f} GB "
@@ -168,24 +168,25 @@ def dense_sizes(store_dir: str, manifest: dict, spec: ModelSpec,
                 dense_dtype: str | None) -> tuple[int, int]:
   """(resident bytes, load extra bytes) of the dense params as engine/weights.load will hold
   them: each tensor in the encoding it will have; plus the embedding rows' tensorstore cache
-  where rows are read from the store. The load extra is the largest restore group (as
-  restored) plus, per tensor, what re-encoding it holds (a float32 block of rows and the
-  encoded copy) and the device copy of the largest tensor in the group; version 4 stores'
-  whole-array chunks make orbax hold each array twice while restoring it."""
+  where rows are read from the store. The load extra is how far the load's peak goes beyond
+  the final resident bytes: parts are placed in order, and placing a group holds what is
+  resident so far, the group as restored and, for its largest tensor, what re-encoding holds
+  (a float32 block of rows, the encoded copy) and its device copy; version 4 stores'
+  whole-array chunks make orbax hold each array twice while restoring it; plus two chunks."""
   tables = dense_tensors(store_dir, manifest)
   enc = encodings.get(dense_dtype) if dense_dtype is not None else None
   head_re = reencodes_head(manifest, tables, dense_dtype)
   resident = embedding_store.CACHE_BYTES if stored_rows_read(manifest, spec, tables,
                                                              dense_dtype) else 0
-  extra = 0
+  peak = 0  # the most held at once: what is resident so far + the group being placed
   chunked = "tensors" in manifest["dense"]  # version 5: written in SAVE_CHUNK_BYTES chunks
-  for part, table in tables.items():
-    group, group_extra = 0, 0
+  for part, table in tables.items():  # in the order weights.load restores them
+    before, group, group_extra = resident, 0, 0
     for key, t in table.items():
       n = _nbytes(t)
       if group and group + n > dense_store.RESTORE_GROUP_BYTES:
-        extra = max(extra, group + group_extra)
-        group, group_extra = 0, 0
+        peak = max(peak, before + group + group_extra)
+        before, group, group_extra = resident, 0, 0
       group += n
       reenc = enc is not None and (
           (part != "globals" and key in DENSE_MATRICES) or
@@ -201,8 +202,8 @@ def dense_sizes(store_dir: str, manifest: dict, spec: ModelSpec,
       if not chunked:
         held += n
       group_extra = max(group_extra, held)
-    extra = max(extra, group + group_extra)
-  return resident, extra + 2 * dense_store.SAVE_CHUNK_BYTES
+    peak = max(peak, before + group + group_extra)
+  return resident, max(0, peak - resident) + 2 * dense_store.SAVE_CHUNK_BYTES
 
 
 def bytes_per_expert(manifest: dict) -> int:
