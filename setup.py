@@ -13,7 +13,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["rowdot.cc", "gemv.cc", "expert_ffn.cc"]
+SOURCES = ["rowdot.cc", "gemv.cc", "expert_ffn.cc", "attn_ops.cc", "attention.cc"]
 CSRC = os.path.join("lazymoe_jax", "kernels", "csrc")
 
 
@@ -40,7 +40,7 @@ setup(
     ext_modules=[Extension(
         "lazymoe_jax.kernels._lazymoe_kernels",
         sources=[os.path.join(CSRC, s) for s in SOURCES],
-        depends=[os.path.join(CSRC, h) for h in ("rowdot.h", "ffi_common.h")],
+        depends=[os.path.join(CSRC, h) for h in ("rowdot.h", "ffi_common.h", "attn_ops.h")],
         language="c++",
         extra_compile_args=["-std=c++17", "-O3", "-Wno-uninitialized",
                             "-Wno-maybe-uninitialized"],

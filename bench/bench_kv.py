@@ -1,18 +1,20 @@
 r"""TurboQuant KV cache: distortion against the paper, bytes, and decode attention time.
 
-  python -m bench.bench_kv [--contexts=1024,4096,16384] [--head_dim=128]
+  python -m bench.bench_kv [--contexts=4096,16384] [--head_dim=128] [--notables]
 
 1. Distortion of unit vectors (dim 128): measured E|u - u_hat|^2 per bit width beside the
    paper's Lloyd-Max figures and the (sqrt(3) pi / 2) 4^-b bound; the prod variant's
    inner-product error mean and variance.
 2. Bytes per token per layer (keys + values, norms included) against bf16 and f32 caches.
-3. One decode step's attention (GQA 32 query / 8 KV heads) over a cache filled to each context,
-   dense float32 vs TurboQuant 4 and 2.5 bits, in milliseconds (median).
+3. One decode step's attention over a cache filled to each context, gpt-oss-like (64 query /
+   8 KV heads x 64) and Mixtral-like (32 / 8 x 128) heads: the float32 cache and TurboQuant 4
+   bits, each through the native kernel and the XLA path (LAZYMOE_KERNELS), in one run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import jax
@@ -31,8 +33,9 @@ PROD_PAPER = {1: 1.57, 2: 0.56, 3: 0.18, 4: 0.047}
 
 
 def define_flags() -> None:
-  flags.DEFINE_list("contexts", ["1024", "4096", "16384"], "Filled cache lengths.")
-  flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+  flags.DEFINE_list("contexts", ["4096", "16384"], "Filled cache lengths.")
+  flags.DEFINE_integer("head_dim", 128, "Head dimension (distortion and bytes tables).")
+  flags.DEFINE_bool("tables", True, "Print the distortion and bytes tables first.")
 
 
 FLAGS = flags.FLAGS
@@ -63,36 +66,54 @@ def bytes_table(d: int, kv_heads: int) -> None:
     print(f"  {bits} bits: {tq:.0f} B (bf16 {bf16} B: {bf16 / tq:.2f}x smaller; f32 {f32} B)")
 
 
-def attention_time(contexts: list[int], d: int, kv_heads: int = 8, q_heads: int = 32) -> None:
-  cfg = cache_spec(kv_heads, d)
+# (name, query heads, KV heads, head dim)
+SHAPES = (("gpt-oss", 64, 8, 64), ("mixtral", 32, 8, 128))
+
+
+def _time(f, *args) -> float:
+  """Median of 10 calls, ms (after one warm-up call that compiles)."""
+  f(*args).block_until_ready()
+  times = []
+  for _ in range(10):
+    t0 = time.perf_counter()
+    f(*args).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)) * 1e3
+
+
+def attention_time(contexts: list[int]) -> None:
+  """One decode token's attention, native kernel and XLA path side by side in one run."""
   rng = np.random.default_rng(0)
-  print(f"\ndecode attention, one token, {q_heads} query / {kv_heads} KV heads, dim {d} (ms):")
-  for n in contexts:
-    row = [f"  {n:6d} tokens:"]
-    for name, kv in (("dense f32", DenseKV()), ("tq 4", TurboQuantKV(4.0, 4.0)),
-                     ("tq 2.5", TurboQuantKV(2.5, 2.5))):
-      cache = kv.init(cfg, n)[0]
+  print("\ndecode attention, one token (ms, median of 10; native / XLA in the same run):")
+  print("| shape | positions | f32 native | f32 XLA | tq4 native | tq4 XLA | tq4 native / f32 native |"
+        "\n|---|---|---|---|---|---|---|")
+  for shape, q_heads, kv_heads, d in SHAPES:
+    cfg = cache_spec(kv_heads, d)
+    for n in contexts:
       k = jnp.asarray(rng.standard_normal((n, kv_heads, d)).astype(np.float32))
-      cache = jax.jit(kv.update)(cache, k, k, 0)
       q = jnp.asarray(rng.standard_normal((1, q_heads, d)).astype(np.float32))
-      pos = jnp.asarray([n - 1])
-      f = jax.jit(lambda c, q, p, kv=kv: kv.attend(c, q, p, None, d ** -0.5))
-      f(cache, q, pos).block_until_ready()
-      times = []
-      for _ in range(10):
-        t0 = time.perf_counter()
-        f(cache, q, pos).block_until_ready()
-        times.append(time.perf_counter() - t0)
-      row.append(f"{name} {np.median(times) * 1e3:7.2f}")
-    print("  ".join(row), flush=True)
+      pos = jnp.asarray([n - 1], jnp.int32)
+      ms = {}
+      for name, kv in (("f32", DenseKV()), ("tq4", TurboQuantKV(4.0, 4.0))):
+        cache = jax.jit(kv.update)(kv.init(cfg, n)[0], k, k, 0)
+        for mode in ("native", "xla"):
+          os.environ["LAZYMOE_KERNELS"] = mode  # read when the program is traced
+          f = jax.jit(lambda c, q, p, kv=kv: kv.attend(c, q, p, None, d ** -0.5))
+          ms[name, mode] = _time(f, cache, q, pos)
+        del cache
+      os.environ.pop("LAZYMOE_KERNELS")
+      print(f"| {shape} {q_heads}/{kv_heads}x{d} | {n} | {ms['f32', 'native']:.2f} | "
+            f"{ms['f32', 'xla']:.2f} | {ms['tq4', 'native']:.2f} | {ms['tq4', 'xla']:.2f} | "
+            f"{ms['tq4', 'native'] / ms['f32', 'native']:.2f} |", flush=True)
 
 
 def main(argv) -> None:
   del argv
   keep_heap_warm()  # as the engine does (large per-step temporaries stay mapped)
-  distortion(128)
-  bytes_table(FLAGS.head_dim, 8)
-  attention_time([int(c) for c in FLAGS.contexts], FLAGS.head_dim)
+  if FLAGS.tables:
+    distortion(128)
+    bytes_table(FLAGS.head_dim, 8)
+  attention_time([int(c) for c in FLAGS.contexts])
 
 
 if __name__ == "__main__":

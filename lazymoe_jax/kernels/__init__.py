@@ -1,4 +1,4 @@
-"""Native CPU kernels (C++, through XLA's typed FFI) for expert FFNs and dense products.
+"""Native CPU kernels (C++, through XLA's typed FFI): expert FFNs, dense products, decode attention.
 
 Nothing is built at import: the shared library that `pip install` compiled (setup.py; or
 CMakeLists.txt by hand, pointed to by LAZYMOE_KERNELS_LIB) is loaded with ctypes on first use
@@ -71,7 +71,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return None, "native kernel library not built (no compiler at install?)"
   try:
     lib = ctypes.CDLL(path)
-    for name, sym in (("lazymoe_linear", lib.LazymoeLinear), ("lazymoe_moe_ffn", lib.LazymoeMoeFfn)):
+    for name, sym in (("lazymoe_linear", lib.LazymoeLinear), ("lazymoe_moe_ffn", lib.LazymoeMoeFfn),
+                      ("lazymoe_attn_dense", lib.LazymoeAttnDense),
+                      ("lazymoe_attn_latent", lib.LazymoeAttnLatent),
+                      ("lazymoe_attn_turboquant", lib.LazymoeAttnTurboquant)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
     lib.lazymoe_best_isa.restype = ctypes.c_int
     lib.lazymoe_isa_supported.restype = ctypes.c_int
@@ -234,3 +237,73 @@ NATIVE_MAX_TOKENS = 16  # above this many rows the XLA dots (YNNPACK) serve pref
 def native_for(encoding: str, tokens: int) -> bool:
   """Whether a product of `tokens` rows with an `encoding` weight takes the native kernels."""
   return tokens <= NATIVE_MAX_TOKENS and encoding in ENCODINGS and mode() == "native"
+
+
+# ---- decode attention (csrc/attention.cc) ----------------------------------------------------
+# Up to this many query tokens attend through the native kernels; longer prompts keep the XLA
+# path (its blocked batched products are the faster form there).
+ATTN_MAX_TOKENS = 16
+
+
+def attention_native(tokens: int) -> bool:
+  """Whether an attention of `tokens` query tokens takes the native kernels."""
+  return tokens <= ATTN_MAX_TOKENS and mode() == "native"
+
+
+def _attn_call(target: str, out_width: int, q: jax.Array, q_pos: jax.Array, window: int | None,
+               scale: float, sinks: jax.Array | None, *operands, **attrs) -> jax.Array:
+  """One decode-attention FFI call: q [T, H, D] -> [T, H, out_width] float32.
+
+  vmap_method="expand_dims": under jax.vmap every operand gets the batch axis (size 1 where
+  it is not batched) and the handler loops over the leading axes itself, broadcasting the
+  size-1 ones, so a batch of sequences' caches is one call with no copies."""
+  if window is not None and int(window) < 1:
+    raise ValueError(f"attention window must be >= 1 or None, got {window}.")
+  t, hq, _ = q.shape
+  sinks_op = jnp.zeros((hq,), jnp.float32) if sinks is None else jnp.asarray(sinks, jnp.float32)
+  out = jax.ShapeDtypeStruct((t, hq, out_width), jnp.float32)
+  return jax.ffi.ffi_call(target, out, vmap_method="expand_dims")(
+      jnp.asarray(q, jnp.float32), jnp.asarray(q_pos, jnp.int32), sinks_op, *operands,
+      window=np.int64(window or 0), scale=np.float32(scale), has_sinks=np.int64(sinks is not None),
+      isa=np.int64(ISAS[isa()]), **attrs)
+
+
+def attend_dense(k: jax.Array, v: jax.Array, q: jax.Array, q_pos: jax.Array, window: int | None,
+                 scale: float, sinks: jax.Array | None = None) -> jax.Array:
+  """softmax(scale q k^T, causal by q_pos [T], window, sinks [H]) v over a dense cache: k
+  [K, D, S], v [K, S, D] float32 (kv/dense.py's layout), q [T, K*G, D] -> [T, K*G, D]."""
+  return _attn_call("lazymoe_attn_dense", q.shape[-1], q, q_pos, window, scale, sinks, k, v)
+
+
+def attend_latent(k: jax.Array, q: jax.Array, q_pos: jax.Array, window: int | None, scale: float,
+                  value_dim: int, sinks: jax.Array | None = None) -> jax.Array:
+  """MLA over the latent cache k [1, R + Dr, S] (kv/latent.py): keys [c, k_r], values its
+  first value_dim (R) rows; q [T, H, R + Dr] -> [T, H, R]."""
+  return _attn_call("lazymoe_attn_latent", value_dim, q, q_pos, window, scale, sinks, k)
+
+
+def attend_turboquant(k_side: tuple, v_side: tuple, qr: jax.Array, q_pos: jax.Array,
+                      window: int | None, scale: float, sinks: jax.Array | None,
+                      score_bias: jax.Array, v_shift: jax.Array) -> jax.Array:
+  """Attention over TurboQuant codes (kv/turboquant.py, MSE variant) in the rotated space.
+
+  qr [T, H, D]: the query already rotated; k_side / v_side = (norm f16 [K, S, 1], [(start,
+  stop, bits, codebook [2^bits], [codes of the fields of width 1, 2, 4 the bits hold, uint8
+  [K, S, (stop - start) * width / 8]])]); score_bias [T, H] is added to q.k before the scale;
+  v_shift [K, D] (rotated) is added to each output times its probability mass. Returns the
+  rotated output [T, H, D] (the caller rotates it back, once)."""
+  operands, groups, books = [], {}, []
+  for name, (norm, parts) in (("k", k_side), ("v", v_side)):
+    operands.append(norm)
+    flat = []
+    for a, b, bits, codebook, fields in parts:
+      flat += [a, b, bits]
+      books.append(np.asarray(codebook, np.float32))
+      operands += list(fields)
+    groups[name] = np.asarray(flat, np.int64)
+  k_norm = k_side[0]
+  return _attn_call("lazymoe_attn_turboquant", qr.shape[-1], qr, q_pos, window, scale, sinks,
+                    jnp.asarray(score_bias, jnp.float32), jnp.asarray(v_shift, jnp.float32),
+                    *operands, kv_heads=np.int64(k_norm.shape[0]),
+                    capacity=np.int64(k_norm.shape[1]), k_groups=groups["k"],
+                    v_groups=groups["v"], codebooks=np.concatenate(books))

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lazymoe_jax import kernels
 from lazymoe_jax.model.spec import ModelSpec
 
 QUERY_BLOCK = 128  # long prompts attend in blocks of queries: scores stay [K, G, 128, S]
@@ -94,8 +95,14 @@ class DenseKV:
 
   def attend(self, cache: dict, q: jax.Array, q_pos: jax.Array, window: int | None,
              scale: float, sinks: jax.Array | None = None) -> jax.Array:
-    """Attention of q [T, K*G, D] over the cache -> [T, K*G, D] (sinks: see causal_softmax)."""
+    """Attention of q [T, K*G, D] over the cache -> [T, K*G, D] (sinks: see causal_softmax).
+
+    Decode (up to kernels.ATTN_MAX_TOKENS tokens) of a float32 cache takes the native kernel
+    (the same function; other dtypes stay on this XLA form)."""
     kv_heads = cache["k"].shape[0]
+    if (kernels.attention_native(q.shape[0]) and cache["k"].dtype == jnp.float32
+        and cache["v"].dtype == jnp.float32):
+      return kernels.attend_dense(cache["k"], cache["v"], q, q_pos, window, scale, sinks)
 
     def one(q, q_pos):
       t, hq, d = q.shape

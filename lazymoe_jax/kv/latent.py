@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lazymoe_jax import kernels
 from lazymoe_jax.model.spec import ModelSpec
 from lazymoe_jax.kv.dense import blocked, causal_softmax, from_rows, to_rows
 
@@ -55,6 +56,8 @@ class LatentKV:
     if value_dim is None:
       raise ValueError("LatentKV.attend needs value_dim (kv_lora_rank): the cached rows that "
                        "are the value.")
+    if kernels.attention_native(q.shape[0]) and cache["k"].dtype == jnp.float32:
+      return kernels.attend_latent(cache["k"], q, q_pos, window, scale, value_dim, sinks)
     keys = cache["k"].astype(jnp.float32)  # [1, R + Dr, S]
     values = keys[:, :value_dim, :]  # [1, R, S]
 

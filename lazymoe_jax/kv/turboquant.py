@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lazymoe_jax import kernels
+
 F32 = jnp.float32
 MLA_REFUSAL = ("kv_bits / k_bits / v_bits (TurboQuant) are not supported for multi-head latent "
                "attention models (deepseek_v2, deepseek_v3): their cache holds a compressed "
@@ -356,6 +358,10 @@ class TurboQuantKV:
         blocked, causal_softmax, from_rows, to_rows)
     kq, vq = self.quantisers(q.shape[-1])
     kv_heads = cache["k"]["norm"].shape[0]
+    # Decode takes the native kernel for the MSE variant at every bit width the class allows;
+    # the prod variant's QJL term (a d x d Gaussian sketch per key) stays on this XLA form.
+    if kernels.attention_native(q.shape[0]) and kq.variant == "mse":
+      return self._attend_native(kq, vq, cache, q, q_pos, window, scale, sinks)
     # unit vectors in the rotated space [K, S, D]; the norms [K, 1, S] scale the scores and
     # the probabilities instead ([K, G*T, S] products, not another [K, S, D] pass)
     k_norm = jnp.swapaxes(cache["k"]["norm"].astype(F32), 1, 2)
@@ -385,3 +391,27 @@ class TurboQuantKV:
       out_r = out_r + shift
       return vq.unrotate(from_rows(out_r, t))
     return blocked(one, q, q_pos)
+
+  @staticmethod
+  def _attend_native(kq: TurboQuant, vq: TurboQuant, cache: dict, q: jax.Array,
+                     q_pos: jax.Array, window: int | None, scale: float,
+                     sinks: jax.Array | None) -> jax.Array:
+    """`attend` through kernels.attend_turboquant: the query rotated once here, scores and
+    the value sum in the rotated space from the packed codes (no centroid array), the output
+    rotated back once. The same exact rewrites of the centering as `attend`."""
+    kv_heads = cache["k"]["norm"].shape[0]
+    t, hq, d = q.shape
+
+    def side(tq: TurboQuant, codes: dict) -> tuple:
+      return codes["norm"], [(a, b, bits, lloyd_max_codebook(tq.dim, bits),
+                              [codes[f"idx{a}_w{w}"] for w in _field_widths(bits)])
+                             for a, b, bits in tq.groups()]
+    if sinks is None:  # the softmax cancels q.m_k; a sink does not (see attend)
+      bias = jnp.zeros((t, hq), F32)
+    else:
+      bias = jnp.einsum("tkgd,kd->tkg", q.astype(F32).reshape(t, kv_heads, hq // kv_heads, d),
+                        cache["k_shift"].astype(F32)).reshape(t, hq)
+    out_r = kernels.attend_turboquant(side(kq, cache["k"]), side(vq, cache["v"]), kq.rotate(q),
+                                      q_pos, window, scale, sinks, bias,
+                                      vq.rotate(cache["v_shift"]))
+    return vq.unrotate(out_r)
