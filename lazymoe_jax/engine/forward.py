@@ -4,8 +4,9 @@ Per layer: a jitted attention+router program, then on the host the expert ids ar
 pool slots (misses read from disk), then a jitted expert program. Prefill groups the prompt's
 tokens by expert so that each selected expert is read once per layer for the whole prompt, in
 waves when the pool is smaller than the set of experts the prompt needs. Batched decode (one
-token of each of N sequences) runs attention per sequence and the experts grouped, like
-prefill: each expert the batch picks is read once per layer.
+token of each of N sequences) runs attention once per layer over the sequences' stacked
+caches (engine/batch.py) and the experts grouped, like prefill: each expert the batch picks is
+read once per layer.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def capacity_for(needed: int, limit: int) -> int:
+  """The cache capacity for `needed` positions: a multiple of KV_ROUND or the bucket a prompt
+  of that length is padded to, but never beyond `limit` (max_context)."""
+  padded = max(-(-needed // KV_ROUND) * KV_ROUND, bucket(needed, 8))
+  return min(padded, max(needed, limit))
+
+
 class Forward:
   """The model as it runs: spec, KV cache kind, dense params on the device, the expert pool."""
 
@@ -65,9 +73,8 @@ class Forward:
     """A cache for `needed` positions: rounded up (few shapes, few compilations) to a
     multiple of KV_ROUND or to the bucket a prompt of that length is padded to, but never
     beyond `limit` (max_context)."""
-    padded = max(-(-needed // KV_ROUND) * KV_ROUND, bucket(needed, 8))
-    cache = KVCache(self.kv.init(self.spec, min(padded, max(needed, limit))))
-    cache.capacity = min(padded, max(needed, limit))
+    cache = KVCache(self.kv.init(self.spec, capacity_for(needed, limit)))
+    cache.capacity = capacity_for(needed, limit)
     return cache
 
   # ---- one sequence ------------------------------------------------------------------------
@@ -104,49 +111,32 @@ class Forward:
     return x, cache
 
   # ---- several sequences, one token each -----------------------------------------------------
-  def run_batch(self, tokens: np.ndarray, positions: Sequence[int],
-                caches: Sequence[KVCache]) -> tuple[jax.Array, list[KVCache]]:
-    """One decode step of N sequences: tokens[i] at positions[i] with caches[i]. Attention
-    runs per sequence (each its own cache and position); the router once over the batch; each
-    expert the batch picks is acquired once and applied to its tokens. Returns (x [>= N, H]:
-    rows past N are padding, caches)."""
+  def run_batch(self, tokens: np.ndarray, positions: np.ndarray, rows: np.ndarray,
+                stack: list) -> tuple[jax.Array, list]:
+    """One decode step of the sequences stacked in `stack` (per layer, their caches with a
+    leading slot axis: engine/batch.py): tokens[r] at positions[r] for every slot r. Attention
+    runs once per layer over all slots, each at its own position; the router once over the
+    batch; each expert the live `rows` pick is acquired once and applied to its tokens.
+    Padding slots (not in rows) are never routed and their outputs are meaningless.
+    Returns (x [slots, H], stack)."""
     spec = self.spec
-    n = len(tokens)
-    caches = list(caches)
-    for pos, cache in zip(positions, caches):
-      if pos + 1 > cache.capacity:
-        raise PlanError(f"KV cache too small for {pos + 1} positions.")
-    pos = [jnp.asarray(np.array([p], np.int32)) for p in positions]
-    # rows padded to a power of two (few compiled shapes as sequences join and leave); the
-    # padding rows are never routed (ids[:n]) and their outputs are dropped
-    nb = bucket(n, 1)
-    padded = np.zeros(nb, np.int32)
-    padded[:n] = tokens
-    x = steps.embed(spec, self.globals, jnp.asarray(padded))
+    pos = jnp.asarray(positions)
+    x = steps.embed(spec, self.globals, jnp.asarray(tokens))
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
-      hs, xns = [], []
-      for i in range(n):
-        h, xn, caches[i][layer] = steps.attention_block(spec, self.kv, window, p, x[i:i + 1],
-                                                        pos[i], caches[i][layer])
-        hs.append(h)
-        xns.append(xn)
-      if nb > n:
-        hs.append(x[n:])
-        xns.append(x[n:])
-      h, xn = jnp.concatenate(hs), jnp.concatenate(xns)
+      h, xn, stack[layer] = steps.attention_batch(spec, self.kv, window, p, x, pos, stack[layer])
       if spec.layers[layer].mlp == DENSE_MLP:
         x = steps.dense_mlp(spec, p, h, xn)
         continue
       ahead = self._layers_ahead(layer) if self.prefetch else []
       ids, weights, guesses = steps.route_block(spec, p, h, xn,
                                                 tuple(self.routers[a] for a in ahead))
-      ids = np.asarray(ids)[:n]
+      ids = np.asarray(ids)[rows]
       if self.trace is not None:
-        self.trace(layer, ids, h[:n])
-      x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[:n])
-      self._prefetch(ahead, [g[:n] for g in guesses])
-    return x, caches
+        self.trace(layer, ids, h[rows])
+      x = self._moe_grouped(layer, p, h, xn, ids, np.asarray(weights)[rows], rows)
+      self._prefetch(ahead, [np.asarray(g)[rows] for g in guesses])
+    return x, stack
 
   # ---- shared pieces -----------------------------------------------------------------------
   def head_rows(self, x: jax.Array, n: int) -> np.ndarray:
@@ -169,8 +159,10 @@ class Forward:
       g = np.asarray(guess)[:, :self.prefetch_width]  # [N, width]
       self.pool.prefetch(a, list(dict.fromkeys(g.T.reshape(-1).tolist())))
 
-  def _moe_grouped(self, layer: int, p: dict, h, xn, ids: np.ndarray, weights: np.ndarray):
-    """Each expert picked by any token is read once and applied to its tokens.
+  def _moe_grouped(self, layer: int, p: dict, h, xn, ids: np.ndarray, weights: np.ndarray,
+                   rows: np.ndarray | None = None):
+    """Each expert picked by any token is read once and applied to its tokens: ids, weights
+    [n, k] of the rows of xn `rows` (None: the first n).
 
     Experts are applied in ascending id order whatever the pool size, so results are
     bit-identical between a minimal pool and an all-resident one.
@@ -184,7 +176,7 @@ class Forward:
         tok, kpos = np.nonzero(ids == e)
         b = bucket(len(tok), 2)
         idx = np.zeros(b, np.int32)
-        idx[:len(tok)] = tok
+        idx[:len(tok)] = tok if rows is None else rows[tok]
         w = np.zeros(b, np.float32)
         w[:len(tok)] = weights[tok, kpos]
         acc = steps.expert_scatter_add(self.spec, acc, xn, idx, w, self.pool.arrays(slot))
