@@ -35,11 +35,12 @@ def resident_bytes() -> int:
 class MemoryPlan:
   budget_bytes: int
   runtime_and_dense_bytes: int  # measured RSS after loading the dense params
-  kv_bytes: int  # KV cache at max_context positions
+  kv_bytes: int  # KV caches of `sequences` sequences at max_context positions
   max_context: int
   margin_bytes: int
   bytes_per_expert: int
   slots: int
+  sequences: int = 1  # sequences decoding together (the server's --parallel)
 
   @property
   def pool_bytes(self) -> int:
@@ -48,26 +49,43 @@ class MemoryPlan:
   def describe(self) -> str:
     return (f"memory plan for {self.budget_bytes / GB:.2f} GB: runtime + dense params "
             f"{self.runtime_and_dense_bytes / GB:.3f} GB (measured), KV cache "
-            f"{self.kv_bytes / GB:.3f} GB ({self.max_context} positions), margin "
+            f"{self.kv_bytes / GB:.3f} GB ({_positions(self.sequences, self.max_context)}), "
+            f"margin "
             f"{self.margin_bytes / GB:.3f} GB, expert pool {self.slots} slots x "
             f"{self.bytes_per_expert / 1e6:.1f} MB = {self.pool_bytes / GB:.3f} GB")
 
 
+def _positions(sequences: int, max_context: int) -> str:
+  return (f"{max_context} positions" if sequences == 1 else
+          f"{sequences} sequences x {max_context} positions")
+
+
 def make_plan(budget_gb: float, runtime_and_dense_bytes: int, kv_bytes: int, max_context: int,
               bytes_per_expert: int, expert_f32_bytes: int, min_slots: int,
-              total_experts: int) -> MemoryPlan:
+              total_experts: int, sequences: int = 1) -> MemoryPlan:
+  """kv_bytes: one sequence's KV cache at max_context positions; `sequences` of them are
+  planned (the server's --parallel). A budget that cannot hold them names the largest
+  --parallel and the largest --max_context that fit."""
   budget = int(budget_gb * GB)
   margin = MARGIN_BASE + expert_f32_bytes
-  free = budget - runtime_and_dense_bytes - kv_bytes - margin
+  kv_total = sequences * kv_bytes
+  free = budget - runtime_and_dense_bytes - kv_total - margin
   slots = min(total_experts, max(free, 0) // bytes_per_expert)
   if slots < min_slots:
-    need = runtime_and_dense_bytes + kv_bytes + margin + min_slots * bytes_per_expert
+    need = runtime_and_dense_bytes + kv_total + margin + min_slots * bytes_per_expert
+    room = budget - runtime_and_dense_bytes - margin - min_slots * bytes_per_expert  # for KV
+    fits = ""
+    if sequences > 1 and kv_bytes and room >= kv_bytes:
+      fits = (f" At this budget --parallel={room // kv_bytes} fits at {max_context} positions, "
+              f"or --max_context={room * max_context // kv_total} at --parallel={sequences}.")
     raise PlanError(
         f"memory budget {budget_gb:.2f} GB is too small for this model: it needs at least "
         f"{need / GB:.2f} GB (runtime + dense params {runtime_and_dense_bytes / GB:.3f} GB "
-        f"measured, KV cache {kv_bytes / GB:.3f} GB for {max_context} positions, "
+        f"measured, KV cache {kv_total / GB:.3f} GB for "
+        f"{_positions(sequences, max_context)}, "
         f"{min_slots} expert slots {min_slots * bytes_per_expert / GB:.3f} GB, margin "
-        f"{margin / GB:.3f} GB). Raise --memory_budget_gb, or quantise the experts "
-        "(--expert_dtype=int8) or the KV cache (--kv_bits).")
-  return MemoryPlan(budget, runtime_and_dense_bytes, kv_bytes, max_context, margin,
-                    bytes_per_expert, slots)
+        f"{margin / GB:.3f} GB).{fits} Raise --memory_budget_gb, or quantise the experts "
+        "(--expert_dtype=int8) or the KV cache (--kv_bits)"
+        f"{', or lower --parallel or --max_context' if sequences > 1 else ''}.")
+  return MemoryPlan(budget, runtime_and_dense_bytes, kv_total, max_context, margin,
+                    bytes_per_expert, slots, sequences)

@@ -71,7 +71,7 @@ class Engine:
                             sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(kv_shapes)),
                             self.max_context, self.experts.bytes_per_expert,
                             3 * spec.moe.width * spec.hidden_size * 4,
-                            spec.num_experts_per_tok, total)
+                            spec.num_experts_per_tok, total, sequences=options.parallel)
       slots = self.plan.slots
     elif slots is None:
       fit = int(memory.available_ram() * DEFAULT_RAM_FRACTION) // self.experts.bytes_per_expert
@@ -238,7 +238,7 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
          kv_bits: float | None = None, k_bits: float | None = None,
          v_bits: float | None = None, prefetch: bool = True,
          cache_policy: str = "lfu", max_context: int | None = None,
-         dense_dtype: str | None = None) -> Engine:
+         dense_dtype: str | None = None, parallel: int = 1) -> Engine:
   """Opens a converted store. See `Engine` for the API.
 
   memory_budget_gb: plan dense params + KV cache + expert pool to fit (instead of
@@ -251,8 +251,10 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
   the model's max_position_embeddings (with a memory budget: at most 4096, the KV cache is
   planned for it). dense_dtype: re-encode the dense matrices read every token (attention,
   dense and shared MLPs, output head) at load: "bfloat16" or "int8" (per output row scales).
+  parallel: sequences decoded together (feed_batch; the server's --parallel): the memory
+  plan holds that many KV caches of max_context positions.
   """
   return Engine(store_dir, EngineOptions(
       memory_budget_gb=memory_budget_gb, expert_slots=expert_slots, kv_bits=kv_bits,
       k_bits=k_bits, v_bits=v_bits, prefetch=prefetch, cache_policy=cache_policy,
-      max_context=max_context, dense_dtype=dense_dtype))
+      max_context=max_context, dense_dtype=dense_dtype, parallel=parallel))
