@@ -101,8 +101,9 @@ def test_batched_greedy_decode_equals_generate(mixtral):
   assert out == want
 
 
+# dense / TurboQuant / sinks + window / latent caches
 @pytest.mark.parametrize("family,kv_bits", [("mixtral", None), ("mixtral", 4), ("gpt_oss", None),
-                                            ("deepseek_v3", None)])  # dense / TurboQuant / sinks+window / latent
+                                            ("deepseek_v3", None)])
 def test_feed_batch_equals_per_sequence_feed_as_sequences_join_and_leave(tiny_stores, family,
                                                                           kv_bits):
   """Sequences decode in batches while others join (their prefilled caches move into slots)
