@@ -2,7 +2,7 @@ r"""The server under concurrent streams: aggregate decode tok/s, bytes read per 
 time to first token per stream, for 1, 2, 4, 8 and 16 concurrent streaming clients.
 
   python -m bench.bench_serve [--model=STORE_DIR] [--memory_budget_gb=2 | --expert_slots=N] \
-      [--streams=1,2,4,8,16] [--max_tokens=64] [--port=0]
+      [--streams=1,2,4,8,16] [--max_tokens=64] [--port=0] [--cgroup_gb=2]
 
 Starts `python -m lazymoe_jax.serve` on 127.0.0.1 (a free port) with --parallel = the most
 streams, waits for /health, runs one unmeasured round (compilation), then for each stream
@@ -13,6 +13,10 @@ count N sends N greedy streaming /v1/completions at once (different prompts) and
   bytes/token    expert bytes read from disk during the round / completion tokens
   TTFT           time to the first text chunk per stream: min / mean / max
 No --model: the shipped demo model (all experts resident unless a budget or slots are given).
+A store without a tokenizer (bench.make_synthetic) gets prompts as token ids (the demo
+tokenizer's ids of the same texts). --cgroup_gb runs the server in a fresh cgroup v1 memory
+cgroup capped at that many GB (page cache included; needs root), as bench_stream does, and
+reports the cgroup's peak; give --memory_budget_gb the same figure so the pool is planned for it.
 """
 
 from __future__ import annotations
@@ -47,10 +51,14 @@ flags.DEFINE_integer("expert_slots", None, "Passed to the server.")
 flags.DEFINE_list("streams", ["1", "2", "4", "8", "16"], "Concurrent stream counts.")
 flags.DEFINE_integer("max_tokens", 64, "Tokens per stream.")
 flags.DEFINE_integer("port", 0, "Port (0: a free one).")
+flags.DEFINE_float("cgroup_gb", None, "Run the server under a cgroup v1 memory cap of this many "
+                   "GB (1e9 bytes; needs root).")
+flags.DEFINE_integer("prefill_chunk", 64, "Passed to the server.")
+CGROUP_ROOT = "/sys/fs/cgroup/memory"
 FLAGS = flags.FLAGS
 
 
-def one_stream(port: int, prompt: str, max_tokens: int) -> dict:
+def one_stream(port: int, prompt, max_tokens: int) -> dict:
   t0 = time.perf_counter()
   conn = http_client.HTTPConnection("127.0.0.1", port, timeout=600)
   conn.request("POST", "/v1/completions", json.dumps({
@@ -76,11 +84,11 @@ def one_stream(port: int, prompt: str, max_tokens: int) -> dict:
           "end": time.perf_counter()}
 
 
-def run_round(url: str, port: int, n: int, max_tokens: int) -> dict:
+def run_round(url: str, port: int, n: int, max_tokens: int, prompts: list) -> dict:
   before = http("GET", url + "/stats")[1]
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(n) as pool:
-    res = list(pool.map(lambda i: one_stream(port, PROMPTS[i % len(PROMPTS)], max_tokens),
+    res = list(pool.map(lambda i: one_stream(port, prompts[i % len(prompts)], max_tokens),
                         range(n)))
   wall = max(r["end"] for r in res) - t0
   after = http("GET", url + "/stats")[1]
@@ -92,19 +100,55 @@ def run_round(url: str, port: int, n: int, max_tokens: int) -> dict:
           "ttft_min": min(ttfts), "ttft_mean": sum(ttfts) / n, "ttft_max": max(ttfts)}
 
 
+def _prompts(model: str | None) -> list:
+  """The texts, or for a store without a tokenizer the demo tokenizer's ids of them."""
+  if model is None:
+    return PROMPTS
+  from lazymoe_jax.store import format as fmt  # pylint: disable=import-outside-toplevel
+  if fmt.read_manifest(model).get("tokenizer"):
+    return PROMPTS
+  from lazymoe_jax import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  demo = os.path.join(ROOT, "lazymoe_jax", "demo_model")
+  tok = tokenizer_lib.load(demo, {"file": "tokenizer.model", "kind": "sentencepiece"}, 1)
+  return [tok.encode(p) for p in PROMPTS]
+
+
+def _cgroup(limit_gb: float | None) -> str | None:
+  """A fresh memory cgroup capped at limit_gb (None: no cap)."""
+  if limit_gb is None:
+    return None
+  if not os.access(CGROUP_ROOT, os.W_OK):
+    raise SystemExit(f"error: {CGROUP_ROOT} is not writable: --cgroup_gb needs root and "
+                     "cgroup v1.")
+  cg = os.path.join(CGROUP_ROOT, f"lazymoe_bench_serve_{os.getpid()}")
+  os.makedirs(cg, exist_ok=True)
+  with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
+    f.write(str(int(limit_gb * 1e9)))
+  return cg
+
+
 def main(argv) -> None:
   del argv
   counts = [int(s) for s in FLAGS.streams]
   port = FLAGS.port or free_port()
   args = [sys.executable, "-m", "lazymoe_jax.serve", "--host=127.0.0.1", f"--port={port}",
-          f"--parallel={max(counts)}", f"--max_queue={max(counts)}"]
+          f"--parallel={max(counts)}", f"--max_queue={max(counts)}",
+          f"--prefill_chunk={FLAGS.prefill_chunk}"]
   if FLAGS.model:
     args.append(f"--model={FLAGS.model}")
   if FLAGS.memory_budget_gb:
     args.append(f"--memory_budget_gb={FLAGS.memory_budget_gb}")
   if FLAGS.expert_slots:
     args.append(f"--expert_slots={FLAGS.expert_slots}")
-  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+  prompts = _prompts(FLAGS.model)
+  cg = _cgroup(FLAGS.cgroup_gb)
+
+  def join():  # in the child before exec: everything the server maps is charged
+    if cg:
+      with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          preexec_fn=join)
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + 1800
@@ -117,23 +161,31 @@ def main(argv) -> None:
       if proc.poll() is not None or time.time() > deadline:
         raise SystemExit("the server did not start")
       time.sleep(0.5)
-    run_round(url, port, min(2, max(counts)), 8)  # compiles what warm-up did not
+    run_round(url, port, min(2, max(counts)), 8, prompts)  # compiles what warm-up did not
+    print(f"load average {os.getloadavg()[0]:.1f}; {http('GET', url + '/stats')[1]['memory_plan']}")
     print(f"{'streams':>7} {'tokens':>6} {'wall s':>7} {'wall tok/s':>10} {'decode tok/s':>12} "
           f"{'batch':>5} {'KB read/tok':>11} {'TTFT min/mean/max s':>20}")
     rows = []
     for n in counts:
-      r = run_round(url, port, n, FLAGS.max_tokens)
+      r = run_round(url, port, n, FLAGS.max_tokens, prompts)
       rows.append(r)
       print(f"{n:>7} {r['tokens']:>6} {r['wall_s']:>7.2f} {r['wall_tok_s']:>10.1f} "
             f"{r['decode_tok_s']:>12.1f} {r['mean_batch']:>5.2f} "
             f"{r['bytes_per_token'] / 1e3:>11.1f} "
             f"{r['ttft_min']:>6.2f}/{r['ttft_mean']:.2f}/{r['ttft_max']:.2f}", flush=True)
-    base = rows[0]["wall_tok_s"]
-    print("wall tok/s x one stream: " + ", ".join(
-        f"{r['streams']}: {r['wall_tok_s'] / base:.2f}x" for r in rows))
+    for key in ("wall_tok_s", "decode_tok_s"):
+      base = rows[0][key]
+      print(f"{key.replace('_', ' ')} x one stream: " + ", ".join(
+          f"{r['streams']}: {r[key] / base:.2f}x" for r in rows))
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    if cg:
+      with open(os.path.join(cg, "memory.max_usage_in_bytes")) as f:
+        print(f"cgroup peak {int(f.read()) / 1e6:.0f} MB of {FLAGS.cgroup_gb * 1e3:.0f} MB")
   finally:
     proc.terminate()
     proc.wait(30)
+    if cg:
+      os.rmdir(cg)
 
 
 if __name__ == "__main__":

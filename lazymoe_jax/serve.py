@@ -76,7 +76,8 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, parallel
   state: ServerState | None = None
 
   def load():
-    engine = lazymoe_jax.load(model, **load_options)
+    # the memory plan holds the KV caches of --parallel sequences
+    engine = lazymoe_jax.load(model, parallel=parallel, **load_options)
     if engine.plan is not None:
       log.warning("%s", engine.plan.describe())
     try:

@@ -67,8 +67,9 @@ class Server:
         self.seen_loading.append(http("POST", self.url + "/v1/completions",
                                       {"prompt": "x", "max_tokens": 1}, timeout=5))
       time.sleep(0.3)
+    logs = self.logs()  # before close(), which closes the log file
     self.close()
-    raise RuntimeError(f"server not ready after {timeout} s:\n{self.logs()}")
+    raise RuntimeError(f"server not ready after {timeout} s:\n{logs}")
 
   def logs(self) -> str:
     self.log.flush()

@@ -101,6 +101,77 @@ def test_batched_greedy_decode_equals_generate(mixtral):
   assert out == want
 
 
+# dense / TurboQuant / sinks + window / latent caches
+@pytest.mark.parametrize("family,kv_bits", [("mixtral", None), ("mixtral", 4), ("gpt_oss", None),
+                                            ("deepseek_v3", None)])
+def test_feed_batch_equals_per_sequence_feed_as_sequences_join_and_leave(tiny_stores, family,
+                                                                          kv_bits):
+  """Sequences decode in batches while others join (their prefilled caches move into slots)
+  and leave (close; a single-sequence feed moves the cache back out): every row equals what
+  the same sequence gets fed alone, token by token."""
+  engine = lazymoe_jax.load(tiny_stores[family][1], expert_slots=1000, kv_bits=kv_bits)
+  prompts = [token_ids(n, seed=s) for n, s in ((5, 1), (9, 2), (3, 3), (12, 4), (7, 5))]
+  steps = [token_ids(6, seed=10 + i) for i in range(len(prompts))]
+  want = []
+  for p, nxt in zip(prompts, steps):
+    seq = engine.session()
+    seq.feed(p)
+    want.append([seq.feed([t]) for t in nxt])
+  seqs = [engine.session() for _ in prompts]
+  for s, p in zip(seqs, prompts):
+    s.feed(p)
+  done = [0] * len(prompts)
+
+  def batch_step(members):
+    got = engine.feed_batch([seqs[i] for i in members], [steps[i][done[i]] for i in members])
+    for i, row in zip(members, got):
+      np.testing.assert_allclose(row, want[i][done[i]], atol=1e-5, rtol=0,
+                                 err_msg=f"sequence {i}, step {done[i]}")
+      done[i] += 1
+
+  batch_step([0, 1, 2])  # three join: 4 slots
+  assert engine.batch.num_slots == 4 and engine.batch.members == seqs[:3]
+  batch_step([1, 0, 2, 3])  # a fourth joins; order of the call is free
+  batch_step([0, 1, 2, 3, 4])  # a fifth: the stack grows to 8 slots, members copied over
+  assert engine.batch.num_slots == 8
+  seqs[2].close()  # leaves: its slot is free
+  assert seqs[2].slot is None and seqs[2] not in engine.batch.members
+  np.testing.assert_allclose(seqs[1].feed([steps[1][done[1]]]), want[1][done[1]], atol=1e-5,
+                             rtol=0)  # out of the batch: its cache moved back out, alone
+  done[1] += 1
+  assert seqs[1].slot is None and seqs[1].cache is not None
+  batch_step([0, 3])  # three members left (4 idle this step) of 8 slots: compacted to 4
+  assert engine.batch.num_slots == 4 and seqs[4] in engine.batch.members
+  batch_step([4, 1, 3])  # the one fed alone joins again
+  for s in seqs:
+    s.close()
+  assert engine.batch.num_slots == 0 and engine.batch.nbytes == 0  # all memory given back
+
+
+def test_close_and_a_full_session_fail_alone(mixtral):
+  engine = lazymoe_jax.load(mixtral, expert_slots=1000, prefetch=False)
+  a, b, c = engine.session(8), engine.session(), engine.session()
+  for s in (a, b, c):
+    s.feed(token_ids(7, seed=3))
+  engine.feed_batch([a, b, c], [4, 5, 6])
+  assert a.position == 8 and a.kv_cache_bytes == engine.batch.slot_bytes() > 0
+  with pytest.raises(ValueError, match=r"session 0 is full \(position 8 of its context of 8\)"):
+    engine.feed_batch([a, b, c], [4, 5, 6])
+  assert (b.position, c.position) == (8, 8)  # refused before anything ran
+  alone = engine.session()
+  alone.feed(token_ids(7, seed=3))
+  alone.feed([5])
+  np.testing.assert_allclose(engine.feed_batch([b, c], [9, 9])[0], alone.feed([9]), atol=1e-5,
+                             rtol=0)
+  c.close()
+  c.close()  # twice: harmless
+  with pytest.raises(ValueError, match="session 1 is closed"):
+    engine.feed_batch([b, c], [1, 2])
+  with pytest.raises(ValueError, match="was closed"):
+    c.feed([1])
+  assert c.kv_cache_bytes == 0 and b in engine.batch.members and c not in engine.batch.members
+
+
 def test_options_are_checked_once(mixtral):
   with pytest.raises(lazymoe_jax.LazyMoEError, match="not both"):
     lazymoe_jax.load(mixtral, memory_budget_gb=4, expert_slots=4)

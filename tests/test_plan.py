@@ -68,3 +68,25 @@ def test_memory_budget_plans_the_pool_and_refuses_too_small(tiny_stores):
   assert roomy.pool.num_slots == len(roomy.experts.layers) * cfg["num_experts"]
   with pytest.raises(lazymoe_jax.LazyMoEError, match="not both"):
     lazymoe_jax.load(store, memory_budget_gb=1.0, expert_slots=4)
+
+
+def test_plan_holds_the_kv_caches_of_parallel_sequences():
+  plan = make_plan((NEED + 3 * 20_000_000) / 1e9, **ARGS, sequences=4)  # 4 caches, 2 slots
+  assert (plan.slots, plan.sequences, plan.kv_bytes) == (2, 4, 80_000_000)
+  assert "KV cache 0.080 GB (4 sequences x 4096 positions)" in plan.describe()
+  with pytest.raises(lazymoe_jax.PlanError) as info:  # room for 2 caches, 4 asked for
+    make_plan((NEED + 20_000_000) / 1e9, **ARGS, sequences=4)
+  msg = str(info.value)
+  for part in ("KV cache 0.080 GB for 4 sequences x 4096 positions",
+               "--parallel=2 fits at 4096 positions, or --max_context=2048 at --parallel=4",
+               "lower --parallel or --max_context"):
+    assert part in msg, (part, msg)
+
+
+def test_engine_plans_parallel_kv_caches(tiny_stores):
+  _, store = tiny_stores["qwen2_moe"]
+  one = lazymoe_jax.load(store, memory_budget_gb=2.0, max_context=64)
+  eight = lazymoe_jax.load(store, memory_budget_gb=2.0, max_context=64, parallel=8)
+  assert eight.plan.sequences == 8 and eight.plan.kv_bytes == 8 * one.plan.kv_bytes > 0
+  with pytest.raises(ValueError, match="parallel=0 must be >= 1"):
+    lazymoe_jax.load(store, parallel=0)

@@ -23,6 +23,7 @@ from lazymoe_jax import families, kernels
 from lazymoe_jax import kv as kv_lib
 from lazymoe_jax import tokenizer as tokenizer_lib
 from lazymoe_jax.engine import budget, memory, weights
+from lazymoe_jax.engine.batch import BatchCache
 from lazymoe_jax.engine.forward import Forward
 from lazymoe_jax.engine.options import EngineOptions
 from lazymoe_jax.engine.session import Session
@@ -86,7 +87,8 @@ class Engine:
       self.plan = budget.plan_store(
           store_dir, options.memory_budget_gb, budget.runtime_bytes(), manifest=self.manifest,
           kv_bits=options.kv_bits, k_bits=options.k_bits, v_bits=options.v_bits,
-          max_context=options.max_context, dense_dtype=options.dense_dtype)
+          max_context=options.max_context, dense_dtype=options.dense_dtype,
+          sequences=options.parallel)
       self.max_context = self.plan.max_context
     glob, layers = weights.load(store_dir, spec, options.dense_dtype, self.manifest)
     memory.return_freed_memory()  # what the load freed goes back before the pool is made
@@ -104,6 +106,7 @@ class Engine:
     self.pool = ExpertPool(self.experts, min(slots, total) if total else slots,
                            spec.num_experts_per_tok, options.cache_policy)
     self.forward = Forward(spec, self.kv, glob, layers, self.pool, options.prefetch, self.embed)
+    self.batch = BatchCache(self)  # the stacked caches of the sequences decoding together
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         spec.bos_token_id)
     self.eos_ids = set(spec.eos_token_ids) | set(
@@ -118,8 +121,12 @@ class Engine:
 
   def feed_batch(self, sessions: Sequence[Session], token_ids: Sequence[int]) -> np.ndarray:
     """One decode step for several sequences at once: token_ids[i] goes to sessions[i] at its
-    next position. Each MoE layer acquires the union of the batch's experts once. Returns
-    float32 logits [len(sessions), vocab]."""
+    next position. The sessions' caches live stacked in `engine.batch` while they decode
+    together (one attention program per layer for the whole batch; sessions join at their
+    first batched step and leave with `close()` or a single-sequence `feed`). Each MoE layer
+    acquires the union of the batch's experts once. Returns float32 logits
+    [len(sessions), vocab]. A session that cannot take a token (closed, past its context) is
+    refused before anything runs, naming its index."""
     if len(sessions) != len(token_ids) or not sessions:
       raise ValueError(f"feed_batch needs one token per session (got {len(sessions)} sessions, "
                        f"{len(token_ids)} tokens).")
@@ -127,14 +134,23 @@ class Engine:
       raise ValueError("feed_batch got the same session twice; a session takes one token per "
                        "step.")
     tokens = self.check_tokens(token_ids)
+    bad = {i: s for i, s in enumerate(sessions)
+           if s.engine is not self or s.closed or s.position + 1 > s.max_context}
+    if bad:
+      i, s = next(iter(bad.items()))
+      why = ("belongs to another engine" if s.engine is not self else
+             "is closed" if s.closed else
+             f"is full (position {s.position} of its context of {s.max_context})")
+      raise ValueError(f"feed_batch: session {i} {why}"
+                       f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; leave it out "
+                       "of the batch (close it, or start a new session).")
     for s in sessions:
       s.reserve(1)
-    x, caches = self.forward.run_batch(tokens, [s.position for s in sessions],
-                                       [s.cache for s in sessions])
-    for s, cache in zip(sessions, caches):
-      s.cache = cache
+    x, rows = self.batch.step(list(sessions), tokens)
+    for s in sessions:
       s.position += 1
-    return self.forward.head_rows(x, len(sessions))
+    self.note_kv_bytes(self.batch.slot_bytes())
+    return self.forward.head_rows(x, self.batch.num_slots)[rows]
 
   # ---- whole-sequence calls --------------------------------------------------------------
   def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -193,6 +209,8 @@ class Engine:
         "expert_misses": self.pool.misses,
         "bytes_read": self.pool.bytes_read,
         "kv_cache_bytes": self._kv_bytes,
+        "batch_slots": self.batch.num_slots,
+        "batch_cache_bytes": self.batch.nbytes,
         "pool_slots": self.pool.num_slots,
         "pool_bytes": self.pool.nbytes,
         "pool_zero_copy": self.pool.zero_copy,
@@ -251,7 +269,7 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
          kv_bits: float | None = None, k_bits: float | None = None,
          v_bits: float | None = None, prefetch: bool = True,
          cache_policy: str = "lfu", max_context: int | None = None,
-         dense_dtype: str | None = None) -> Engine:
+         dense_dtype: str | None = None, parallel: int = 1) -> Engine:
   """Opens a converted store. See `Engine` for the API.
 
   memory_budget_gb: plan dense params + KV cache + expert pool to fit (instead of
@@ -264,8 +282,10 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
   the model's max_position_embeddings (with a memory budget: at most 4096, the KV cache is
   planned for it). dense_dtype: re-encode the dense matrices read every token (attention,
   dense and shared MLPs, output head) at load: "bfloat16" or "int8" (per output row scales).
+  parallel: sequences decoded together (feed_batch; the server's --parallel): the memory
+  plan holds that many KV caches of max_context positions.
   """
   return Engine(store_dir, EngineOptions(
       memory_budget_gb=memory_budget_gb, expert_slots=expert_slots, kv_bits=kv_bits,
       k_bits=k_bits, v_bits=v_bits, prefetch=prefetch, cache_policy=cache_policy,
-      max_context=max_context, dense_dtype=dense_dtype))
+      max_context=max_context, dense_dtype=dense_dtype, parallel=parallel))

@@ -61,13 +61,14 @@ def runtime_bytes() -> int:
 class MemoryPlan:
   budget_bytes: int
   runtime_and_dense_bytes: int  # runtime (measured RSS before loading) + dense (resident)
-  kv_bytes: int  # KV cache at max_context positions
+  kv_bytes: int  # KV caches of `sequences` sequences at max_context positions
   max_context: int
   margin_bytes: int
   bytes_per_expert: int
   slots: int
   load_extra_bytes: int = 0  # held during loading only, beyond what stays
   dense_bytes: int = 0  # the dense part of runtime_and_dense_bytes (0: not known apart)
+  sequences: int = 1  # sequences decoding together (the server's --parallel)
 
   @property
   def pool_bytes(self) -> int:
@@ -82,7 +83,7 @@ class MemoryPlan:
              f"{self.dense_bytes / GB:.3f} GB" if self.dense_bytes else
              f"runtime + dense params {self.runtime_and_dense_bytes / GB:.3f} GB (measured)")
     return (f"memory plan for {self.budget_bytes / GB:.2f} GB: {split}, KV cache "
-            f"{self.kv_bytes / GB:.3f} GB ({self.max_context} positions), margin "
+            f"{self.kv_bytes / GB:.3f} GB ({_positions(self.sequences, self.max_context)}), margin "
             f"{self.margin_bytes / GB:.3f} GB, expert pool {self.slots} slots x "
             f"{self.bytes_per_expert / 1e6:.1f} MB = {self.pool_bytes / GB:.3f} GB")
 
@@ -91,14 +92,23 @@ class MemoryPlan:
             "runtime_bytes": self.runtime_bytes}
 
 
+def _positions(sequences: int, max_context: int) -> str:
+  return (f"{max_context} positions" if sequences == 1 else
+          f"{sequences} sequences x {max_context} positions")
+
+
 def make_plan(budget_gb: float, runtime_and_dense_bytes: int, kv_bytes: int, max_context: int,
               bytes_per_expert: int, expert_f32_bytes: int, min_slots: int,
               total_experts: int, load_extra_bytes: int = 0,
-              dense_bytes: int = 0) -> MemoryPlan:
+              dense_bytes: int = 0, sequences: int = 1) -> MemoryPlan:
   """The arithmetic: slots = (budget - runtime and dense - KV - margin) // bytes_per_expert,
-  at most total_experts; the budget must also hold the load's extra."""
+  at most total_experts; the budget must also hold the load's extra. kv_bytes is one
+  sequence's cache at max_context positions; `sequences` of them are planned (the server's
+  --parallel), and a budget that cannot hold them names the largest --parallel and
+  --max_context that fit."""
   budget = int(budget_gb * GB)
   margin = MARGIN_BASE + expert_f32_bytes
+  one_kv, kv_bytes = kv_bytes, sequences * kv_bytes
   free = budget - runtime_and_dense_bytes - kv_bytes - margin
   slots = min(total_experts, max(free, 0) // bytes_per_expert)
   steady = runtime_and_dense_bytes + kv_bytes + margin + min_slots * bytes_per_expert
@@ -107,15 +117,21 @@ def make_plan(budget_gb: float, runtime_and_dense_bytes: int, kv_bytes: int, max
     need = max(steady, loading)
     load = (f", loading {loading / GB:.3f} GB at its peak (the dense params placed so far and "
             "the restore group being placed)" if loading > steady else "")
+    room = budget - runtime_and_dense_bytes - margin - min_slots * bytes_per_expert  # for KV
+    fits = ""
+    if sequences > 1 and one_kv and room >= one_kv:
+      fits = (f" At this budget --parallel={room // one_kv} fits at {max_context} positions, "
+              f"or --max_context={room * max_context // kv_bytes} at --parallel={sequences}.")
     raise PlanError(
         f"memory budget {budget_gb:.2f} GB is too small for this model: it needs at least "
         f"{need / GB:.2f} GB (runtime + dense params {runtime_and_dense_bytes / GB:.3f} GB "
-        f"measured, KV cache {kv_bytes / GB:.3f} GB for {max_context} positions, "
+        f"measured, KV cache {kv_bytes / GB:.3f} GB for {_positions(sequences, max_context)}, "
         f"{min_slots} expert slots {min_slots * bytes_per_expert / GB:.3f} GB, margin "
-        f"{margin / GB:.3f} GB{load}). Raise --memory_budget_gb, or quantise the experts "
-        "(--expert_dtype=int8) or the KV cache (--kv_bits).")
+        f"{margin / GB:.3f} GB{load}).{fits} Raise --memory_budget_gb, or quantise the experts "
+        "(--expert_dtype=int8) or the KV cache (--kv_bits)"
+        f"{', or lower --parallel or --max_context' if sequences > 1 else ''}.")
   return MemoryPlan(budget, runtime_and_dense_bytes, kv_bytes, max_context, margin,
-                    bytes_per_expert, slots, load_extra_bytes, dense_bytes)
+                    bytes_per_expert, slots, load_extra_bytes, dense_bytes, sequences)
 
 
 # ---- sizes from the manifest ---------------------------------------------------------------
@@ -228,7 +244,8 @@ def kv_bytes(kv, spec: ModelSpec, context: int) -> int:
 def plan_store(store_dir: str, budget_gb: float, runtime_bytes: int, *,
                manifest: dict | None = None, kv_bits: float | None = None,
                k_bits: float | None = None, v_bits: float | None = None,
-               max_context: int | None = None, dense_dtype: str | None = None) -> MemoryPlan:
+               max_context: int | None = None, dense_dtype: str | None = None,
+               sequences: int = 1) -> MemoryPlan:
   """The memory plan of `store_dir` in `budget_gb` for these options, given the runtime's
   resident bytes (measured by the caller before loading: `resident_bytes()`). Reads the
   manifest (and, for version 4 stores, the dense checkpoints' metadata), never the weights."""
@@ -241,7 +258,8 @@ def plan_store(store_dir: str, budget_gb: float, runtime_bytes: int, *,
   total = len(manifest["experts"]["layers"]) * spec.num_experts
   return make_plan(budget_gb, runtime_bytes + dense, kv_bytes(kv, spec, context), context,
                    bytes_per_expert(manifest), 3 * spec.moe.width * spec.hidden_size * 4,
-                   spec.num_experts_per_tok, total, load_extra_bytes=extra, dense_bytes=dense)
+                   spec.num_experts_per_tok, total, load_extra_bytes=extra, dense_bytes=dense,
+                   sequences=sequences)
 
 
 def after_load(plan: MemoryPlan, measured: int, total_experts: int,
@@ -251,6 +269,7 @@ def after_load(plan: MemoryPlan, measured: int, total_experts: int,
   that the pool never takes memory the load did not give back."""
   if measured <= plan.runtime_and_dense_bytes:
     return plan
-  return make_plan(plan.budget_bytes / GB, measured, plan.kv_bytes, plan.max_context,
-                   plan.bytes_per_expert, expert_f32_bytes, min_slots, total_experts,
-                   plan.load_extra_bytes, plan.dense_bytes + measured - plan.runtime_and_dense_bytes)
+  return make_plan(plan.budget_bytes / GB, measured, plan.kv_bytes // plan.sequences,
+                   plan.max_context, plan.bytes_per_expert, expert_f32_bytes, min_slots,
+                   total_experts, plan.load_extra_bytes,
+                   plan.dense_bytes + measured - plan.runtime_and_dense_bytes, plan.sequences)

@@ -4,13 +4,14 @@ Per layer: a jitted attention+router program, then on the host the expert ids ar
 pool slots (misses read from disk), then a jitted expert program. Prefill groups the prompt's
 tokens by expert so that each selected expert is read once per layer for the whole prompt, in
 waves when the pool is smaller than the set of experts the prompt needs. Batched decode (one
-token of each of N sequences) runs attention per sequence and the experts grouped, like
-prefill: each expert the batch picks is read once per layer.
+token of each of N sequences) runs attention once per layer over the sequences' stacked
+caches (engine/batch.py) and the experts grouped, like prefill: each expert the batch picks is
+read once per layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,13 @@ class KVCache(list):
 def bucket(n: int, minimum: int) -> int:
   """Next power of two >= max(n, minimum): bounds the number of compiled shapes."""
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def capacity_for(needed: int, limit: int) -> int:
+  """The cache capacity for `needed` positions: a multiple of KV_ROUND or the bucket a prompt
+  of that length is padded to, but never beyond `limit` (max_context)."""
+  padded = max(-(-needed // KV_ROUND) * KV_ROUND, bucket(needed, 8))
+  return min(padded, max(needed, limit))
 
 
 class Forward:
@@ -74,9 +82,8 @@ class Forward:
     """A cache for `needed` positions: rounded up (few shapes, few compilations) to a
     multiple of KV_ROUND or to the bucket a prompt of that length is padded to, but never
     beyond `limit` (max_context)."""
-    padded = max(-(-needed // KV_ROUND) * KV_ROUND, bucket(needed, 8))
-    cache = KVCache(self.kv.init(self.spec, min(padded, max(needed, limit))))
-    cache.capacity = min(padded, max(needed, limit))
+    cache = KVCache(self.kv.init(self.spec, capacity_for(needed, limit)))
+    cache.capacity = capacity_for(needed, limit)
     return cache
 
   # ---- one sequence ------------------------------------------------------------------------
@@ -118,51 +125,34 @@ class Forward:
     return x, cache
 
   # ---- several sequences, one token each -----------------------------------------------------
-  def run_batch(self, tokens: np.ndarray, positions: Sequence[int],
-                caches: Sequence[KVCache]) -> tuple[jax.Array, list[KVCache]]:
-    """One decode step of N sequences: tokens[i] at positions[i] with caches[i]. Attention
-    runs per sequence (each its own cache and position); the router once over the batch; each
-    expert the batch picks is acquired once and applied to its tokens. Returns (x [>= N, H]:
-    rows past N are padding, caches)."""
+  def run_batch(self, tokens: np.ndarray, positions: np.ndarray, rows: np.ndarray,
+                stack: list) -> tuple[jax.Array, list]:
+    """One decode step of the sequences stacked in `stack` (per layer, their caches with a
+    leading slot axis: engine/batch.py): tokens[r] at positions[r] for every slot r. Attention
+    runs once per layer over all slots, each at its own position; the router once over the
+    batch; each expert the live `rows` pick is acquired once and applied to its tokens.
+    Padding slots (not in rows) are never routed and their outputs are meaningless.
+    Returns (x [slots, H], stack)."""
     spec = self.spec
-    n = len(tokens)
-    caches = list(caches)
-    for pos, cache in zip(positions, caches):
-      if pos + 1 > cache.capacity:
-        raise PlanError(f"KV cache too small for {pos + 1} positions.")
-    pos = [jnp.asarray(np.array([p], np.int32)) for p in positions]
-    # rows padded to a power of two (few compiled shapes as sequences join and leave); the
-    # padding rows are never routed (ids[:n]) and their outputs are dropped
-    nb = bucket(n, 1)
-    padded = np.zeros(nb, np.int32)
-    padded[:n] = tokens
-    x = self.embed(padded)
+    pos = jnp.asarray(positions)
+    x = self.embed(np.asarray(tokens, np.int32))
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
-      hs, xns = [], []
-      for i in range(n):
-        h, xn, caches[i][layer] = steps.attention_block(spec, self.kv, window, p, x[i:i + 1],
-                                                        pos[i], caches[i][layer])
-        hs.append(h)
-        xns.append(xn)
-      if nb > n:
-        hs.append(x[n:])
-        xns.append(x[n:])
-      h, xn = jnp.concatenate(hs), jnp.concatenate(xns)
+      h, xn, stack[layer] = steps.attention_batch(spec, self.kv, window, p, x, pos, stack[layer])
       if spec.layers[layer].mlp == DENSE_MLP:
         x = steps.dense_mlp(spec, p, h, xn)
         continue
       ahead = self._layers_ahead(layer)
       routed, weights = steps.route_block(spec, p, h, xn, tuple(self.routers[a] for a in ahead))
-      routed = np.asarray(routed)[:, :n]  # ids, then the guesses
+      routed = np.asarray(routed)[:, rows]  # the live rows' ids, then their guesses
       ids = routed[0]
       if self.trace is not None:
-        self.trace(layer, ids, h[:n])
+        self.trace(layer, ids, h[rows])
       if self.prefetch:
         self.policy.observe(layer, ids.reshape(-1))
-      x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n])
-      self._prefetch(ahead, routed[1:], n, "batch")
-    return x, caches
+      x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[rows], rows=rows)
+      self._prefetch(ahead, routed[1:], len(rows), "batch")
+    return x, stack
 
   # ---- shared pieces -----------------------------------------------------------------------
   def head_rows(self, x: jax.Array, n: int) -> np.ndarray:
@@ -195,11 +185,13 @@ class Forward:
       self.pool.prefetch(a, sorted(chosen) if kind == "prefill" else chosen)
 
   def _moe_grouped(self, layer: int, h, xn, ids: np.ndarray, weights: np.ndarray,
-                   after_first_wave: Callable[[], None] | None = None):
-    """Each expert picked by any token is read once and applied to its tokens; the misses of
-    a wave are read in ascending expert order (their order on disk), all in flight at once.
-    `after_first_wave` runs once the first wave is resident, before its compute (prefill
-    starts the next layer's guessed reads there).
+                   after_first_wave: Callable[[], None] | None = None,
+                   rows: np.ndarray | None = None):
+    """Each expert picked by any token is read once and applied to its tokens: ids, weights
+    [n, k] of the rows of xn `rows` (None: the first n). The misses of a wave are read in
+    ascending expert order (their order on disk), all in flight at once. `after_first_wave`
+    runs once the first wave is resident, before its compute (prefill starts the next layer's
+    guessed reads there).
 
     Experts are applied in ascending id order whatever the pool size, so results are
     bit-identical between a minimal pool and an all-resident one.
@@ -215,7 +207,7 @@ class Forward:
         tok, kpos = np.nonzero(ids == e)
         b = bucket(len(tok), 2)
         idx = np.zeros(b, np.int32)
-        idx[:len(tok)] = tok
+        idx[:len(tok)] = tok if rows is None else rows[tok]
         w = np.zeros(b, np.float32)
         w[:len(tok)] = weights[tok, kpos]
         acc = steps.expert_scatter_add(self.spec, acc, xn, idx, w, self.pool.arrays(slot))

@@ -24,6 +24,7 @@ class EngineOptions:
   cache_policy: str = "lfu"
   max_context: int | None = None
   dense_dtype: str | None = None
+  parallel: int = 1
 
   def __post_init__(self):
     if self.memory_budget_gb is not None and self.expert_slots is not None:
@@ -40,5 +41,7 @@ class EngineOptions:
     if self.dense_dtype is not None and self.dense_dtype not in DENSE_DTYPES:
       raise ValueError(f"dense_dtype={self.dense_dtype!r} is not one of "
                        f"{', '.join(DENSE_DTYPES)}.")
+    if self.parallel < 1:
+      raise ValueError(f"parallel={self.parallel} must be >= 1.")
     if self.max_context is not None and self.max_context < 1:
       raise ValueError(f"max_context={self.max_context} must be >= 1.")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from lazymoe_jax.engine.forward import KVCache
+from lazymoe_jax.engine.forward import KVCache, capacity_for
 
 if TYPE_CHECKING:
   from lazymoe_jax.engine import Engine
@@ -23,6 +23,8 @@ class Session:
     seq.advance(token_ids)                 the same without the output head (no logits)
     seq.position          positions fed so far
     seq.kv_cache_bytes    bytes its cache holds
+    seq.close()           frees its cache (and its slot in the batch); feeding it again is an
+                          error
 
   With `max_context` the cache is allocated for that many positions at once; without it the
   cache starts at the first feed's size and doubles as tokens arrive, up to the engine's
@@ -36,15 +38,35 @@ class Session:
     self.engine = engine
     self.max_context = max_context or engine.max_context
     self.position = 0
+    self.slot: int | None = None  # its slot in engine.batch while it decodes in batches
+    self.closed = False
+    self._capacity = 0  # positions its cache holds (in its slot: the slot's share)
     # capacities are rounded up (few compiled shapes), within the engine's max_context
     self.cache: KVCache | None = (engine.forward.new_cache(max_context, engine.max_context)
                                   if max_context else None)
     if self.cache is not None:
+      self._capacity = self.cache.capacity
       engine.note_kv_bytes(self.kv_cache_bytes)
 
   @property
+  def capacity(self) -> int:
+    """Positions its cache holds now (it grows as tokens arrive, up to max_context)."""
+    return self._capacity
+
+  @property
   def kv_cache_bytes(self) -> int:
+    if self.slot is not None:
+      return self.engine.batch.slot_bytes()
     return 0 if self.cache is None else self.engine.kv.nbytes(list(self.cache))
+
+  def close(self) -> None:
+    """Frees the cache now (in a batch: the slot, for the next sequence to take). Closing
+    twice is harmless; feeding a closed session is a ValueError."""
+    if self.slot is not None:
+      self.engine.batch.leave(self, keep=False)
+    self.cache = None
+    self._capacity = 0
+    self.closed = True
 
   def feed(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
     """Runs the tokens at the next positions; returns the logits of the last one (or all)."""
@@ -61,27 +83,37 @@ class Session:
   def _run(self, token_ids: Sequence[int]):
     tokens = self.engine.check_tokens(token_ids)
     self.reserve(len(tokens))
+    if self.slot is not None:  # out of the batch: the single-sequence programs run on its own
+      self.cache = self.engine.batch.leave(self, keep=True)
     x, self.cache = self.engine.forward.run(tokens, self.position, self.cache)
     self.position += len(tokens)
     return x, len(tokens)
 
   def reserve(self, n: int) -> None:
     """Makes room for n more positions (growing the cache), or refuses past max_context."""
+    if self.closed:
+      raise ValueError("this session was closed (its cache is freed): start a new one with "
+                       "engine.session().")
     end = self.position + n
     if end > self.max_context:
       raise ValueError(f"feeding {n} tokens at position {self.position} exceeds this "
                        f"sequence's context of {self.max_context} positions.")
-    if self.cache is None or end > self.cache.capacity:
+    if end > self._capacity:
       self._grow(end)
 
   def _grow(self, needed: int) -> None:
-    """A cache for at least `needed` positions (doubling), the old positions copied in."""
+    """A cache for at least `needed` positions (doubling), the old positions copied in. In a
+    batch slot only the capacity is raised: the batch makes its stack hold it before the step."""
     old = self.cache
-    cap = min(self.max_context, max(needed, 2 * (old.capacity if old else 0)))
+    cap = min(self.max_context, max(needed, 2 * self._capacity))
+    if self.slot is not None:
+      self._capacity = capacity_for(cap, self.engine.max_context)
+      return
     new = self.engine.forward.new_cache(cap, self.engine.max_context)
     if old is not None:  # every cache array grows along its position axis only
       for layer, o in enumerate(old):
         new[layer] = jax.tree.map(
             lambda n, a: jax.lax.dynamic_update_slice(n, a, (0,) * a.ndim), new[layer], o)
     self.cache = new
+    self._capacity = new.capacity
     self.engine.note_kv_bytes(self.kv_cache_bytes)

@@ -90,17 +90,43 @@ def apply_rope(r: Rope, x: jax.Array, pos: jax.Array) -> jax.Array:
 
 
 def attention(spec: Attention | LatentAttention, kv, p: dict, x: jax.Array, pos: jax.Array,
-              cache: dict, window: int | None) -> tuple[jax.Array, dict]:
+              cache: dict, window: int | None, batched: bool = False) -> tuple[jax.Array, dict]:
   """Self-attention of x [T, H] at positions pos [T], the kind the spec names; writes k, v
   into the cache first, then attends through it (so a compressed cache is what every
-  attention reads)."""
+  attention reads).
+
+  batched: row t of x is the next token of sequence t, and cache is the stack of those
+  sequences' caches (a leading sequence axis on every leaf, engine/batch.py): the projections
+  run over all rows at once, the cache write and the attention once per row through jax.vmap
+  of the cache's own update / attend, each at its own position (see cache_attend)."""
   if isinstance(spec, LatentAttention):
-    return latent_attention(spec, kv, p, x, pos, cache, window)
-  return gqa_attention(spec, kv, p, x, pos, cache, window)
+    return latent_attention(spec, kv, p, x, pos, cache, window, batched)
+  return gqa_attention(spec, kv, p, x, pos, cache, window, batched)
+
+
+def cache_attend(kv, cache: dict, q: jax.Array, k: jax.Array, v: jax.Array | None,
+                 pos: jax.Array, window: int | None, scale: float, batched: bool,
+                 **attend_kw) -> tuple[jax.Array, dict]:
+  """Writes k, v [T, K, D] at positions pos [T] and attends q [T, H, D] through the cache.
+
+  One sequence: pos are consecutive, written from pos[0]. batched: one token per sequence,
+  cache stacked [N, ...]; the same update and attend, vmapped over the sequences, so any KV
+  kind (and any attention kernel written against the kv interface that supports vmap) serves
+  a batch, each row masked by its own position."""
+  if not batched:
+    cache = kv.update(cache, k, v, pos[0])
+    return kv.attend(cache, q, pos, window, scale, **attend_kw), cache
+
+  def one(c, q1, k1, v1, p1):  # one sequence: q1 [H, D], k1 / v1 [K, D], p1 []
+    c = kv.update(c, k1[None], None if v1 is None else v1[None], p1)
+    return kv.attend(c, q1[None], p1[None], window, scale, **attend_kw)[0], c
+  if v is None:
+    return jax.vmap(lambda c, q1, k1, p1: one(c, q1, k1, None, p1))(cache, q, k, pos)
+  return jax.vmap(one)(cache, q, k, v, pos)
 
 
 def gqa_attention(a: Attention, kv, p: dict, x: jax.Array, pos: jax.Array, cache: dict,
-                  window: int | None) -> tuple[jax.Array, dict]:
+                  window: int | None, batched: bool = False) -> tuple[jax.Array, dict]:
   """Grouped-query attention (model/spec.py Attention)."""
   t = x.shape[0]
   hq, hk, d = a.num_heads, a.num_kv_heads, a.head_dim
@@ -116,15 +142,16 @@ def gqa_attention(a: Attention, kv, p: dict, x: jax.Array, pos: jax.Array, cache
     q = rms_norm(q, p["q_norm"], a.norm_eps)
     k = rms_norm(k, p["k_norm"], a.norm_eps)
   q, k = apply_rope(a.rope, q, pos), apply_rope(a.rope, k, pos)
-  cache = kv.update(cache, k, v, pos[0])
   sinks = p["sinks"] if a.sinks else None  # [hq]
   scale = d ** -0.5 if a.scale is None else a.scale
-  o = kv.attend(cache, q, pos, window, scale, sinks=sinks)  # [T, hq, D]
+  o, cache = cache_attend(kv, cache, q, k, v, pos, window, scale, batched,
+                          sinks=sinks)  # [T, hq, D]
   return linear(o.reshape(t, hq * d), p["wo"], p.get("bo")), cache
 
 
 def latent_attention(a: LatentAttention, kv, p: dict, x: jax.Array, pos: jax.Array,
-                     cache: dict, window: int | None) -> tuple[jax.Array, dict]:
+                     cache: dict, window: int | None, batched: bool = False
+                     ) -> tuple[jax.Array, dict]:
   """Multi-head latent attention (DeepSeek-V2/V3) through a LatentKV cache (kv/latent.py).
 
   q = wq x, or wq_b rms_norm(wq_a x) with a q LoRA; per head [nope | rope]. wkv_a x = [latent
@@ -146,11 +173,11 @@ def latent_attention(a: LatentAttention, kv, p: dict, x: jax.Array, pos: jax.Arr
   ckv = linear(x, p["wkv_a"], p.get("bkv_a"))  # [T, R + Dr]
   c = rms_norm(ckv[:, :r], p["kv_a_norm"], a.latent_norm_eps)
   q_r, k_r = apply_rope(a.rope, q[..., dn:], pos), apply_rope(a.rope, ckv[:, None, r:], pos)
-  cache = kv.update(cache, jnp.concatenate([c[:, None, :], k_r], axis=-1), None, pos[0])
   wkv_b = p["wkv_b"].astype(F32).reshape(h, dn + dv, r)
   q_c = jnp.einsum("thn,hnr->thr", q[..., :dn], wkv_b[:, :dn])  # [T, H, R]
-  o_c = kv.attend(cache, jnp.concatenate([q_c, q_r], axis=-1), pos, window, a.scale,
-                  value_dim=r)  # [T, H, R]
+  o_c, cache = cache_attend(kv, cache, jnp.concatenate([q_c, q_r], axis=-1),
+                            jnp.concatenate([c[:, None, :], k_r], axis=-1), None, pos, window,
+                            a.scale, batched, value_dim=r)  # [T, H, R]
   o = jnp.einsum("thr,hvr->thv", o_c, wkv_b[:, dn:])  # [T, H, Dv]
   return linear(o.reshape(t, h * dv), p["wo"], p.get("bo")), cache
 

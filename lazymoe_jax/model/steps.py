@@ -5,11 +5,12 @@ without experts) -> host maps expert ids to pool slots, reading misses from disk
 `moe_decode` (one token, its k experts fused) or `expert_scatter_add` per expert then
 `moe_finish` (prefill and batched decode, tokens grouped by expert). The same compiled
 program serves every layer of the same shape: layer indices are never static arguments.
-Batched decode runs `attention_block` per sequence (each has its own cache and position) and
-`route_block` once over the batch. The router's ids come back with the guesses for the layers
-ahead in one int32 array (`routed`), so a layer has one device->host transfer; the expert
-programs take only the parameters they read (`shared`: the shared expert's, if any), since a
-program's launch costs time per argument leaf (BUILD_NOTES "Per-layer overhead").
+Batched decode runs `attention_batch` once over the batch (the sequences' caches stacked, each
+row at its own position) and `route_block` once over the batch. The router's ids come back with
+the guesses for the layers ahead in one int32 array (`routed`), so a layer has one
+device->host transfer; the expert programs take only the parameters they read (`shared`: the
+shared expert's, if any), since a program's launch costs time per argument leaf (BUILD_NOTES
+"Per-layer overhead").
 """
 
 import functools
@@ -36,10 +37,10 @@ def head(spec: ModelSpec, g: dict, x: jax.Array) -> jax.Array:
   return layers.linear(layers.rms_norm(x, g["final_norm"], spec.norm_eps), w)  # [T, V]
 
 
-def _attention_residual(spec, kv, window, p, x, pos, cache):
+def _attention_residual(spec, kv, window, p, x, pos, cache, batched=False):
   a, cache = layers.attention(spec.attention, kv, p,
                               layers.rms_norm(x, p["attn_norm"], spec.norm_eps), pos, cache,
-                              window)
+                              window, batched)
   h = x + a
   return h, layers.rms_norm(h, p["mlp_norm"], spec.norm_eps), cache
 
@@ -71,10 +72,12 @@ def attn_router(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("spec", "kv", "window"),
                    donate_argnames=("cache",))
-def attention_block(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
+def attention_batch(spec: ModelSpec, kv, window: int | None, p: dict, x: jax.Array,
                     pos: jax.Array, cache: dict):
-  """Attention + residual + norm of one sequence: h, xn [T, H], cache (batched decode)."""
-  return _attention_residual(spec, kv, window, p, x, pos, cache)
+  """Attention + residual + norm of N sequences, one token each: x [N, H] at positions pos
+  [N], cache the stack of their caches (leading axis N, updated in place). Returns h, xn
+  [N, H], cache (batched decode: one program per layer for the whole batch)."""
+  return _attention_residual(spec, kv, window, p, x, pos, cache, batched=True)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

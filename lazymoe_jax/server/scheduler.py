@@ -201,6 +201,7 @@ class Scheduler:
       seq = eng.session(min(eng.max_context, n + 2))
       seq.feed(rng.randint(0, eng.spec.vocab_size, n).tolist())
       eng.feed_batch([seq], [int(rng.randint(0, eng.spec.vocab_size))])
+      seq.close()
       if n >= n_max:
         break
       size *= 2
@@ -211,6 +212,8 @@ class Scheduler:
       for seq in seqs:
         seq.advance(rng.randint(0, eng.spec.vocab_size, 8).tolist())
       eng.feed_batch(seqs, rng.randint(0, eng.spec.vocab_size, nb).tolist())
+      for seq in seqs:  # their slots are free again
+        seq.close()
       nb *= 2
 
   def _admit(self) -> None:
@@ -259,6 +262,11 @@ class Scheduler:
         self._counts["prompt_tokens"] += fed
     # decode: one step for every job holding a sampled token
     batch = [j for j in self._active if j.pending_token is not None and not j.cancelled]
+    for job in [j for j in batch if j.session.position >= j.session.max_context]:
+      # cannot happen while sessions are sized prompt + max_tokens; if it does, it fails alone
+      self._fail(job, ValueError(f"the sequence reached its context of "
+                                 f"{job.session.max_context} positions"))
+      batch.remove(job)
     if batch:
       try:
         logits = eng.feed_batch([j.session for j in batch], [j.pending_token for j in batch])
@@ -346,7 +354,9 @@ class Scheduler:
     """Removes job (holding _cond) and sends its last event; None: it was cancelled."""
     if job in self._active:
       self._active.remove(job)
-    job.session = None  # frees its KV cache
+    if job.session is not None:  # frees its KV cache and its batch slot (engine thread only)
+      job.session.close()
+    job.session = None
     job.pending_token = None
     if event is None:
       self._counts["cancelled"] += 1
