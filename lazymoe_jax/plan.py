@@ -109,11 +109,11 @@ def measure_compute(store_dir: str, manifest: dict, spec, kv, dense_dtype: str |
       jax.block_until_ready(r)
       return r
     out[f"attn_router_{t}_s"] = _timed(attn, iters)
-  h, xn, _, w, _, _ = attn(x=jnp.ones((1, spec.hidden_size), jnp.float32),
+  h, xn, _, w, _ = attn(x=jnp.ones((1, spec.hidden_size), jnp.float32),
                            pos=jnp.zeros(1, jnp.int32), t=1)
   w = jnp.full((1, k), 1.0 / k, jnp.float32)
   out["moe_decode_s"] = _timed(
-      lambda: steps.moe_decode(spec, p, h, xn, w, tuple(ex)).block_until_ready(), iters)
+      lambda: steps.moe_decode(spec, steps.shared_params(p), h, xn, w, tuple(ex)).block_until_ready(), iters)
   distinct = e_count * (1 - (1 - k / e_count) ** PROMPT_TOKENS)
   share = max(1, int(round(PROMPT_TOKENS * k / distinct)))
   b = 1 << (max(share, 2) - 1).bit_length()

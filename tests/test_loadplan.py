@@ -77,7 +77,7 @@ def test_too_small_budget_fails_before_loading(tiny_stores, monkeypatch):
 def test_planner_cli_matches_the_engine_plan(tiny_stores):
   _, store = tiny_stores["mixtral"]
   res = subprocess.run([sys.executable, "-m", "lazymoe_jax.plan", f"--model={store}",
-                        "--memory_budget_gb=0.6", "--max_context=128", "--json"], cwd=ROOT,
+                        "--memory_budget_gb=1.0", "--max_context=128", "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -85,12 +85,12 @@ def test_planner_cli_matches_the_engine_plan(tiny_stores):
               "bytes_read_per_token", "compute_s_per_token", "what_if", "memory_plan"):
     assert key in out, key
   assert out["decode_tokens_per_s"] > 0 and out["time_to_first_token_s"] > 0
-  assert set(out["what_if"]) == {"budget_1.2_GB", "int4_experts", "disk_3.5_GBps",
+  assert set(out["what_if"]) == {"budget_2_GB", "int4_experts", "disk_3.5_GBps",
                                  "disk_7_GBps"}
-  assert "memory plan for 0.60 GB" in res.stdout
+  assert "memory plan for 1.00 GB" in res.stdout
   # the engine's plan, in a fresh process as the CLI's (runtime grows as a process loads)
   eng = subprocess.run([sys.executable, "-c", "import json, sys, lazymoe_jax; e = lazymoe_jax."
-                        "load(sys.argv[1], memory_budget_gb=0.6, max_context=128); "
+                        "load(sys.argv[1], memory_budget_gb=1.0, max_context=128); "
                         "print(json.dumps(e.planned.as_dict()))", store], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert eng.returncode == 0, eng.stderr[-3000:]
@@ -101,8 +101,8 @@ def test_planner_cli_matches_the_engine_plan(tiny_stores):
   # the runtime is measured in each process the same way (budget.runtime_bytes)
   assert abs(cli["runtime_bytes"] - mine["runtime_bytes"]) < 32 << 20
   # and the engine's plan is the shared function's, given the same runtime
-  engine = lazymoe_jax.load(store, memory_budget_gb=0.6, max_context=128)
-  again = budget.plan_store(store, 0.6, engine.planned.runtime_bytes, max_context=128)
+  engine = lazymoe_jax.load(store, memory_budget_gb=1.0, max_context=128)
+  again = budget.plan_store(store, 1.0, engine.planned.runtime_bytes, max_context=128)
   assert again == engine.planned
 
 
