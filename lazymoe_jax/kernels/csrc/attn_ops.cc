@@ -13,28 +13,6 @@
 
 namespace lazymoe {
 
-float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-  if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    u = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    u = sign;
-  } else {  // subnormal: normalise
-    exp = 113;
-    while (!(man & 0x400)) {
-      man <<= 1;
-      --exp;
-    }
-    u = sign | (exp << 23) | ((man & 0x3ff) << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 namespace {
 
 // ---- portable ----------------------------------------------------------------------------

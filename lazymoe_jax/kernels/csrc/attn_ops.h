@@ -34,6 +34,4 @@ struct AttnOps {
 // The table of variant `isa` (kPortable, kAvx2, kAvx512 of rowdot.h).
 const AttnOps& attn_ops(int isa);
 
-float half_to_float(uint16_t h);
-
 }  // namespace lazymoe

@@ -57,28 +57,6 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-inline float f16_to_f32(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-  if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    u = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    u = sign;
-  } else {  // subnormal: normalise
-    exp = 113;
-    while (!(man & 0x400)) {
-      man <<= 1;
-      --exp;
-    }
-    u = sign | (exp << 23) | ((man & 0x3ff) << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline float e8m0_to_f32(uint8_t s) {  // 2^(s - 127) from its bits; s = 0 reads 0 (as XLA's path)
   uint32_t u = uint32_t(s) << 23;
   float f;
@@ -148,7 +126,7 @@ inline void i4_raw_portable(const Weight& w, const Act& a, int64_t o, int R, flo
           const int8_t* qj = q + ((j / 2) * npad + g) * 4 + 2 * (j & 1);
           acc += (int32_t(b & 15) - 8) * qj[0] + (int32_t(int8_t(b)) >> 4) * qj[1];
         }
-        v += f16_to_f32(sc[g]) * float(acc);
+        v += half_to_float(sc[g]) * float(acc);
       }
       raw[r * M + m] = v;
     }
