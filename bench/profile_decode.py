@@ -17,7 +17,7 @@ windows, biases; bench.make_synthetic.make_gpt_oss_mxfp4, random weights), loads
    loop's own (the ids to the host between attn_router and acquire, the slot tuple between
    acquire and moe_decode, the rest of the loop between a layer's end and the next program);
 3. **parts**, each its own program on the same inputs: attention's int8 products (wqkv, wo),
-   attention whole (steps.attention_block), the router alone, the routers of the layers
+   attention + router (steps.attn_router), the router alone, the routers of the layers
    ahead (the prefetch guesses), the moe_ffn kernel alone; and what a launch costs: the
    arguments of attn_router / moe_decode through a program that computes nothing;
 4. **floor**: the bytes a decode step reads (the layer's dense params, its KV cache at
@@ -244,7 +244,7 @@ def main(argv) -> None:
     parts_s[name] = block_ms(fn, *args, n=2 * FLAGS.steps)
 
   c2 = jax.tree.map(jnp.copy, cache)
-  part("attention whole (steps.attention_block)", lambda: steps.attention_block(
+  part("attention + router (steps.attn_router, no guesses)", lambda: steps.attn_router(
       spec, fwd.kv, window, p, xa, pos, jax.tree.map(jnp.copy, c2)))
   part("  copy of the cache (inside the line above)", lambda: jax.tree.map(jnp.copy, c2))
   part("  wqkv product (int8)", progs["wqkv"], p, xa)

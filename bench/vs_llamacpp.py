@@ -407,14 +407,13 @@ def decode_breakdown(engine, seq, tokens: list[int]) -> dict:
   q_width = spec.attention.num_heads * spec.attention.head_dim
   o_in = jnp.zeros((1, q_width), jnp.float32)
   for i, tok in enumerate(tokens[half:]):
-    if i == 1:  # the first pass compiled attention_block, route_block and the products
+    if i == 1:  # the first pass compiled attn_router and the products
       ms.clear()
       alone.clear()
     seq.reserve(1)
     cache = seq.cache
     pos = jnp.asarray(np.array([seq.position], np.int32))
-    x = timed("embedding", lambda: steps.embed(spec, fw.globals,
-                                               jnp.asarray(np.array([tok], np.int32))))
+    x = timed("embedding", lambda: fw.embed(np.array([tok], np.int32)))
     for layer, p in enumerate(fw.layers):
       window = spec.layers[layer].window
       if spec.layers[layer].mlp == DENSE_MLP:
@@ -424,12 +423,11 @@ def decode_breakdown(engine, seq, tokens: list[int]) -> dict:
       xa = L.rms_norm(x, p["attn_norm"], spec.norm_eps)
       timed("q/k/v products", lambda: proj(p["wqkv"], xa), alone)
       timed("o product", lambda: proj(p["wo"], o_in), alone)
-      h, xn, cache[layer] = timed("attention", lambda: steps.attention_block(
+      h, xn, routed, weights, cache[layer] = timed("attention + router", lambda: steps.attn_router(
           spec, fw.kv, window, p, x, pos, cache[layer]))
-      ids, weights, _ = timed("router", lambda: steps.route_block(spec, p, h, xn))
-      ids = timed("ids to host", lambda: np.asarray(ids)[:1])
+      ids = timed("ids to host", lambda: np.asarray(routed)[0, :1])
       slots = timed("pool lookup", lambda: fw.pool.acquire(layer, ids[0]))
-      x = timed("experts", lambda: steps.moe_decode(spec, p, h, xn, weights,
+      x = timed("experts", lambda: steps.moe_decode(spec, fw.shared[layer], h, xn, weights,
                                                     tuple(fw.pool.arrays(s) for s in slots)))
     timed("output head", lambda: fw.head_rows(x, 1))
     seq.cache = cache
