@@ -6,10 +6,6 @@
 
 #include "rowdot.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define LAZYMOE_X86 1
-#include <immintrin.h>
-#endif
 
 namespace lazymoe {
 
@@ -87,12 +83,6 @@ const AttnOps kPortableOps = {scores_kd_portable, scores_sd_portable, accum_sd_p
 // ---- AVX2 --------------------------------------------------------------------------------
 #define TGT2 __attribute__((target("avx2,fma")))
 
-TGT2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Lanes [0, k) on, k in 0..8 (a tail of k valid floats).
 TGT2 inline __m256i tail_mask(int k) {

@@ -17,10 +17,6 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define LAZYMOE_X86 1
-#include <immintrin.h>
-#endif
 
 namespace lazymoe {
 namespace {
@@ -226,12 +222,6 @@ void rows_portable(const Weight& w, const Act& a, int64_t r0, int64_t r1, float*
 // ---- AVX2 kernels (no VNNI: vpmaddubsw u8 x s8 -> s16 pairs, then vpmaddwd by ones) --------
 #define TGT2 __attribute__((target("avx2,fma,f16c")))
 
-TGT2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 TGT2 inline int32_t hsum8i(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));

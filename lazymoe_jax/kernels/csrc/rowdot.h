@@ -12,6 +12,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#define LAZYMOE_X86 1
+#include <immintrin.h>
+#endif
+
 namespace lazymoe {
 
 enum Enc : int { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kMXFP4 = 4 };
@@ -39,6 +44,16 @@ inline float half_to_float(uint16_t h) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+
+#ifdef LAZYMOE_X86
+// The sum of a vector's 8 float lanes (the AVX2 kernels' final reduction).
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 bool isa_supported(int isa);
 int best_isa();
