@@ -50,11 +50,11 @@ class Forward:
   """The model as it runs: spec, KV cache kind, dense params on the device, the expert pool."""
 
   def __init__(self, spec: ModelSpec, kv, glob: dict, layers: list[dict], pool: ExpertPool,
-               prefetch: bool, embed: Callable[[np.ndarray], jax.Array] | None = None):
+               prefetch: bool, embed: Callable[[np.ndarray], jax.Array]):
     self.spec = spec
     # token ids [T] -> rows [T, H] float32 (engine/weights.py: read from the store's table, or
     # taken from a resident one)
-    self.embed = embed or (lambda ids: steps.embed(glob["embed"], jnp.asarray(ids)))
+    self.embed = embed
     self.kv = kv
     self.globals = glob
     self.layers = layers
