@@ -332,3 +332,23 @@ def test_prefill_reads_each_expert_once_in_disk_order(store, prefetch):
   assert any(s for _, _, s in reads) == (prefetch and N_LAYERS > 1)
   used = {key for key in engine.pool.table}
   assert {(l, e) for l, e, s in reads if not s} <= used
+
+
+def test_guess_distance_counts_the_layers_held_whole(store):
+  """A layer the pool holds whole gets no guesses, and the next layer's guesses keep their true
+  distance: layer 0 guesses layer 2 at distance 2 (not 1, as if layer 1 were not there)."""
+  steps = 12  # generate from a one-token prompt: 12 single-token feeds, each guessing ahead
+  engine = lazymoe_jax.load(store, expert_slots=N_EXPERTS + 4)  # layers 0 and 2 never whole
+  for _ in range(1000):  # lfu: layer 1's experts are used far more than any other expert
+    engine.pool.acquire(1, range(N_EXPERTS))
+  engine.eos_ids = set()
+  tokens = engine.generate([5], steps)
+  assert [engine.pool.holds_layer(layer) for layer in range(N_LAYERS)] == [False, True, False]
+  # every feed: layer 0 guesses layer 2 (distance 2), layer 1 guesses layer 2 (distance 1),
+  # K ranks each; none for layer 1 (held whole) nor beyond the last layer
+  assert {(r["kind"], r["distance"], r["rank"]): r["made"]
+          for r in engine.forward.policy.table()} == {
+              ("decode", d, rank): steps for d in (1, 2) for rank in range(K)}
+  plain = lazymoe_jax.load(store, expert_slots=1000, prefetch=False)
+  plain.eos_ids = set()
+  assert plain.generate([5], steps) == tokens

@@ -118,10 +118,10 @@ class Forward:
         slots = self.pool.acquire(layer, ids[0])
         x = steps.moe_decode(spec, self.shared[layer], h, xn, weights,
                              tuple(self.pool.arrays(s) for s in slots))
-        self._prefetch(ahead, routed[1:], n, "decode")
+        self._prefetch(layer, ahead, routed[1:], n, "decode")
       else:  # the next layer's guesses are read while this layer's experts compute
         x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n],
-                              lambda: self._prefetch(ahead, routed[1:], n, "prefill"))
+                              lambda: self._prefetch(layer, ahead, routed[1:], n, "prefill"))
     return x, cache
 
   # ---- several sequences, one token each -----------------------------------------------------
@@ -151,7 +151,7 @@ class Forward:
       if self.prefetch:
         self.policy.observe(layer, ids.reshape(-1))
       x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[rows], rows=rows)
-      self._prefetch(ahead, routed[1:], len(rows), "batch")
+      self._prefetch(layer, ahead, routed[1:], len(rows), "batch")
     return x, stack
 
   # ---- shared pieces -----------------------------------------------------------------------
@@ -174,12 +174,16 @@ class Forward:
     return [a for a in self.moe_order[i + 1:i + 1 + self.prefetch_depth]
             if not self.pool.holds_layer(a)]
 
-  def _prefetch(self, ahead: list[int], guesses, n: int, kind: str) -> None:
+  def _prefetch(self, layer: int, ahead: list[int], guesses, n: int, kind: str) -> None:
     """Starts reading the guessed experts of each layer ahead that the policy chooses,
     nearest layer first (the reads overlap this layer's expert compute, behind any demand
     read); the guesses of several rows (a prompt, a batch) are merged by rank. A prompt's are
-    read in expert order, which is their order on disk."""
-    for distance, (a, guess) in enumerate(zip(ahead, guesses), 1):
+    read in expert order, which is their order on disk. A guess's distance is how many MoE
+    layers ahead of `layer` its layer is, counting the layers skipped for being held whole
+    (`_layers_ahead`), so the policy measures each distance apart."""
+    here = self.moe_index[layer]
+    for a, guess in zip(ahead, guesses):
+      distance = self.moe_index[a] - here
       rows = np.asarray(guess)[:n, :self.prefetch_width]  # [n, width]
       chosen = self.policy.choose(a, kind, distance, ranked_union(rows))
       self.pool.prefetch(a, sorted(chosen) if kind == "prefill" else chosen)
