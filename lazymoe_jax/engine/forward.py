@@ -46,6 +46,26 @@ def capacity_for(needed: int, limit: int) -> int:
   return min(padded, max(needed, limit))
 
 
+def waves(experts: list[int], guessed: set[int], slots: int):
+  """Splits a layer's experts (ascending) into waves a pool of `slots` holds at once, keeping
+  the slots of the guesses (`guessed`: resident or in flight) that later waves use: yields
+  (wave, later), `later` being the guesses still ahead that the wave's acquire must keep. A
+  wave is the longest run such that its experts and the guesses beyond it fit in the slots
+  (a guess inside the wave takes no extra slot); when the guesses alone fill the pool, the
+  wave is one expert and the furthest guess gives its slot up."""
+  i = 0
+  while i < len(experts):
+    ahead = [e for e in experts[i:] if e in guessed]
+    j, held = i, len(ahead)
+    while j < len(experts) and (experts[j] in guessed or held < slots):
+      held += experts[j] not in guessed
+      j += 1
+    j = max(j, i + 1)
+    wave = experts[i:j]
+    yield wave, [e for e in ahead if e > wave[-1]][:slots - len(wave)]
+    i = j
+
+
 class Forward:
   """The model as it runs: spec, KV cache kind, dense params on the device, the expert pool."""
 
@@ -195,17 +215,20 @@ class Forward:
     [n, k] of the rows of xn `rows` (None: the first n). The misses of a wave are read in
     ascending expert order (their order on disk), all in flight at once. `after_first_wave`
     runs once the first wave is resident, before its compute (prefill starts the next layer's
-    guessed reads there).
+    guessed reads there). When the experts need more than one wave, the guesses already
+    made for this layer that a later wave uses keep their slots until that wave (`waves`):
+    each is read once, and counted used, not unused.
 
     Experts are applied in ascending id order whatever the pool size, so results are
     bit-identical between a minimal pool and an all-resident one.
     """
-    experts = np.unique(ids)
+    experts = [int(e) for e in np.unique(ids)]
     acc = jnp.zeros(xn.shape, jnp.float32)
-    for w0 in range(0, len(experts), self.pool.num_slots):
-      wave = experts[w0:w0 + self.pool.num_slots]
-      slots = self.pool.acquire(layer, wave)
-      if w0 == 0 and after_first_wave is not None:
+    many = len(experts) > self.pool.num_slots
+    guessed = self.pool.guesses(layer) & set(experts) if many else set()
+    for i, (wave, later) in enumerate(waves(experts, guessed, self.pool.num_slots)):
+      slots = self.pool.acquire(layer, wave, later)
+      if i == 0 and after_first_wave is not None:
         after_first_wave()
       for e, slot in zip(wave, slots):
         tok, kpos = np.nonzero(ids == e)
