@@ -2,9 +2,11 @@ r"""The planner that explains itself: a store's memory plan and its predicted sp
 single token is run.
 
   python -m lazymoe_jax.plan --model=STORE --memory_budget_gb=8 [--json] [--kv_bits=4]
-      [--max_context=N] [--dense_dtype=int8]
+      [--max_context=N] [--dense_dtype=int8] [--parallel=N]
 
-Prints the memory plan (the engine's own: engine/budget.plan_store, from the manifest), then the
+Prints the memory plan (the engine's own: engine/budget.plan_store, from the manifest; with
+--parallel, the KV caches of that many sequences decoding together, as the server's
+--parallel plans them), then the
 per-token cost model and what it predicts:
 - disk bandwidth, measured on the store's own expert chunk files with the engine's read path
   (store/experts.read_chunk: O_DIRECT into page-aligned buffers, 8 reads in flight as the
@@ -129,7 +131,7 @@ def measure_compute(store_dir: str, manifest: dict, spec, kv, dense_dtype: str |
 
 def predict(store_dir: str, memory_budget_gb: float, *, kv_bits: float | None = None,
             max_context: int | None = None, dense_dtype: str | None = None,
-            disk_gbps: float | None = None) -> dict:
+            disk_gbps: float | None = None, parallel: int = 1) -> dict:
   """The memory plan, the measured disk and compute, and the predicted speed (module doc)."""
   from lazymoe_jax import families  # pylint: disable=import-outside-toplevel
   from lazymoe_jax import kv as kv_lib  # pylint: disable=import-outside-toplevel
@@ -139,7 +141,7 @@ def predict(store_dir: str, memory_budget_gb: float, *, kv_bits: float | None = 
   runtime = runtime_bytes()  # first: measured as the engine measures it
   manifest = fmt.read_manifest(store_dir)
   opts = dict(manifest=manifest, kv_bits=kv_bits, max_context=max_context,
-              dense_dtype=dense_dtype)
+              dense_dtype=dense_dtype, sequences=parallel)
   plan = plan_store(store_dir, memory_budget_gb, runtime, **opts)
   spec = families.spec_from_hf(manifest["hf_config"])
   kv = kv_lib.make(kv_bits, mla=spec.attention.cache_kind == "latent")
@@ -243,6 +245,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_context", None, "Positions the KV cache is planned for.")
   flags.DEFINE_enum("dense_dtype", None, ["bfloat16", "int8"], "Dense re-encoding at load.")
   flags.DEFINE_float("disk_gbps", None, "Use this disk bandwidth instead of measuring it.")
+  flags.DEFINE_integer("parallel", 1, "Sequences decoded together (the server's --parallel): "
+                       "the plan holds their KV caches.", lower_bound=1)
   flags.DEFINE_bool("json", False, "Also print the figures as one JSON object, last.")
   flags.mark_flags_as_required(["model"])
 
@@ -254,7 +258,7 @@ def main(argv) -> None:
   def work():
     r = predict(FLAGS.model, FLAGS.memory_budget_gb, kv_bits=FLAGS.kv_bits,
                 max_context=FLAGS.max_context, dense_dtype=FLAGS.dense_dtype,
-                disk_gbps=FLAGS.disk_gbps)
+                disk_gbps=FLAGS.disk_gbps, parallel=FLAGS.parallel)
     print(report(r), flush=True)
     if FLAGS.json:
       print(json.dumps(r), flush=True)

@@ -12,6 +12,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import lazymoe_jax
+from lazymoe_jax import families
+from lazymoe_jax import kv as kv_lib
 from lazymoe_jax.engine import budget
 from lazymoe_jax.store import format as fmt
 from lazymoe_jax.store.embedding import EmbeddingTable
@@ -77,7 +79,8 @@ def test_too_small_budget_fails_before_loading(tiny_stores, monkeypatch):
 def test_planner_cli_matches_the_engine_plan(tiny_stores):
   _, store = tiny_stores["mixtral"]
   res = subprocess.run([sys.executable, "-m", "lazymoe_jax.plan", f"--model={store}",
-                        "--memory_budget_gb=1.0", "--max_context=128", "--json"], cwd=ROOT,
+                        "--memory_budget_gb=1.0", "--max_context=128", "--parallel=3", "--json"],
+                       cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -88,16 +91,23 @@ def test_planner_cli_matches_the_engine_plan(tiny_stores):
   assert set(out["what_if"]) == {"budget_2_GB", "int4_experts", "disk_3.5_GBps",
                                  "disk_7_GBps"}
   assert "memory plan for 1.00 GB" in res.stdout
+  # --parallel: three batch slots of 128 + 1 positions, and a layer each for resizing
+  assert "(3 sequences x 128 positions + 1 scratch each, + " in res.stdout
   # the engine's plan, in a fresh process as the CLI's (runtime grows as a process loads)
   eng = subprocess.run([sys.executable, "-c", "import json, sys, lazymoe_jax; e = lazymoe_jax."
-                        "load(sys.argv[1], memory_budget_gb=1.0, max_context=128); "
+                        "load(sys.argv[1], memory_budget_gb=1.0, max_context=128, parallel=3); "
                         "print(json.dumps(e.planned.as_dict()))", store], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert eng.returncode == 0, eng.stderr[-3000:]
   mine, cli = json.loads(eng.stdout.strip().splitlines()[-1]), out["memory_plan"]
   for key in ("dense_bytes", "kv_bytes", "max_context", "margin_bytes", "bytes_per_expert",
-              "load_extra_bytes", "budget_bytes"):
+              "load_extra_bytes", "budget_bytes", "sequences", "kv_layer_bytes",
+              "kv_limit_bytes"):
     assert cli[key] == mine[key], key
+  spec = families.spec_from_hf(fmt.read_manifest(store)["hf_config"])
+  kv = kv_lib.make(None)
+  assert cli["kv_bytes"] == 3 * (budget.kv_bytes(kv, spec, 129) +
+                                 budget.kv_layer_bytes(kv, spec, 129))
   # the runtime is measured in each process the same way (budget.runtime_bytes)
   assert abs(cli["runtime_bytes"] - mine["runtime_bytes"]) < 32 << 20
   # and the engine's plan is the shared function's, given the same runtime

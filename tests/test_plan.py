@@ -1,13 +1,14 @@
 """lazymoe_jax/plan.py: the memory planner's numbers, exactly; and the engine's use of it."""
 
+import jax
 import numpy as np
 import pytest
 
 import lazymoe_jax
 from lazymoe_jax.engine import budget
 from lazymoe_jax.plan import GB, MARGIN_BASE, make_plan
-from tests.checkpoints import hf_config
-from tests.conftest import token_ids
+from tests.checkpoints import hf_config, write_checkpoint
+from tests.conftest import convert_cli, token_ids
 
 ARGS = dict(runtime_and_dense_bytes=300_000_000, kv_bytes=20_000_000, max_context=4096,
             bytes_per_expert=10_000_000, expert_f32_bytes=40_000_000, min_slots=2,
@@ -93,3 +94,114 @@ def test_engine_plans_parallel_kv_caches(tiny_stores):
   assert eight.plan.sequences == 8 and eight.plan.kv_bytes == 8 * one.plan.kv_bytes > 0
   with pytest.raises(ValueError, match="parallel=0 must be >= 1"):
     lazymoe_jax.load(store, parallel=0)
+
+
+# ---- the KV the engine holds never passes what the plan counts --------------------------------
+
+class _LiveKV:
+  """The bytes of the jax arrays alive now that were not alive at the start: the runtime's own
+  count (jax.live_arrays). Sampled after each call of the engine's per-layer cache functions
+  (the moments a resize holds a new layer beside the old ones), and on demand; keeps the peak."""
+
+  def __init__(self, monkeypatch):
+    from lazymoe_jax.engine import batch, forward  # pylint: disable=import-outside-toplevel
+    self.start = jax.live_arrays()  # kept alive: their ids stay theirs
+    self.ids = {id(a) for a in self.start}
+    self.peak = 0
+    for mod, names in ((batch, ("_copy_slot", "_put_slot", "_take_slot", "empty_layer")),
+                       (forward, ("_into", "empty_layer"))):
+      for name in names:
+        monkeypatch.setattr(mod, name, self._sampled(getattr(mod, name)))
+
+  def _sampled(self, fn):
+    def call(*args, **kwargs):
+      out = fn(*args, **kwargs)
+      self.sample()
+      return out
+    return call
+
+  def sample(self) -> int:
+    now = sum(a.nbytes for a in jax.live_arrays() if id(a) not in self.ids)
+    self.peak = max(self.peak, now)
+    return now
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 8])
+def test_kv_bytes_never_pass_the_plan_as_sequences_join_and_leave(tiny_stores, monkeypatch, n):
+  """--parallel=N sessions of max_context positions (the server's preallocated caches) prefill
+  on their own caches and join the batch one per step (the stack resized each time), one is
+  fed alone (its cache moves out and back), one is closed and replaced: the KV bytes alive,
+  counted by the runtime at every layer of every resize, peak exactly where the analysis puts
+  them and never above the plan's KV term; one more session than planned is refused."""
+  _, store = tiny_stores["mixtral"]
+  context = 256
+  gb = round(budget.runtime_bytes() / 1e9 + 2.0, 2)
+  engine = lazymoe_jax.load(store, memory_budget_gb=gb, max_context=context, parallel=n)
+  kv, spec = engine.kv, engine.spec
+  layers = spec.num_hidden_layers
+  slot = budget.kv_layer_bytes(kv, spec, context + 1)  # one layer of a batch slot
+  own = budget.kv_layer_bytes(kv, spec, context)  # one layer of a session's own cache
+  assert (slot, own) == (32896, 32768)  # 2 x K/V x 2 heads x 16 dims x positions x 4 bytes
+  plan = engine.plan
+  # per sequence: a slot (every layer, the scratch position included) and one more layer
+  assert plan.kv_bytes == (layers + 1) * n * slot
+  assert plan.kv_limit_bytes == layers * n * slot
+  live = _LiveKV(monkeypatch)
+
+  def settled():  # between calls: what the runtime holds is what the engine counts
+    now = live.sample()
+    assert now == engine.kv_bytes_in_use() <= plan.kv_limit_bytes
+    return now
+
+  seqs = [engine.session(context) for _ in range(n)]
+  for i, s in enumerate(seqs):
+    s.feed(token_ids(5 + i, seed=i))
+  assert settled() == layers * n * own
+  for j in range(1, n + 1):
+    engine.feed_batch(seqs[:j], [7] * j)
+    # a power of two of slots never fits beside the other sessions' full caches: exactly j
+    assert engine.batch.num_slots == j
+    assert settled() == layers * (j * slot + (n - j) * own)
+  # the peak: the last join's rebuild at its last layer, holding the new stack's every layer
+  # (n slots), the old stack's last (n - 1 slots) and the joiner's own last layer
+  assert live.peak == layers * n * slot + (n - 1) * slot + own <= plan.kv_bytes
+  seqs[0].feed([3])  # fed alone: its cache moves out of the batch (and the stack shrinks)
+  settled()
+  engine.feed_batch(seqs, [5] * n)
+  seqs[-1].close()
+  seqs[-1] = engine.session(context)  # into the room of the closed one
+  seqs[-1].feed([4, 5])
+  engine.feed_batch(seqs, [6] * n)
+  assert settled() == layers * n * slot
+  assert live.peak == layers * n * slot + (n - 1) * slot + own <= plan.kv_bytes
+  with pytest.raises(lazymoe_jax.PlanError, match=f"parallel={n}"):
+    engine.session(context)
+  for s in seqs:
+    s.close()
+  assert settled() == 0
+
+
+def test_a_growing_cache_holds_one_layer_beyond_the_larger(tmp_path, monkeypatch):
+  """A session without max_context grows its cache 256 -> 512 positions one layer at a time:
+  the peak is the new cache and one old layer, within the plan (two whole caches were not)."""
+  hf = write_checkpoint(tmp_path / "hf", "mixtral", max_position_embeddings=512)
+  res = convert_cli(hf, str(tmp_path / "store"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  store = str(tmp_path / "store")
+  gb = round(budget.runtime_bytes() / 1e9 + 2.0, 2)
+  engine = lazymoe_jax.load(store, memory_budget_gb=gb, max_context=512)
+  kv, spec = engine.kv, engine.spec
+  layers = spec.num_hidden_layers
+  live = _LiveKV(monkeypatch)
+  seq = engine.session()
+  seq.feed(token_ids(250, seed=1))
+  assert seq.capacity == 256 and live.sample() == layers * budget.kv_layer_bytes(kv, spec, 256)
+  before = seq.feed(token_ids(10, seed=2))
+  assert seq.capacity == 512
+  small, large = budget.kv_layer_bytes(kv, spec, 256), budget.kv_layer_bytes(kv, spec, 512)
+  assert live.peak == layers * large + small
+  assert live.peak <= engine.plan.kv_bytes == (layers + 1) * budget.kv_layer_bytes(kv, spec, 513)
+  whole = lazymoe_jax.load(store, expert_slots=1000, max_context=512)  # results unchanged
+  ahead = whole.session(512)  # its cache made whole at once
+  ahead.feed(token_ids(250, seed=1))
+  np.testing.assert_allclose(ahead.feed(token_ids(10, seed=2)), before, atol=1e-5, rtol=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -30,7 +31,7 @@ from lazymoe_jax.engine.session import Session
 from lazymoe_jax.engine.budget import MAX_PLANNED_CONTEXT, MemoryPlan, resident_bytes
 from lazymoe_jax.sampling import Sampler
 from lazymoe_jax.store import format as fmt
-from lazymoe_jax.errors import StoreError
+from lazymoe_jax.errors import PlanError, StoreError
 from lazymoe_jax.store.experts import ExpertStore
 from lazymoe_jax.store.pool import ExpertPool
 
@@ -107,6 +108,9 @@ class Engine:
                            spec.num_experts_per_tok, options.cache_policy)
     self.forward = Forward(spec, self.kv, glob, layers, self.pool, options.prefetch, self.embed)
     self.batch = BatchCache(self)  # the stacked caches of the sequences decoding together
+    self.sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # every live session
+    # with a plan, the KV caches (own and stacked) never hold more than this between resizes
+    self.kv_limit = self.plan.kv_limit_bytes if self.plan is not None else None
     self.tokenizer = tokenizer_lib.load(store_dir, self.manifest.get("tokenizer"),
                                         spec.bos_token_id)
     self.eos_ids = set(spec.eos_token_ids) | set(
@@ -211,6 +215,7 @@ class Engine:
         "kv_cache_bytes": self._kv_bytes,
         "batch_slots": self.batch.num_slots,
         "batch_cache_bytes": self.batch.nbytes,
+        "kv_bytes_held": self.kv_bytes_in_use(),  # the stack and every session's own cache
         "pool_slots": self.pool.num_slots,
         "pool_bytes": self.pool.nbytes,
         "pool_zero_copy": self.pool.zero_copy,
@@ -229,6 +234,44 @@ class Engine:
         "peak_rss_bytes": memory.peak_rss(),
         **self._last,
     }
+
+  # ---- the KV caches against the memory plan ----------------------------------------------
+  def own_kv_bytes(self, exclude: Sequence[Session] = ()) -> int:
+    """Bytes of the live sessions' own caches (those not in the batch), but `exclude`'s."""
+    skip = {id(s) for s in exclude}
+    return sum(self.kv.nbytes(list(s.cache)) for s in list(self.sessions)
+               if s.cache is not None and id(s) not in skip)
+
+  def kv_bytes_in_use(self) -> int:
+    """Bytes of every KV cache the engine holds: the batch stack and the sessions' own."""
+    return self.batch.nbytes + self.own_kv_bytes()
+
+  def kv_fits_total(self, total: int) -> bool:
+    return self.kv_limit is None or total <= self.kv_limit
+
+  def kv_fits(self, extra: int) -> bool:
+    """Whether `extra` more KV bytes fit the plan beside what is held now."""
+    return self.kv_limit is None or self.kv_bytes_in_use() + extra <= self.kv_limit
+
+  def check_kv(self, total: int, what: str) -> None:
+    """PlanError unless KV caches of `total` bytes fit the plan."""
+    if not self.kv_fits_total(total):
+      p = self.plan
+      live = sum(1 for s in list(self.sessions) if s.cache is not None or s.slot is not None)
+      raise PlanError(
+          f"{what} would bring the KV caches to {total / 1e6:.1f} MB, past the memory plan's "
+          f"{self.kv_limit / 1e6:.1f} MB ({p.sequences} sequence(s) of {p.max_context} "
+          f"positions, parallel={p.sequences}); {live} sequence(s) hold caches now. Close a "
+          "session (Session.close) or load with a larger parallel (--parallel).")
+
+  def make_kv_room(self, extra: int, what: str) -> None:
+    """Makes room in the plan for a new cache of `extra` bytes beside those held: compacts
+    the batch stack (free slots, a capacity beyond its members') if needed; PlanError if the
+    room is still not there."""
+    if self.kv_fits(extra):
+      return
+    self.batch.compact(extra)
+    self.check_kv(self.kv_bytes_in_use() + extra, what)
 
   def note_kv_bytes(self, nbytes: int) -> None:
     """stats()["kv_cache_bytes"]: the bytes of the cache a session allocated last."""
@@ -283,7 +326,8 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
   planned for it). dense_dtype: re-encode the dense matrices read every token (attention,
   dense and shared MLPs, output head) at load: "bfloat16" or "int8" (per output row scales).
   parallel: sequences decoded together (feed_batch; the server's --parallel): the memory
-  plan holds that many KV caches of max_context positions.
+  plan holds that many KV caches of max_context positions (engine/budget.py), and with a
+  budget the engine keeps its caches within them: a cache beyond them is a PlanError.
   """
   return Engine(store_dir, EngineOptions(
       memory_budget_gb=memory_budget_gb, expert_slots=expert_slots, kv_bits=kv_bits,

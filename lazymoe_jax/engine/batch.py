@@ -8,11 +8,18 @@ a batched step and give it back when they leave: `Session.close()`, or a single-
 `Session.feed`, which moves the cache back out (prefill runs on a session's own cache, then
 the session joins).
 
-The slot count is a power of two (few compiled shapes as sequences join and leave); slots no
-sequence feeds this step run a padding row whose key and value go to a scratch position one
-past the capacity, which no query ever sees (every query position is below the capacity), so
-no KV kind needs a write mask. Joining copies the session's own cache into its slot; changing
-the slot count or the capacity copies every member into a new stack (compacted).
+Slots no sequence feeds this step run a padding row whose key and value go to a scratch
+position one past the capacity, which no query ever sees (every query position is below the
+capacity), so no KV kind needs a write mask. Joining copies the session's own cache into a
+free slot, layer by layer, freeing each of its layers once copied.
+
+The slot count and the capacity change by a rebuild, one layer at a time: the new layer is
+made, the members (and the sessions joining) copied in, and the old layer and the joiners'
+own layers freed before the next. A rebuild therefore holds one layer of the stack beyond the
+larger of before and after, never two stacks. The slot count is a power of two (few compiled
+shapes as sequences join and leave) where that fits the memory plan beside the other
+sessions' caches (engine.make_kv_room), else exactly the members: with a plan, the stack and
+the sessions' own caches never hold more than `MemoryPlan.kv_limit_bytes`.
 """
 
 from __future__ import annotations
@@ -21,25 +28,44 @@ import functools
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lazymoe_jax.engine.forward import KVCache, bucket
+from lazymoe_jax.engine.forward import KVCache, bucket, capacity_for, empty_layer
 
 if TYPE_CHECKING:
   from lazymoe_jax.engine import Engine
   from lazymoe_jax.engine.session import Session
 
 
+def _corner(d, s, src_slot, dst_slot):
+  """d with s's slot (or s itself, src_slot None) written over the leading corner both shapes
+  share (the positions of the smaller capacity), at dst_slot (or over d, dst_slot None)."""
+  if src_slot is None:
+    s = s[None]
+    src_slot = 0
+  sizes = tuple(min(a, b) for a, b in zip(d.shape[dst_slot is not None:], s.shape[1:]))
+  piece = jax.lax.dynamic_slice(s, (src_slot,) + (0,) * (s.ndim - 1), (1,) + sizes)
+  if dst_slot is None:
+    return jax.lax.dynamic_update_slice(d, piece[0].astype(d.dtype), (0,) * d.ndim)
+  return jax.lax.dynamic_update_slice(d, piece.astype(d.dtype), (dst_slot,) + (0,) * (d.ndim - 1))
+
+
 @functools.partial(jax.jit, donate_argnames=("dst",))
 def _copy_slot(dst, src, src_slot, dst_slot):
-  """dst[dst_slot] = src[src_slot] over the leading corner both shapes share (the positions
-  of the smaller capacity), for every leaf of one layer's stacked cache."""
-  def leaf(d, s):
-    sizes = tuple(min(a, b) for a, b in zip(d.shape[1:], s.shape[1:]))
-    piece = jax.lax.dynamic_slice(s, (src_slot,) + (0,) * (s.ndim - 1), (1,) + sizes)
-    return jax.lax.dynamic_update_slice(d, piece.astype(d.dtype), (dst_slot,) + (0,) * (d.ndim - 1))
-  return jax.tree.map(leaf, dst, src)
+  """dst[dst_slot] = src[src_slot] (one layer's stacked caches, leading corners)."""
+  return jax.tree.map(lambda d, s: _corner(d, s, src_slot, dst_slot), dst, src)
+
+
+@functools.partial(jax.jit, donate_argnames=("dst",))
+def _put_slot(dst, src, dst_slot):
+  """dst[dst_slot] = src (a session's own cache layer into a slot)."""
+  return jax.tree.map(lambda d, s: _corner(d, s, None, dst_slot), dst, src)
+
+
+@functools.partial(jax.jit, donate_argnames=("dst",))
+def _take_slot(dst, src, src_slot):
+  """dst = src[src_slot] (a slot out into an own cache layer)."""
+  return jax.tree.map(lambda d, s: _corner(d, s, src_slot, None), dst, src)
 
 
 class BatchCache:
@@ -67,13 +93,11 @@ class BatchCache:
     return self.nbytes // max(self.num_slots, 1)
 
   # ---- joining and leaving -------------------------------------------------------------------
-  def step(self, sessions: list["Session"], tokens: np.ndarray):
+  def step(self, sessions: list["Session"], tokens):
     """One decode step: tokens[i] into sessions[i] (already reserved, checked). Sessions not
     yet in the batch join first. Returns (x [slots, H], rows: the slot of each session)."""
     joining = [s for s in sessions if s.slot is None]
-    self._fit(self.members + joining)
-    for s in joining:
-      self._join(s)
+    self._fit(joining)
     n = self.num_slots
     rows = np.array([s.slot for s in sessions], np.int32)
     tok = np.zeros(n, np.int32)
@@ -85,53 +109,128 @@ class BatchCache:
 
   def leave(self, session: "Session", keep: bool) -> KVCache | None:
     """Frees the session's slot; with keep, returns its cache moved out into a cache of its
-    own (sized to its capacity)."""
-    slot = session.slot
+    own (sized to its capacity). If the plan has no room for that cache beside the stack, the
+    stack is rebuilt without the session's slot as its cache moves out."""
     own = None
     if keep:
-      own = self.engine.forward.new_cache(session.capacity, self.engine.max_context)
-      for layer, c in enumerate(own):
-        one = jax.tree.map(lambda a: a[None], c)
-        own[layer] = jax.tree.map(lambda a: a[0], _copy_slot(one, self.layers[layer], slot, 0))
-    self.owners[slot] = None
-    session.slot = None
+      cap = capacity_for(session.capacity, self.engine.max_context)
+      need = self.engine.forward.cache_bytes(cap)
+      rest = [s for s in self.members if s is not session]
+      if rest and not self.engine.kv_fits(need):
+        slots = self._slots_for(rest, need)
+        self.engine.check_kv(self.engine.forward.cache_bytes(self._capacity(rest) + 1, slots) +
+                             self.engine.own_kv_bytes(exclude=rest) + need,
+                             "the cache of a sequence leaving the batch")
+        own = self._rebuild(rest, slots, out=session)
+      else:
+        own = KVCache()
+        for layer in range(len(self.layers)):
+          own.append(_take_slot(empty_layer(self.engine.kv, self.engine.spec, cap, None),
+                                self.layers[layer], session.slot))
+          jax.block_until_ready(own[-1])
+          if not rest:  # the stack goes: free it layer by layer as the cache moves out
+            self.layers[layer] = None
+        own.capacity = cap
+    if session.slot is not None:
+      self.owners[session.slot] = None
+      session.slot = None
     if not self.members:  # nobody left: give the memory back
       self.layers, self.capacity, self.owners = None, 0, []
     return own
 
+  def compact(self, extra: int = 0) -> None:
+    """Rebuilds the stack to its members alone (no free slots beyond what fits beside
+    `extra` more bytes, the capacity of its largest member): the room a new cache needs."""
+    members = self.members
+    if not members:
+      return
+    slots = self._slots_for(members, extra)
+    if slots < self.num_slots or self._capacity(members) < self.capacity:
+      self._rebuild(members, slots)
+
+  # ---- the stack's shape -----------------------------------------------------------------------
+  def _capacity(self, members: list["Session"]) -> int:
+    return max(s.capacity for s in members)
+
+  def _slots_for(self, members: list["Session"], extra: int = 0) -> int:
+    """bucket(len(members)) slots if a stack of them fits the plan beside the caches outside
+    it and `extra` more bytes; else exactly len(members)."""
+    m = len(members)
+    slots = bucket(m, 1)
+    if slots > m:
+      cap = self._capacity(members) + 1
+      outside = self.engine.own_kv_bytes(exclude=members)
+      if not self.engine.kv_fits_total(
+          self.engine.forward.cache_bytes(cap, slots) + outside + extra):
+        slots = m
+    return slots
+
+  def _fit(self, joining: list["Session"]) -> None:
+    """Makes the stack hold its members and `joining`: joiners go into free slots when the
+    stack's slot count stays within [members, bucket(members)] and its capacity holds them;
+    otherwise the stack is rebuilt (`_slots_for`). Refused (PlanError) before anything moves
+    when even exactly the members' slots would pass the plan."""
+    members = self.members + joining
+    capacity = self._capacity(members)
+    m = len(members)
+    if self.layers is not None and m <= self.num_slots <= bucket(m, 1) and \
+        capacity <= self.capacity:
+      for s in joining:
+        self._join(s)
+      return
+    slots = self._slots_for(members)
+    outside = self.engine.own_kv_bytes(exclude=members)
+    self.engine.check_kv(self.engine.forward.cache_bytes(capacity + 1, slots) + outside,
+                         f"a batch of {m} sequences")
+    self._rebuild(members, slots)
+
   def _join(self, session: "Session") -> None:
+    """Copies the session's own cache into a free slot, freeing each layer once copied."""
     slot = self.owners.index(None)
     own = session.cache
-    if own is not None:
-      for layer, c in enumerate(own):
-        self.layers[layer] = _copy_slot(self.layers[layer], jax.tree.map(lambda a: a[None], c),
-                                        0, slot)
+    for layer in range(len(self.layers)):
+      self.layers[layer] = _put_slot(self.layers[layer], own[layer], slot)
+      jax.block_until_ready(self.layers[layer])
+      own[layer] = None
     self.owners[slot] = session
     session.slot = slot
     session.cache = None
 
-  def _fit(self, members: list["Session"]) -> None:
-    """Makes the stack hold `members` (a power of two of slots, the largest capacity): a new
-    stack, members copied in compacted, when the slot count or a capacity changes."""
-    slots = bucket(len(members), 1)
-    capacity = max(s.capacity for s in members)
-    if self.layers is not None and slots == self.num_slots and capacity <= self.capacity:
-      return
-    capacity = max(capacity, self.capacity) if slots == self.num_slots else capacity
-    old, old_owners = self.layers, self.owners
-    kv, spec = self.engine.kv, self.engine.spec
-    base = kv.init(spec, capacity + 1)  # + the scratch position
-    self.layers = [jax.tree.map(lambda a: jnp.repeat(a[None], slots, axis=0), c) for c in base]
-    del base
-    self.capacity = capacity
-    self.owners = [None] * slots
-    at = 0
-    for src, s in enumerate(old_owners):
-      if s is None:
-        continue
-      for layer in range(len(self.layers)):
-        self.layers[layer] = _copy_slot(self.layers[layer], old[layer], src, at)
-      self.owners[at] = s
-      s.slot = at
-      at += 1
-    del old
+  def _rebuild(self, members: list["Session"], slots: int,
+               out: "Session | None" = None) -> KVCache | None:
+    """A new stack of `slots` slots at the members' largest capacity, the members in slots
+    0.. in order (those in the stack copied from their slots, joiners from their own caches),
+    built layer by layer (module doc); `out`, a member leaving with its cache, gets it moved
+    into a cache of its own in the same pass. Returns that cache (or None)."""
+    fwd, kv, spec = self.engine.forward, self.engine.kv, self.engine.spec
+    capacity = self._capacity(members)
+    old = self.layers
+    own = None
+    if out is not None:
+      own = KVCache()
+      own.capacity = capacity_for(out.capacity, self.engine.max_context)
+    new = []
+    for layer in range(spec.num_hidden_layers):
+      stack = empty_layer(kv, spec, capacity + 1, slots)  # + the scratch position
+      for dst, s in enumerate(members):
+        if s.slot is not None:
+          stack = _copy_slot(stack, old[layer], s.slot, dst)
+        else:
+          stack = _put_slot(stack, s.cache[layer], dst)
+      if own is not None:
+        own.append(_take_slot(empty_layer(kv, spec, own.capacity, None), old[layer], out.slot))
+      jax.block_until_ready(stack)
+      new.append(stack)
+      if old is not None:  # this layer of the old stack and of the joiners' caches is done
+        old[layer] = None
+      for s in members:
+        if s.slot is None:
+          s.cache[layer] = None
+    if out is not None:
+      out.slot = None
+    self.layers, self.capacity = new, capacity
+    self.owners = list(members) + [None] * (slots - len(members))
+    for i, s in enumerate(members):
+      s.slot = i
+      s.cache = None
+    return own

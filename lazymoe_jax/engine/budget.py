@@ -3,14 +3,24 @@ budget, from the store's manifest, before anything is read.
 
 The plan is made before loading, from the process's measured resident memory (the jax runtime
 as it really is), the dense params as they will be resident (computed from the manifest's
-tensor shapes and the encodings they will have: `dense_sizes`), the KV cache for the planned
-context (from its shapes, nothing allocated), and a working margin for the largest temporary
+tensor shapes and the encodings they will have: `dense_sizes`), the KV caches (from their
+shapes, nothing allocated: see below), and a working margin for the largest temporary
 of the expert programs (one expert upcast to float32) plus MARGIN_BASE for compiling and
 running the programs. Loading itself holds, beyond what stays, about one restore group
 (`load_extra_bytes`): the budget must hold that too. Whatever remains is expert slots; fewer
 than num_experts_per_tok is a clear error naming the minimum budget, raised before a byte of
 the dense params is read. `plan_store` is the one function the engine and the planner CLI
 (`python -m lazymoe_jax.plan`) both call.
+
+The KV term is what the engine can hold, not a figure it may pass: for `sequences` (the
+server's --parallel) caches of max_context positions it counts, per sequence, one slot of the
+batch stack (max_context positions plus the scratch position padding rows write to,
+engine/batch.py), and one layer of it: a cache or the stack is resized layer by layer, so a
+resize holds at most one layer of each beyond the larger of before and after. A session in
+prefill (its own cache, up to max_context positions) takes the room of a slot. The engine
+holds its caches to the steady part (`MemoryPlan.kv_limit_bytes`): the stack takes a power of
+two of slots only where that fits beside the other sessions' caches, and more sequences than
+planned is a PlanError naming --parallel (engine/__init__.Engine.make_kv_room).
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ def runtime_bytes() -> int:
 class MemoryPlan:
   budget_bytes: int
   runtime_and_dense_bytes: int  # runtime (measured RSS before loading) + dense (resident)
-  kv_bytes: int  # KV caches of `sequences` sequences at max_context positions
+  kv_bytes: int  # KV of `sequences` sequences: a slot of max_context + 1 positions and a layer each
   max_context: int
   margin_bytes: int
   bytes_per_expert: int
@@ -69,6 +79,23 @@ class MemoryPlan:
   load_extra_bytes: int = 0  # held during loading only, beyond what stays
   dense_bytes: int = 0  # the dense part of runtime_and_dense_bytes (0: not known apart)
   sequences: int = 1  # sequences decoding together (the server's --parallel)
+  kv_layer_bytes: int = 0  # one sequence's largest layer at max_context + 1 (part of kv_bytes)
+
+  @property
+  def kv_resize_bytes(self) -> int:
+    """The part of kv_bytes held only while a cache or the batch stack is resized (one layer
+    of every sequence's slot)."""
+    return self.sequences * self.kv_layer_bytes
+
+  @property
+  def kv_limit_bytes(self) -> int:
+    """The KV bytes the engine's caches may hold between resizes (engine.make_kv_room)."""
+    return self.kv_bytes - self.kv_resize_bytes
+
+  @property
+  def kv_sequence_bytes(self) -> int:
+    """One sequence's slot: its cache at max_context positions plus the scratch position."""
+    return self.kv_limit_bytes // self.sequences
 
   @property
   def pool_bytes(self) -> int:
@@ -82,14 +109,18 @@ class MemoryPlan:
     split = (f"runtime {self.runtime_bytes / GB:.3f} GB (measured) + dense params "
              f"{self.dense_bytes / GB:.3f} GB" if self.dense_bytes else
              f"runtime + dense params {self.runtime_and_dense_bytes / GB:.3f} GB (measured)")
+    resize = (f", + {self.kv_resize_bytes / GB:.3f} GB to resize one layer at a time"
+              if self.kv_layer_bytes else "")
     return (f"memory plan for {self.budget_bytes / GB:.2f} GB: {split}, KV cache "
-            f"{self.kv_bytes / GB:.3f} GB ({_positions(self.sequences, self.max_context)}), margin "
+            f"{self.kv_bytes / GB:.3f} GB ({_positions(self.sequences, self.max_context)}"
+            f"{' + 1 scratch each' if self.kv_layer_bytes else ''}{resize}), margin "
             f"{self.margin_bytes / GB:.3f} GB, expert pool {self.slots} slots x "
             f"{self.bytes_per_expert / 1e6:.1f} MB = {self.pool_bytes / GB:.3f} GB")
 
   def as_dict(self) -> dict:
     return {**dataclasses.asdict(self), "pool_bytes": self.pool_bytes,
-            "runtime_bytes": self.runtime_bytes}
+            "runtime_bytes": self.runtime_bytes, "kv_resize_bytes": self.kv_resize_bytes,
+            "kv_limit_bytes": self.kv_limit_bytes}
 
 
 def _positions(sequences: int, max_context: int) -> str:
@@ -100,15 +131,17 @@ def _positions(sequences: int, max_context: int) -> str:
 def make_plan(budget_gb: float, runtime_and_dense_bytes: int, kv_bytes: int, max_context: int,
               bytes_per_expert: int, expert_f32_bytes: int, min_slots: int,
               total_experts: int, load_extra_bytes: int = 0,
-              dense_bytes: int = 0, sequences: int = 1) -> MemoryPlan:
+              dense_bytes: int = 0, sequences: int = 1, kv_layer_bytes: int = 0) -> MemoryPlan:
   """The arithmetic: slots = (budget - runtime and dense - KV - margin) // bytes_per_expert,
   at most total_experts; the budget must also hold the load's extra. kv_bytes is one
-  sequence's cache at max_context positions; `sequences` of them are planned (the server's
+  sequence's slot (plan_store: its cache at max_context + 1 positions) and kv_layer_bytes its
+  largest layer (the resize's room); `sequences` of both are planned (the server's
   --parallel), and a budget that cannot hold them names the largest --parallel and
   --max_context that fit."""
   budget = int(budget_gb * GB)
   margin = MARGIN_BASE + expert_f32_bytes
-  one_kv, kv_bytes = kv_bytes, sequences * kv_bytes
+  one_kv = kv_bytes + kv_layer_bytes
+  kv_bytes = sequences * one_kv
   free = budget - runtime_and_dense_bytes - kv_bytes - margin
   slots = min(total_experts, max(free, 0) // bytes_per_expert)
   steady = runtime_and_dense_bytes + kv_bytes + margin + min_slots * bytes_per_expert
@@ -131,7 +164,8 @@ def make_plan(budget_gb: float, runtime_and_dense_bytes: int, kv_bytes: int, max
         "(--expert_dtype=int8) or the KV cache (--kv_bits)"
         f"{', or lower --parallel or --max_context' if sequences > 1 else ''}.")
   return MemoryPlan(budget, runtime_and_dense_bytes, kv_bytes, max_context, margin,
-                    bytes_per_expert, slots, load_extra_bytes, dense_bytes, sequences)
+                    bytes_per_expert, slots, load_extra_bytes, dense_bytes, sequences,
+                    kv_layer_bytes)
 
 
 # ---- sizes from the manifest ---------------------------------------------------------------
@@ -237,8 +271,15 @@ def planned_context(spec: ModelSpec, max_context: int | None) -> int:
 
 
 def kv_bytes(kv, spec: ModelSpec, context: int) -> int:
+  """One sequence's cache at `context` positions, every layer (from the shapes only)."""
   shapes = jax.eval_shape(lambda: kv.init(spec, context))
   return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+
+
+def kv_layer_bytes(kv, spec: ModelSpec, context: int) -> int:
+  """One sequence's largest layer cache at `context` positions (from the shapes only)."""
+  shapes = jax.eval_shape(lambda: kv.init(spec, context))
+  return max(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(layer)) for layer in shapes)
 
 
 def plan_store(store_dir: str, budget_gb: float, runtime_bytes: int, *,
@@ -256,10 +297,11 @@ def plan_store(store_dir: str, budget_gb: float, runtime_bytes: int, *,
   context = planned_context(spec, max_context)
   dense, extra = dense_sizes(store_dir, manifest, spec, dense_dtype)
   total = len(manifest["experts"]["layers"]) * spec.num_experts
-  return make_plan(budget_gb, runtime_bytes + dense, kv_bytes(kv, spec, context), context,
+  # a batch slot: the context + the scratch position (engine/batch.py); and its largest layer
+  return make_plan(budget_gb, runtime_bytes + dense, kv_bytes(kv, spec, context + 1), context,
                    bytes_per_expert(manifest), 3 * spec.moe.width * spec.hidden_size * 4,
                    spec.num_experts_per_tok, total, load_extra_bytes=extra, dense_bytes=dense,
-                   sequences=sequences)
+                   sequences=sequences, kv_layer_bytes=kv_layer_bytes(kv, spec, context + 1))
 
 
 def after_load(plan: MemoryPlan, measured: int, total_experts: int,
@@ -269,7 +311,8 @@ def after_load(plan: MemoryPlan, measured: int, total_experts: int,
   that the pool never takes memory the load did not give back."""
   if measured <= plan.runtime_and_dense_bytes:
     return plan
-  return make_plan(plan.budget_bytes / GB, measured, plan.kv_bytes // plan.sequences,
+  return make_plan(plan.budget_bytes / GB, measured, plan.kv_sequence_bytes,
                    plan.max_context, plan.bytes_per_expert, expert_f32_bytes, min_slots,
                    total_experts, plan.load_extra_bytes,
-                   plan.dense_bytes + measured - plan.runtime_and_dense_bytes, plan.sequences)
+                   plan.dense_bytes + measured - plan.runtime_and_dense_bytes, plan.sequences,
+                   plan.kv_layer_bytes)

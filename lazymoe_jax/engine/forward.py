@@ -11,6 +11,7 @@ read once per layer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -32,6 +33,22 @@ class KVCache(list):
   """The per-layer cache pytrees of one sequence, and how many positions they hold."""
 
   capacity: int = 0
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def empty_layer(kv, spec: ModelSpec, capacity: int, slots: int | None):
+  """One layer's empty cache at `capacity` positions as kv.init makes it (every layer's is
+  the same), with a leading axis of `slots` unless None. Only this layer is allocated."""
+  layer = kv.init(spec, capacity)[0]
+  if slots is None:
+    return layer
+  return jax.tree.map(lambda a: jnp.broadcast_to(a[None], (slots,) + a.shape), layer)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _into(dst, src):
+  """dst with src written over its leading corner (a cache layer into a larger one)."""
+  return jax.tree.map(lambda d, a: jax.lax.dynamic_update_slice(d, a, (0,) * a.ndim), dst, src)
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -96,6 +113,7 @@ class Forward:
     self.moe_index = {n: i for i, n in enumerate(self.moe_order)}
     # Optional observer: trace(layer, ids [T, k], h [T, H]) after each router (benchmarks).
     self.trace: Callable[[int, np.ndarray, jax.Array], None] | None = None
+    self._cache_bytes: dict[int, int] = {}  # capacity -> one sequence's cache bytes
 
   # ---- caches ------------------------------------------------------------------------------
   def new_cache(self, needed: int, limit: int) -> KVCache:
@@ -105,6 +123,28 @@ class Forward:
     cache = KVCache(self.kv.init(self.spec, capacity_for(needed, limit)))
     cache.capacity = capacity_for(needed, limit)
     return cache
+
+  def grow_cache(self, cache: KVCache, needed: int, limit: int) -> KVCache:
+    """`cache` moved into a cache for `needed` positions (capacity_for), layer by layer: each
+    new layer is made, the old one copied in and freed before the next, so growing holds one
+    layer beyond the two caches' larger (the memory plan counts one layer per sequence for
+    it). `cache`'s entries are emptied."""
+    capacity = capacity_for(needed, limit)
+    new = KVCache()
+    for layer, old in enumerate(cache):
+      new.append(_into(empty_layer(self.kv, self.spec, capacity, None), old))
+      jax.block_until_ready(new[-1])
+      cache[layer] = old = None
+    new.capacity = capacity
+    return new
+
+  def cache_bytes(self, capacity: int, slots: int = 1) -> int:
+    """Bytes of `slots` caches of `capacity` positions (from the shapes, nothing allocated)."""
+    if capacity not in self._cache_bytes:
+      shapes = jax.eval_shape(lambda: self.kv.init(self.spec, capacity))
+      self._cache_bytes[capacity] = sum(a.size * a.dtype.itemsize
+                                        for a in jax.tree.leaves(shapes))
+    return slots * self._cache_bytes[capacity]
 
   # ---- one sequence ------------------------------------------------------------------------
   def run(self, tokens: np.ndarray, start: int, cache: KVCache):

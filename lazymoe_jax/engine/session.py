@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from lazymoe_jax.engine.forward import KVCache, capacity_for
@@ -28,7 +27,9 @@ class Session:
 
   With `max_context` the cache is allocated for that many positions at once; without it the
   cache starts at the first feed's size and doubles as tokens arrive, up to the engine's
-  max_context (each capacity is a compiled shape: doubling keeps them few).
+  max_context (each capacity is a compiled shape: doubling keeps them few), moved into the
+  larger cache one layer at a time. With a memory plan, a cache that would take the KV caches
+  past the plan (more sequences than `parallel`) is a PlanError (engine.make_kv_room).
   """
 
   def __init__(self, engine: "Engine", max_context: int | None = None):
@@ -41,9 +42,13 @@ class Session:
     self.slot: int | None = None  # its slot in engine.batch while it decodes in batches
     self.closed = False
     self._capacity = 0  # positions its cache holds (in its slot: the slot's share)
-    # capacities are rounded up (few compiled shapes), within the engine's max_context
-    self.cache: KVCache | None = (engine.forward.new_cache(max_context, engine.max_context)
-                                  if max_context else None)
+    self.cache: KVCache | None = None
+    if max_context:
+      # capacities are rounded up (few compiled shapes), within the engine's max_context
+      cap = capacity_for(max_context, engine.max_context)
+      engine.make_kv_room(engine.forward.cache_bytes(cap), f"a session of {cap} positions")
+      self.cache = engine.forward.new_cache(max_context, engine.max_context)
+    engine.sessions.add(self)
     if self.cache is not None:
       self._capacity = self.cache.capacity
       engine.note_kv_bytes(self.kv_cache_bytes)
@@ -104,16 +109,16 @@ class Session:
   def _grow(self, needed: int) -> None:
     """A cache for at least `needed` positions (doubling), the old positions copied in. In a
     batch slot only the capacity is raised: the batch makes its stack hold it before the step."""
-    old = self.cache
     cap = min(self.max_context, max(needed, 2 * self._capacity))
     if self.slot is not None:
       self._capacity = capacity_for(cap, self.engine.max_context)
       return
-    new = self.engine.forward.new_cache(cap, self.engine.max_context)
-    if old is not None:  # every cache array grows along its position axis only
-      for layer, o in enumerate(old):
-        new[layer] = jax.tree.map(
-            lambda n, a: jax.lax.dynamic_update_slice(n, a, (0,) * a.ndim), new[layer], o)
-    self.cache = new
-    self._capacity = new.capacity
+    fwd, limit = self.engine.forward, self.engine.max_context
+    old = 0 if self.cache is None else self.engine.kv.nbytes(list(self.cache))
+    self.engine.make_kv_room(fwd.cache_bytes(capacity_for(cap, limit)) - old,
+                             f"a session growing to {capacity_for(cap, limit)} positions")
+    # every cache array grows along its position axis only
+    self.cache = (fwd.new_cache(cap, limit) if self.cache is None else
+                  fwd.grow_cache(self.cache, cap, limit))
+    self._capacity = self.cache.capacity
     self.engine.note_kv_bytes(self.kv_cache_bytes)

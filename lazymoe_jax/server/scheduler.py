@@ -205,9 +205,10 @@ class Scheduler:
       if n >= n_max:
         break
       size *= 2
-    # batched decode: one program set per power-of-two batch size up to --parallel
+    # batched decode: one program set per power-of-two batch size up to --parallel (the
+    # memory plan holds --parallel sequences' caches, no more)
     nb = 2
-    while nb <= max(2, self.parallel):
+    while nb <= self.parallel:
       seqs = [eng.session(min(eng.max_context, 16)) for _ in range(nb)]
       for seq in seqs:
         seq.advance(rng.randint(0, eng.spec.vocab_size, 8).tolist())
