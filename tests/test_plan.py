@@ -126,22 +126,28 @@ class _LiveKV:
     return now
 
 
-@pytest.mark.parametrize("n", [1, 3, 5, 8])
-def test_kv_bytes_never_pass_the_plan_as_sequences_join_and_leave(tiny_stores, monkeypatch, n):
+# dense caches at N = 1, 3, 5, 8; TurboQuant (fixed-size parts per layer) and latent caches
+@pytest.mark.parametrize("family,kv_bits,n", [("mixtral", None, 1), ("mixtral", None, 3),
+                                              ("mixtral", None, 5), ("mixtral", None, 8),
+                                              ("mixtral", 4, 3), ("deepseek_v3", None, 3)])
+def test_kv_bytes_never_pass_the_plan_as_sequences_join_and_leave(tiny_stores, monkeypatch,
+                                                                  family, kv_bits, n):
   """--parallel=N sessions of max_context positions (the server's preallocated caches) prefill
   on their own caches and join the batch one per step (the stack resized each time), one is
   fed alone (its cache moves out and back), one is closed and replaced: the KV bytes alive,
   counted by the runtime at every layer of every resize, peak exactly where the analysis puts
   them and never above the plan's KV term; one more session than planned is refused."""
-  _, store = tiny_stores["mixtral"]
+  _, store = tiny_stores[family]
   context = 256
   gb = round(budget.runtime_bytes() / 1e9 + 2.0, 2)
-  engine = lazymoe_jax.load(store, memory_budget_gb=gb, max_context=context, parallel=n)
+  engine = lazymoe_jax.load(store, memory_budget_gb=gb, max_context=context, parallel=n,
+                            kv_bits=kv_bits)
   kv, spec = engine.kv, engine.spec
   layers = spec.num_hidden_layers
   slot = budget.kv_layer_bytes(kv, spec, context + 1)  # one layer of a batch slot
   own = budget.kv_layer_bytes(kv, spec, context)  # one layer of a session's own cache
-  assert (slot, own) == (32896, 32768)  # 2 x K/V x 2 heads x 16 dims x positions x 4 bytes
+  if (family, kv_bits) == ("mixtral", None):  # K and V x 2 heads x 16 dims x positions x 4 B
+    assert (slot, own) == (32896, 32768)
   plan = engine.plan
   # per sequence: a slot (every layer, the scratch position included) and one more layer
   assert plan.kv_bytes == (layers + 1) * n * slot
