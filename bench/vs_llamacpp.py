@@ -444,8 +444,11 @@ def decode_breakdown(engine, seq, tokens: list[int]) -> dict:
                          + sum(nbytes(c) for c in seq.cache),
             "router": sum(nbytes(p["router"]) for p in moe),
             "experts": len(moe) * spec.num_experts_per_tok * engine.experts.bytes_per_expert,
-            "output head": nbytes(g.get("lm_head", g["embed"])) + nbytes(g["final_norm"]),
-            "embedding": nbytes(g["embed"]) // spec.vocab_size}
+            # a version 5 store reads embedding rows from disk: one bf16 row a token
+            "output head": nbytes(g["lm_head"] if "lm_head" in g else g["embed"])
+                           + nbytes(g["final_norm"]),
+            "embedding": (nbytes(g["embed"]) // spec.vocab_size if "embed" in g
+                          else 2 * spec.hidden_size)}
   return {"layers": spec.num_hidden_layers, "real_step_ms": real * 1e3,
           "ms": {k: v / n for k, v in ms.items()},
           "standalone_ms": {k: v / n for k, v in alone.items()},
