@@ -548,8 +548,8 @@ def print_capped_table(rows: list[dict]) -> None:
         f"{FLAGS.decode}; best of {FLAGS.repeats} by time to first token; load average now {la}")
   print("| pair | engine | load s | TTFT s | x llama.cpp | again s | start to 1st token s | "
         "prompt tok/s | "
-        "decode tok/s | x llama.cpp | cgroup peak MB (at loaded) | OOM kills | MB read: prompt"
-        " / per decode token | engine MB/token demand + spec. | disk busy prompt / decode | "
+        "decode tok/s | x llama.cpp | cgroup peak MB (at loaded) | OOM kills | MB read: load / "
+        "prompt / per decode token | engine MB/token demand + spec. | disk busy prompt / decode | "
         "argmax = llama.cpp |")
   print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   base = {r["pair"]: r for r in rows if r["engine"] == "llama.cpp" and "error" not in r}
@@ -572,7 +572,8 @@ def print_capped_table(rows: list[dict]) -> None:
           f"{r['prompt_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
           f"{vs(lambda r, b: r['decode_tok_s'] / b['decode_tok_s'])} | "
           f"{r['cgroup_peak_MB']:.0f} ({r['load_peak_MB']:.0f}) | {r['oom_kills']} | "
-          f"{r['prompt_read_MB']:.0f} / {r['decode_read_MB_per_token']:.1f} | {eng} | {busy} | "
+          f"{r['load_read_MB']:.0f} / {r['prompt_read_MB']:.0f} / "
+          f"{r['decode_read_MB_per_token']:.1f} | {eng} | {busy} | "
           f"{vs(lambda r, b: agreement(r['argmax'], b['argmax']))} |")
   for r in rows:
     extra = f"; plan: {r['plan']}" if r.get("plan") else ""
