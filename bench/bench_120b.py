@@ -64,7 +64,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("keep", False, "Full mode: keep the 61 GB store afterwards.")
   flags.DEFINE_float("wait_minutes", 30, "Full mode: how long to wait for disk space.")
   flags.DEFINE_float("prefetch_threshold", None, "Full mode: the prefetch policy's confidence "
-                     "threshold (default: engine/prefetch.THRESHOLD).")
+                     "threshold for every kind of guess (default: engine/prefetch.THRESHOLDS, per kind).")
 
 
 FLAGS = flags.FLAGS
