@@ -349,3 +349,66 @@ def test_policy_thresholds_per_kind_of_guess():
   assert policy.choose(109, "prefill", 1, [(4, 0)]) == [4]
   with pytest.raises(ValueError, match="threshold=-0.1 must be in"):
     PrefetchPolicy(threshold={"decode": -0.1, "prefill": 0.5})
+def test_guess_distance_counts_the_layers_held_whole(store):
+  """A layer the pool holds whole gets no guesses, and the next layer's guesses keep their true
+  distance: layer 0 guesses layer 2 at distance 2 (not 1, as if layer 1 were not there)."""
+  steps = 12  # generate from a one-token prompt: 12 single-token feeds, each guessing ahead
+  engine = lazymoe_jax.load(store, expert_slots=N_EXPERTS + 4)  # layers 0 and 2 never whole
+  for _ in range(1000):  # lfu: layer 1's experts are used far more than any other expert
+    engine.pool.acquire(1, range(N_EXPERTS))
+  engine.eos_ids = set()
+  tokens = engine.generate([5], steps)
+  assert [engine.pool.holds_layer(layer) for layer in range(N_LAYERS)] == [False, True, False]
+  # every feed: layer 0 guesses layer 2 (distance 2), layer 1 guesses layer 2 (distance 1),
+  # K ranks each; none for layer 1 (held whole) nor beyond the last layer
+  assert {(r["kind"], r["distance"], r["rank"]): r["made"]
+          for r in engine.forward.policy.table()} == {
+              ("decode", d, rank): steps for d in (1, 2) for rank in range(K)}
+  plain = lazymoe_jax.load(store, expert_slots=1000, prefetch=False)
+  plain.eos_ids = set()
+  assert plain.generate([5], steps) == tokens
+
+
+# ---- guesses across the waves of one layer ------------------------------------------------------
+
+def test_a_later_waves_guess_is_kept_not_cancelled(store):
+  """acquire(..., later=) keeps the guesses a later wave of the same step needs: in flight, not
+  cancelled; an unneeded guess of the layer is still cancelled."""
+  pool = _pool(store, 4)
+  bpe = pool.store.bytes_per_expert
+  pool.store.gate.demand_start()  # holds the guesses back
+  pool.prefetch(0, [5, 3])
+  pool.acquire(0, [0, 1], later=[5])  # the first wave; 5 is for the second, 3 for none
+  assert (0, 5) in pool.pending and (0, 3) not in pool.pending
+  assert pool.guesses(0) == {5}
+  pool.store.gate.demand_stop()
+  pool.acquire(0, [2, 5])  # the second wave: 5 lands and is used
+  assert (pool.prefetch_reads, pool.prefetch_cancelled, pool.prefetch_used) == (2, 1, 1)
+  assert (pool.hits, pool.misses) == (1, 3)
+  assert (pool.demand_bytes, pool.speculative_bytes, pool.unused_bytes) == (3 * bpe, bpe, 0)
+  assert pool.guesses(0) == set()
+
+
+def test_multi_wave_prefill_keeps_the_guesses_its_later_waves_use(store):
+  """A pool of 3 slots and a prompt whose every layer needs 4 experts: two waves per layer.
+  Layer 0's guesses 5 (needed, second wave) and 3 (not needed) have landed. The first wave
+  keeps 5's slot (it is one expert shorter for it), gives 3's up (unused); the second wave
+  uses 5: one read saved, each expert read once, the books exact; logits unchanged."""
+  prompt = token_ids(3, seed=0)
+  resident = lazymoe_jax.load(store, expert_slots=1000, prefetch=False)
+  routed = {}
+  resident.forward.trace = lambda layer, ids, h: routed.setdefault(
+      layer, sorted(set(ids.reshape(-1).tolist())))
+  want = resident.logits(prompt)
+  # the precondition of the counts below: this prompt routes each layer to 4 experts
+  assert routed == {0: [0, 1, 2, 5], 1: [1, 2, 4, 5], 2: [0, 2, 4, 5]}
+  engine = lazymoe_jax.load(store, expert_slots=3, prefetch=False)  # only the guesses below
+  pool, bpe = engine.pool, engine.experts.bytes_per_expert
+  pool.prefetch(0, [5, 3])
+  pool.drain()
+  assert pool.speculative_bytes == 2 * bpe and pool.guesses(0) == {5, 3}
+  np.testing.assert_array_equal(engine.logits(prompt), want)
+  # layer 0: waves [0, 1] (5 kept) and [2, 5] (5 a hit); layers 1, 2: [a, b, c] and [d]
+  assert (pool.hits, pool.misses, pool.prefetch_used) == (1, 3 + 4 + 4, 1)
+  assert pool.demand_bytes == 11 * bpe and pool.unused_bytes == bpe  # 3 only
+  assert pool.bytes_read == pool.demand_bytes + pool.speculative_bytes == 13 * bpe

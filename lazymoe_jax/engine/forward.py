@@ -46,6 +46,26 @@ def capacity_for(needed: int, limit: int) -> int:
   return min(padded, max(needed, limit))
 
 
+def waves(experts: list[int], guessed: set[int], slots: int):
+  """Splits a layer's experts (ascending) into waves a pool of `slots` holds at once, keeping
+  the slots of the guesses (`guessed`: resident or in flight) that later waves use: yields
+  (wave, later), `later` being the guesses still ahead that the wave's acquire must keep. A
+  wave is the longest run such that its experts and the guesses beyond it fit in the slots
+  (a guess inside the wave takes no extra slot); when the guesses alone fill the pool, the
+  wave is one expert and the furthest guess gives its slot up."""
+  i = 0
+  while i < len(experts):
+    ahead = [e for e in experts[i:] if e in guessed]
+    j, held = i, len(ahead)
+    while j < len(experts) and (experts[j] in guessed or held < slots):
+      held += experts[j] not in guessed
+      j += 1
+    j = max(j, i + 1)
+    wave = experts[i:j]
+    yield wave, [e for e in ahead if e > wave[-1]][:slots - len(wave)]
+    i = j
+
+
 class Forward:
   """The model as it runs: spec, KV cache kind, dense params on the device, the expert pool."""
 
@@ -118,10 +138,10 @@ class Forward:
         slots = self.pool.acquire(layer, ids[0])
         x = steps.moe_decode(spec, self.shared[layer], h, xn, weights,
                              tuple(self.pool.arrays(s) for s in slots))
-        self._prefetch(ahead, routed[1:], n, "decode")
+        self._prefetch(layer, ahead, routed[1:], n, "decode")
       else:  # the next layer's guesses are read while this layer's experts compute
         x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[:n],
-                              lambda: self._prefetch(ahead, routed[1:], n, "prefill"))
+                              lambda: self._prefetch(layer, ahead, routed[1:], n, "prefill"))
     return x, cache
 
   # ---- several sequences, one token each -----------------------------------------------------
@@ -151,7 +171,7 @@ class Forward:
       if self.prefetch:
         self.policy.observe(layer, ids.reshape(-1))
       x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[rows], rows=rows)
-      self._prefetch(ahead, routed[1:], len(rows), "batch")
+      self._prefetch(layer, ahead, routed[1:], len(rows), "batch")
     return x, stack
 
   # ---- shared pieces -----------------------------------------------------------------------
@@ -174,12 +194,16 @@ class Forward:
     return [a for a in self.moe_order[i + 1:i + 1 + self.prefetch_depth]
             if not self.pool.holds_layer(a)]
 
-  def _prefetch(self, ahead: list[int], guesses, n: int, kind: str) -> None:
+  def _prefetch(self, layer: int, ahead: list[int], guesses, n: int, kind: str) -> None:
     """Starts reading the guessed experts of each layer ahead that the policy chooses,
     nearest layer first (the reads overlap this layer's expert compute, behind any demand
     read); the guesses of several rows (a prompt, a batch) are merged by rank. A prompt's are
-    read in expert order, which is their order on disk."""
-    for distance, (a, guess) in enumerate(zip(ahead, guesses), 1):
+    read in expert order, which is their order on disk. A guess's distance is how many MoE
+    layers ahead of `layer` its layer is, counting the layers skipped for being held whole
+    (`_layers_ahead`), so the policy measures each distance apart."""
+    here = self.moe_index[layer]
+    for a, guess in zip(ahead, guesses):
+      distance = self.moe_index[a] - here
       rows = np.asarray(guess)[:n, :self.prefetch_width]  # [n, width]
       chosen = self.policy.choose(a, kind, distance, ranked_union(rows))
       self.pool.prefetch(a, sorted(chosen) if kind == "prefill" else chosen)
@@ -191,17 +215,20 @@ class Forward:
     [n, k] of the rows of xn `rows` (None: the first n). The misses of a wave are read in
     ascending expert order (their order on disk), all in flight at once. `after_first_wave`
     runs once the first wave is resident, before its compute (prefill starts the next layer's
-    guessed reads there).
+    guessed reads there). When the experts need more than one wave, the guesses already
+    made for this layer that a later wave uses keep their slots until that wave (`waves`):
+    each is read once, and counted used, not unused.
 
     Experts are applied in ascending id order whatever the pool size, so results are
     bit-identical between a minimal pool and an all-resident one.
     """
-    experts = np.unique(ids)
+    experts = [int(e) for e in np.unique(ids)]
     acc = jnp.zeros(xn.shape, jnp.float32)
-    for w0 in range(0, len(experts), self.pool.num_slots):
-      wave = experts[w0:w0 + self.pool.num_slots]
-      slots = self.pool.acquire(layer, wave)
-      if w0 == 0 and after_first_wave is not None:
+    many = len(experts) > self.pool.num_slots
+    guessed = self.pool.guesses(layer) & set(experts) if many else set()
+    for i, (wave, later) in enumerate(waves(experts, guessed, self.pool.num_slots)):
+      slots = self.pool.acquire(layer, wave, later)
+      if i == 0 and after_first_wave is not None:
         after_first_wave()
       for e, slot in zip(wave, slots):
         tok, kpos = np.nonzero(ids == e)

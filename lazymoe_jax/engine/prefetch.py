@@ -1,7 +1,8 @@
 """Which guessed experts are worth reading: measured at run time, per kind of guess.
 
 Layer l applies the routers of the next MoE layers to its hidden state: a guess of the experts
-layer l + d will pick (d = the distance), ranked (rank 0 = the top score). Every guess is
+the d-th MoE layer after l will pick (d = the distance, in MoE layers, counting those the pool
+holds whole and no guess is made for), ranked (rank 0 = the top score). Every guess is
 recorded, read or not, and scored when its layer routes for real, so the rate at which guesses
 of each (kind, distance, rank) are used is known at run time without reading any of them
 ("prefill" guesses are a prompt's union over its tokens, ranked by the best rank any token

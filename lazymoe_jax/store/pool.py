@@ -178,15 +178,15 @@ class ExpertPool:
                                                        speculative=True))
       self.prefetch_reads += 1
 
-  def _land_prefetches(self, layer: int) -> None:
-    """Waits for the prefetch reads in flight for `layer`, and lands any other that is done;
-    they become resident, least recently used first. Reads for later layers stay in flight,
-    their slots reserved. A guess whose read fails is dropped (its slot left empty): it was
-    never asked for, and if it is, the miss reads it again and reports the error then."""
+  def _land_prefetches(self, wait) -> None:
+    """Waits for the prefetch reads in flight whose key passes wait(key), and lands any other
+    that is done; they become resident, least recently used first. The others stay in
+    flight, their slots reserved. A guess whose read fails is dropped (its slot left empty):
+    it was never asked for, and if it is, the miss reads it again and reports the error then."""
     t0 = time.perf_counter()
     try:
       for key, (slot, handle) in list(self.pending.items()):
-        if key[0] != layer and not self.store.read_done(handle):
+        if not wait(key) and not self.store.read_done(handle):
           continue
         try:
           self.store.finish_read(handle)
@@ -219,21 +219,33 @@ class ExpertPool:
 
   def drain(self) -> None:
     """Waits for every read in flight (before the pool's buffers may be reused or freed)."""
-    for layer in {key[0] for key in self.pending}:
-      self._land_prefetches(layer)
+    self._land_prefetches(lambda key: True)
 
-  def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
-    """Makes every expert of `experts` resident for `layer` at once; returns their slots."""
+  def guesses(self, layer: int) -> set[int]:
+    """The experts guessed for `layer` that still await it: landed, or read in flight."""
+    return ({e for l, e in self.prefetched if l == layer} |
+            {e for l, e in self.pending if l == layer})
+
+  def acquire(self, layer: int, experts: Sequence[int], later: Sequence[int] = ()) -> list[int]:
+    """Makes every expert of `experts` resident for `layer` at once; returns their slots.
+
+    `later`: experts of the same layer that a later acquire of the same step needs (the next
+    waves of a grouped MoE step, engine/forward.py). Guesses for them are kept: not
+    cancelled, still in flight or landed, their slots still reserved, and counted used or
+    unused only when their own acquire comes. Every other guess for `layer` is settled now:
+    one in flight is cancelled, one landed that this call does not use is counted unused."""
     experts = [int(e) for e in experts]
+    keep = {int(e) for e in later} - set(experts)
     if self.pending:
-      wanted = set(experts)
+      wanted = set(experts) | keep
       for key, (_, handle) in self.pending.items():
         if key[0] == layer and key[1] not in wanted:
           self.store.cancel(handle)  # an unneeded guess stops at its next piece
-      self._land_prefetches(layer)
+      # wait for this layer's reads, except the guesses of later waves (they may go on)
+      self._land_prefetches(lambda key: key[0] == layer and key[1] not in keep)
     hit = [self.table.get((layer, e)) for e in experts]
     if None not in hit:
-      return self._all_hits(layer, experts, hit)
+      return self._all_hits(layer, experts, hit, keep)
     if len(set(experts)) > self.num_slots:
       raise PlanError(f"{len(set(experts))} experts requested at once but the pool has "
                       f"{self.num_slots} slots.")
@@ -252,9 +264,11 @@ class ExpertPool:
             self.prefetch_used += 1
         else:  # start every miss's read before waiting for any of them
           slot = self._victim(layer, pinned | self._reserved())
-          if slot is None:  # every other slot awaits a prefetch for a later layer: drop them
-            self.cancel_prefetches()
-            self._drop_landed(lambda key: True)
+          if slot is None:  # every other slot awaits a guess: release those of other layers
+            self._release(lambda key: key[0] != layer or key[1] not in keep)
+            slot = self._victim(layer, pinned | self._reserved())
+          if slot is None:  # and then this layer's later waves' too
+            self._release(lambda key: True)
             slot = self._victim(layer, pinned | self._reserved())
           self._evict(slot)
           self._map(slot, key)  # reserved: a repeat of e in `experts` maps here
@@ -282,10 +296,11 @@ class ExpertPool:
         self._evict(slot)
       raise
     self.in_use = pinned
-    self._forget_guesses(layer)
+    self._forget_guesses(layer, keep)
     return slots
 
-  def _all_hits(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:
+  def _all_hits(self, layer: int, experts: list[int], slots: list[int],
+                keep: set[int]) -> list[int]:
     """acquire when every expert is resident (decode's common case; the same bookkeeping as
     the general path, without its per-expert branches: it runs once per layer and token)."""
     for e, slot in zip(experts, slots):
@@ -296,14 +311,15 @@ class ExpertPool:
       used = self.prefetched & {(layer, e) for e in experts}
       self.prefetch_used += len(used)
       self.prefetched -= used  # used, not counted unused below
-      self._forget_guesses(layer)
+      self._forget_guesses(layer, keep)
     self.in_use = set(slots)
     return slots
 
-  def _forget_guesses(self, layer: int) -> None:
-    """This layer's unused guesses lose their protection (they stay resident, first victims)."""
+  def _forget_guesses(self, layer: int, keep: set[int]) -> None:
+    """This layer's unused guesses lose their protection (they stay resident, first victims),
+    except those `keep` names (a later wave of the same step uses them)."""
     if self.prefetched:
-      self._drop_landed(lambda key: key[0] == layer)
+      self._drop_landed(lambda key: key[0] == layer and key[1] not in keep)
 
   def _drop_landed(self, which) -> None:
     """Landed guesses for which(key) are no longer awaited: counted unused (bytes read for
@@ -312,8 +328,11 @@ class ExpertPool:
     self.unused_bytes += len(dropped) * self.store.bytes_per_expert
     self.prefetched -= dropped
 
-  def cancel_prefetches(self) -> None:
-    """Cancels every guess in flight and waits until their reads stopped (slots left empty)."""
-    for _, handle in self.pending.values():
-      self.store.cancel(handle)
-    self.drain()
+  def _release(self, which) -> None:
+    """The guesses for which(key) give their slots up: those in flight are cancelled and
+    waited for, those landed are no longer awaited (counted unused)."""
+    for key, (_, handle) in self.pending.items():
+      if which(key):
+        self.store.cancel(handle)
+    self._land_prefetches(which)
+    self._drop_landed(which)
