@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Sequence
 
-THRESHOLDS = {"prefill": 0.5, "decode": 0.75}
+THRESHOLDS = {"prefill": 0.5, "decode": 0.75, "batch": 0.75}  # batch: batched decode steps
 MIN_SAMPLES = 32
 
 
@@ -56,7 +56,12 @@ class PrefetchPolicy:
 
   def threshold_for(self, kind: str) -> float:
     t = self.threshold
-    return t[kind] if isinstance(t, dict) else t
+    if not isinstance(t, dict):
+      return t
+    if kind not in t:
+      raise ValueError(f"no prefetch threshold for guesses of kind {kind!r}: give one for each of "
+                       f"{sorted(THRESHOLDS)}.")
+    return t[kind]
 
   def choose(self, layer: int, kind: str, distance: int,
              ranked: Iterable[tuple[int, int]]) -> list[int]:
