@@ -43,7 +43,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from bench import bench_stream
+from bench import bench_stream, cgroups
 
 FULL_LAYERS = 36
 
@@ -64,7 +64,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("keep", False, "Full mode: keep the 61 GB store afterwards.")
   flags.DEFINE_float("wait_minutes", 30, "Full mode: how long to wait for disk space.")
   flags.DEFINE_float("prefetch_threshold", None, "Full mode: the prefetch policy's confidence "
-                     "threshold (default: engine/prefetch.THRESHOLD).")
+                     "threshold for every kind of guess (default: engine/prefetch.THRESHOLDS, per kind).")
 
 
 FLAGS = flags.FLAGS
@@ -107,45 +107,33 @@ def run_capped_after_load(conf: dict, limit: int) -> dict:
   (orbax's restore of the dense params peaks at ~2x their size: a startup transient the full
   model's budget holds, since its pool is allocated after loading; that peak is reported)."""
   import subprocess  # pylint: disable=import-outside-toplevel
-  cg = os.path.join(bench_stream.CGROUP_ROOT, f"lazymoe_bench120b_{os.getpid()}")
-  os.makedirs(cg, exist_ok=True)
-
-  def join():
-    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-      f.write(str(os.getpid()))
-
-  def cg_file(name, value=None):
-    with open(os.path.join(cg, name), "w" if value is not None else "r") as f:
-      return f.write(str(value)) if value is not None else f.read()
   row: dict = {}
-  try:
-    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_120b", "--child", json.dumps(conf)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            preexec_fn=join)
+  with cgroups.MemoryCgroup("bench120b") as cg:
+    proc = subprocess.Popen(cg.command([sys.executable, "-m", "bench.bench_120b", "--child",
+                                        json.dumps(conf)]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
       if line.startswith("LOADED"):
-        row["load_peak_MB"] = int(cg_file("memory.max_usage_in_bytes")) / 1e6
-        stat = dict(l.split() for l in cg_file("memory.stat").splitlines())
-        row["after_load_MB"] = {k: int(stat[k]) / 1e6 for k in ("rss", "cache", "mapped_file")}
+        row["load_peak_MB"] = cg.peak_bytes() / 1e6
+        stat = cg.stat()
+        row["after_load_MB"] = {k: stat[k] / 1e6 for k in ("rss", "cache", "mapped_file")}
         try:
-          cg_file("memory.limit_in_bytes", limit)
+          cg.set_limit(limit)
         except OSError as e:  # usage above the cap and nothing reclaimable
           proc.kill()
+          proc.wait()
           raise RuntimeError(f"cannot cap at {limit / 1e6:.0f} MB after loading: "
                              f"{row['after_load_MB']}") from e
-        cg_file("memory.max_usage_in_bytes", 0)
+        cg.reset_peak()
         proc.stdin.write("go\n")
         proc.stdin.flush()
       elif line.startswith("RESULT "):
         row.update(json.loads(line[7:]))
     if proc.wait() != 0:
       row["error"] = f"exit {proc.returncode}"
-    row["cgroup_peak_MB"] = int(cg_file("memory.max_usage_in_bytes")) / 1e6
-    row["oom_kills"] = int(dict(l.split() for l in cg_file("memory.oom_control").splitlines()
-                                ).get("oom_kill", 0))
+    row["cgroup_peak_MB"] = cg.peak_bytes() / 1e6
+    row["oom_kills"] = cg.oom_kills()
     return row
-  finally:
-    os.rmdir(cg)
 
 
 def engine_slots_min(conf: dict) -> int:
@@ -291,7 +279,7 @@ def run_full() -> None:
       sample = bench_stream.sample_chunks(chunks, 64)
       disk1 = bench_stream.disk_bandwidth(sample[:32], 1)
       disk8 = bench_stream.disk_bandwidth(sample[32:], 8)
-      bench_stream.drop_page_cache(every)  # cold: nothing of the store in the page cache
+      cgroups.drop_page_cache(every)  # cold: nothing of the store in the page cache
       conf = {"store": store, "dense_dtype": FLAGS.dense_dtype, "context": n_prompt + n_tok + 8,
               "prompt": n_prompt, "tokens": n_tok, "ids": ids, "mode": "full",
               "budget_gb": cap, "name": f"full_{cap:g}GB", "threshold": FLAGS.prefetch_threshold}
@@ -414,7 +402,7 @@ def main(argv) -> None:
   chunks = [c for c in glob.glob(os.path.join(store, "experts", "**", "c", "**", "*"),
                                  recursive=True) if os.path.isfile(c)]
   disk = bench_stream.disk_bandwidth(bench_stream.sample_chunks(chunks), 8)
-  bench_stream.drop_page_cache(chunks)
+  cgroups.drop_page_cache(chunks)
   row = run_capped_after_load({**base, "mode": "run", "budget_gb": slice_budget / GB},
                               int(slice_budget))
   disk = (disk + bench_stream.disk_bandwidth(bench_stream.sample_chunks(chunks), 8)) / 2

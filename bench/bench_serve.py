@@ -22,6 +22,7 @@ reports the cgroup's peak; give --memory_budget_gb the same figure so the pool i
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import cgroups  # noqa: E402  pylint: disable=wrong-import-position
 from tests.serving import free_port, http  # noqa: E402  pylint: disable=wrong-import-position
 
 PROMPTS = [
@@ -54,7 +56,6 @@ flags.DEFINE_integer("port", 0, "Port (0: a free one).")
 flags.DEFINE_float("cgroup_gb", None, "Run the server under a cgroup v1 memory cap of this many "
                    "GB (1e9 bytes; needs root).")
 flags.DEFINE_integer("prefill_chunk", 64, "Passed to the server.")
-CGROUP_ROOT = "/sys/fs/cgroup/memory"
 FLAGS = flags.FLAGS
 
 
@@ -113,20 +114,6 @@ def _prompts(model: str | None) -> list:
   return [tok.encode(p) for p in PROMPTS]
 
 
-def _cgroup(limit_gb: float | None) -> str | None:
-  """A fresh memory cgroup capped at limit_gb (None: no cap)."""
-  if limit_gb is None:
-    return None
-  if not os.access(CGROUP_ROOT, os.W_OK):
-    raise SystemExit(f"error: {CGROUP_ROOT} is not writable: --cgroup_gb needs root and "
-                     "cgroup v1.")
-  cg = os.path.join(CGROUP_ROOT, f"lazymoe_bench_serve_{os.getpid()}")
-  os.makedirs(cg, exist_ok=True)
-  with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
-    f.write(str(int(limit_gb * 1e9)))
-  return cg
-
-
 def main(argv) -> None:
   del argv
   counts = [int(s) for s in FLAGS.streams]
@@ -141,14 +128,19 @@ def main(argv) -> None:
   if FLAGS.expert_slots:
     args.append(f"--expert_slots={FLAGS.expert_slots}")
   prompts = _prompts(FLAGS.model)
-  cg = _cgroup(FLAGS.cgroup_gb)
+  with contextlib.ExitStack() as stack:
+    cg = None
+    if FLAGS.cgroup_gb is not None:
+      cgroups.require("--cgroup_gb")
+      cg = stack.enter_context(cgroups.MemoryCgroup("bench_serve", int(FLAGS.cgroup_gb * 1e9)))
+    # joins before exec: everything the server maps is charged
+    proc = subprocess.Popen(cg.command(args) if cg else args, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    serve(proc, port, counts, prompts, cg)
 
-  def join():  # in the child before exec: everything the server maps is charged
-    if cg:
-      with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
-  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                          preexec_fn=join)
+
+def serve(proc, port: int, counts: list[int], prompts: list, cg) -> None:
+  """The measured rounds against the started server; stops it at the end."""
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + 1800
@@ -179,13 +171,11 @@ def main(argv) -> None:
           f"{r['streams']}: {r[key] / base:.2f}x" for r in rows))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     if cg:
-      with open(os.path.join(cg, "memory.max_usage_in_bytes")) as f:
-        print(f"cgroup peak {int(f.read()) / 1e6:.0f} MB of {FLAGS.cgroup_gb * 1e3:.0f} MB")
+      print(f"cgroup peak {cg.peak_bytes() / 1e6:.0f} MB of {FLAGS.cgroup_gb * 1e3:.0f} MB, "
+            f"OOM kills {cg.oom_kills()}")
   finally:
     proc.terminate()
     proc.wait(30)
-    if cg:
-      os.rmdir(cg)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,7 @@ import numpy as np
 import psutil
 from absl import app, flags, logging
 
-from lazymoe_jax.store.experts import drop_file_from_page_cache
-
-CGROUP_ROOT = "/sys/fs/cgroup/memory"
+from bench import cgroups
 
 
 def define_flags() -> None:
@@ -66,15 +64,10 @@ FLAGS = flags.FLAGS
 
 
 # ---- the measured machine -----------------------------------------------------------------------
-def drop_page_cache(paths: list[str]) -> None:
-  for p in paths:
-    drop_file_from_page_cache(p)
-
-
 def disk_bandwidth(paths: list[str], in_flight: int) -> float:
   """Cold read bandwidth (GB/s) of whole chunk files with O_DIRECT into aligned buffers,
   `in_flight` files at once: the raw disk, no page cache."""
-  drop_page_cache(paths)
+  cgroups.drop_page_cache(paths)
   size = max(os.path.getsize(p) for p in paths)
   bufs = [mmap.mmap(-1, size) for _ in range(in_flight)]  # page-aligned, as O_DIRECT needs
 
@@ -210,14 +203,10 @@ def run_child(conf: dict) -> dict:
       engine.forward.prefetch_depth = int(opt[1:])
   d = timed_decode(engine, np.array(conf["ids"], np.int32), n_prompt, n_tok, context)
   import resource  # pylint: disable=import-outside-toplevel
-  mem = {}
-  for line in open("/proc/self/cgroup"):
-    if ":memory:" in line:
-      path = CGROUP_ROOT + line.strip().split(":", 2)[2]
-      if os.path.exists(os.path.join(path, "memory.stat")) and path != CGROUP_ROOT + "/":
-        with open(os.path.join(path, "memory.stat")) as f:
-          stat = dict(l.split() for l in f)
-        mem = {k + "_MB_at_end": int(stat[k]) / 1e6 for k in ("rss", "cache", "mapped_file")}
+  mem, cg = {}, cgroups.own()
+  if cg:
+    stat = cg.stat()
+    mem = {k + "_MB_at_end": stat[k] / 1e6 for k in ("rss", "cache", "mapped_file")}
   return {"config": name, "slots": engine.pool.num_slots,
           "plan": engine.plan.describe() if engine.plan else None, **mem,
           "decode_tok_s": 1 / d["token_s"], "prompt_tok_s": n_prompt / d["prompt_s"],
@@ -231,37 +220,24 @@ def run_child(conf: dict) -> dict:
 def run_in_cgroup(conf: dict, limit: int | None, module: str = "bench.bench_stream") -> dict:
   """Runs `python -m module --child JSON` (in a fresh memory cgroup capped at `limit` bytes
   when given); returns the child's RESULT row plus the cgroup's peak and OOM kills."""
-  cg = None
-  if limit is not None:
-    cg = os.path.join(CGROUP_ROOT, f"lazymoe_bench_{os.getpid()}_{conf['name'].replace('+', '_')}")
-    os.makedirs(cg, exist_ok=True)
-    with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
-      f.write(str(limit))
-    with open(os.path.join(cg, "memory.max_usage_in_bytes"), "w") as f:
-      f.write("0")
+  cmd = [sys.executable, "-m", module, "--child", json.dumps(conf)]
 
-  def join():  # runs in the child before exec: everything it ever maps is charged
-    if cg:
-      with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
-  try:
-    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(conf)],
-                          capture_output=True, text=True, preexec_fn=join, check=False)
+  def run(wrap=lambda c: c) -> dict:
+    proc = subprocess.run(wrap(cmd), capture_output=True, text=True, check=False)
     row = {"config": conf["name"]}
     for line in proc.stdout.splitlines():
       if line.startswith("RESULT "):
         row = json.loads(line[7:])
     if proc.returncode != 0:
       row["error"] = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
-    if cg:
-      with open(os.path.join(cg, "memory.max_usage_in_bytes")) as f:
-        row["cgroup_peak_MB"] = int(f.read()) / 1e6
-      with open(os.path.join(cg, "memory.oom_control")) as f:
-        row["oom_kills"] = int(dict(l.split() for l in f.read().splitlines()).get("oom_kill", 0))
     return row
-  finally:
-    if cg:
-      os.rmdir(cg)
+  if limit is None:
+    return run()
+  with cgroups.MemoryCgroup(conf["name"], limit) as cg:
+    row = run(cg.command)  # joins before exec: everything the child maps is charged
+    row["cgroup_peak_MB"] = cg.peak_bytes() / 1e6
+    row["oom_kills"] = cg.oom_kills()
+    return row
 
 
 def ensure_model() -> str:
@@ -285,13 +261,12 @@ def main(argv) -> None:
     print("RESULT " + json.dumps(run_child(json.loads(FLAGS.child))), flush=True)
     return
   logging.set_verbosity(logging.WARNING)
-  if not os.access(CGROUP_ROOT, os.W_OK):
-    sys.exit(f"error: {CGROUP_ROOT} is not writable: this benchmark needs root and cgroup v1.")
+  cgroups.require("this benchmark")
   store = ensure_model()
   chunks = sorted(glob.glob(os.path.join(store, "experts", "**", "c", "**", "*"), recursive=True))
   chunks = [c for c in chunks if os.path.isfile(c)]
   model_gb = sum(os.path.getsize(c) for c in chunks) / 1e9
-  drop_page_cache(chunks)
+  cgroups.drop_page_cache(chunks)
   sample = list(np.random.default_rng(0).choice(chunks, min(96, len(chunks)), replace=False))
   disk1, disk8 = disk_bandwidth(sample[:48], 1), disk_bandwidth(sample[48:], 8)
   copy = copy_bandwidth()
@@ -309,7 +284,7 @@ def main(argv) -> None:
   limit = int(FLAGS.budget_gb * 1e9)
   for name in FLAGS.configs:
     disk_before = disk_bandwidth(sample_chunks(chunks), 8)
-    drop_page_cache(chunks)
+    cgroups.drop_page_cache(chunks)
     conf = {"store": store, "name": name, "budget_gb": FLAGS.budget_gb,
             "prompt": FLAGS.prompt, "tokens": FLAGS.tokens, "ids": ids}
     row = run_in_cgroup(conf, None if name == "resident" else limit)

@@ -17,9 +17,8 @@ from lazymoe_jax import kv as kv_lib
 from lazymoe_jax.engine import budget
 from lazymoe_jax.store import format as fmt
 from lazymoe_jax.store.embedding import EmbeddingTable
+from bench import cgroups
 from tests.conftest import ROOT, convert_cli, token_ids
-
-CGROUP_ROOT = "/sys/fs/cgroup/memory"
 
 
 def _embedding(hf_dir):
@@ -136,27 +135,16 @@ print("RESULT " + json.dumps({"need": need, "slots": engine.pool.num_slots, "n":
 """
 
 
-@pytest.mark.skipif(not os.access(CGROUP_ROOT, os.W_OK),
-                    reason=f"needs a writable cgroup v1 memory hierarchy at {CGROUP_ROOT} (root)")
+@pytest.mark.skipif(not os.access(cgroups.CGROUP_ROOT, os.W_OK),
+                    reason=f"needs a writable cgroup v1 memory hierarchy at {cgroups.CGROUP_ROOT} "
+                    "(root)")
 def test_loads_and_runs_under_a_cgroup_cap_equal_to_its_plan(tiny_stores):
   _, store = tiny_stores["mixtral"]
-  cg = os.path.join(CGROUP_ROOT, f"lazymoe_test_{os.getpid()}")
-  os.makedirs(cg, exist_ok=True)
-
-  def join():  # in the child before exec: everything it maps is charged
-    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-      f.write(str(os.getpid()))
-  try:
-    res = subprocess.run([sys.executable, "-c", _CHILD, store, cg], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, preexec_fn=join)
-    with open(os.path.join(cg, "memory.oom_control")) as f:
-      ooms = int(dict(l.split() for l in f.read().splitlines()).get("oom_kill", 0))
-    with open(os.path.join(cg, "memory.max_usage_in_bytes")) as f:
-      peak = int(f.read())
-    with open(os.path.join(cg, "memory.limit_in_bytes")) as f:
-      limit = int(f.read())
-  finally:
-    os.rmdir(cg)
+  with cgroups.MemoryCgroup("test_loadplan") as cg:  # the child caps it itself, after startup
+    res = subprocess.run(cg.command([sys.executable, "-c", _CHILD, store, cg.path]), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    ooms, peak = cg.oom_kills(), cg.peak_bytes()
+    limit = int(cg.stat_file("memory.limit_in_bytes"))
   assert res.returncode == 0 and ooms == 0, (res.returncode, ooms, res.stderr[-3000:])
   row = json.loads([l for l in res.stdout.splitlines() if l.startswith("RESULT ")][0][7:])
   assert row["n"] == 8 and row["slots"] >= 2

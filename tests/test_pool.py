@@ -162,7 +162,7 @@ def test_prefetch_changes_nothing_even_when_it_guesses_wrong(store):
   # the default policy measures these guesses as mostly unused and reads none of them ...
   assert wrong.stats()["prefetch_reads"] == 0
   policy = wrong.forward.policy
-  assert all(row["used_rate"] < policy.threshold or row["made"] < policy.min_samples
+  assert all(row["used_rate"] < policy.threshold_for(row["kind"]) or row["made"] < policy.min_samples
              for row in policy.table())
   # ... and one that reads every guess still changes nothing
   wrong.forward.policy = PrefetchPolicy(threshold=0.0, min_samples=0)
@@ -334,6 +334,21 @@ def test_prefill_reads_each_expert_once_in_disk_order(store, prefetch):
   assert {(l, e) for l, e, s in reads if not s} <= used
 
 
+def test_policy_thresholds_per_kind_of_guess():
+  """The default reads a decode guess only at a measured use rate of 0.75, a prefill guess at
+  0.5 (engine/prefetch.THRESHOLDS); a rate of 0.6 is read for prefill and not for decode."""
+  policy = PrefetchPolicy(min_samples=5)
+  assert policy.threshold_for("decode") == 0.75 and policy.threshold_for("prefill") == 0.5
+  for layer in range(5):  # used 3 times in 5, for both kinds
+    policy.choose(layer, "decode", 1, [(4, 0)])
+    policy.choose(layer + 100, "prefill", 1, [(4, 0)])
+    policy.observe(layer, [4] if layer < 3 else [5])
+    policy.observe(layer + 100, [4] if layer < 3 else [5])
+  assert policy.rate("decode", 1, 0) == policy.rate("prefill", 1, 0) == 0.6
+  assert policy.choose(9, "decode", 1, [(4, 0)]) == []
+  assert policy.choose(109, "prefill", 1, [(4, 0)]) == [4]
+  with pytest.raises(ValueError, match="threshold=-0.1 must be in"):
+    PrefetchPolicy(threshold={"decode": -0.1, "prefill": 0.5})
 def test_guess_distance_counts_the_layers_held_whole(store):
   """A layer the pool holds whole gets no guesses, and the next layer's guesses keep their true
   distance: layer 0 guesses layer 2 at distance 2 (not 1, as if layer 1 were not there)."""

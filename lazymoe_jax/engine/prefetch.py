@@ -9,8 +9,12 @@ of each (kind, distance, rank) are used is known at run time without reading any
 gave). A guess is read only when that measured rate is at least `threshold`:
 
 - on a disk that is the bottleneck, a read that is used saves one demand read later and one
-  that is not costs one, so a guess wins on average when used at least half the time: the
-  default threshold 0.5 (BUILD_NOTES "Prefetch that pays for itself");
+  that is not costs one, so a guess wins on average when used at least half the time: 0.5,
+  kept for prefill, whose guesses have a whole layer's compute to land in. A decode guess
+  saves a demand read only if it lands before its layer routes, which on a saturated disk
+  many do not: measured on the full gpt-oss-120b-shaped model under 8 GB, decode ran as fast
+  at 0.75 as at 0.5 while its unused bytes fell from 19% to 8% of all read, so decode's
+  threshold is 0.75 (BUILD_NOTES "session 8 ... the full model on a format-5 store");
 - until `min_samples` guesses of a kind (at least one) were scored, that kind is not read.
 
 The reads themselves go behind every demand read (store/experts.DemandGate), in pieces, so a
@@ -23,16 +27,20 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Sequence
 
-THRESHOLD = 0.5
+THRESHOLDS = {"prefill": 0.5, "decode": 0.75, "batch": 0.75}  # batch: batched decode steps
 MIN_SAMPLES = 32
 
 
 class PrefetchPolicy:
   """`choose(layer, kind, distance, ranked) -> experts to read`; `observe(layer, experts)`."""
 
-  def __init__(self, threshold: float = THRESHOLD, min_samples: int = MIN_SAMPLES):
-    if not 0.0 <= threshold <= 1.0:
-      raise ValueError(f"prefetch threshold={threshold} must be in [0, 1].")
+  def __init__(self, threshold: float | dict[str, float] | None = None,
+               min_samples: int = MIN_SAMPLES):
+    """threshold: one value for every kind of guess, or {kind: value} (default THRESHOLDS)."""
+    threshold = dict(THRESHOLDS) if threshold is None else threshold
+    for t in threshold.values() if isinstance(threshold, dict) else [threshold]:
+      if not 0.0 <= t <= 1.0:
+        raise ValueError(f"prefetch threshold={t} must be in [0, 1].")
     self.threshold = threshold
     self.min_samples = min_samples
     self.made: collections.Counter[tuple[str, int, int]] = collections.Counter()
@@ -46,17 +54,26 @@ class PrefetchPolicy:
     made = self.made[key]
     return self.used[key] / made if made >= max(1, self.min_samples) else None
 
+  def threshold_for(self, kind: str) -> float:
+    t = self.threshold
+    if not isinstance(t, dict):
+      return t
+    if kind not in t:
+      raise ValueError(f"no prefetch threshold for guesses of kind {kind!r}: give one for each of "
+                       f"{sorted(THRESHOLDS)}.")
+    return t[kind]
+
   def choose(self, layer: int, kind: str, distance: int,
              ranked: Iterable[tuple[int, int]]) -> list[int]:
     """Records the guesses (expert, rank) for `layer`; returns the experts to read, in the
     order given."""
-    chosen = []
+    chosen, threshold = [], self.threshold_for(kind)
     opened = self._open.setdefault(layer, [])
     for expert, rank in ranked:
       key = (kind, distance, rank)
       opened.append((key, int(expert)))
       rate = self.rate(*key)
-      if rate is not None and rate >= self.threshold:
+      if rate is not None and rate >= threshold:
         chosen.append(int(expert))
         self.read[key] += 1
     return chosen
