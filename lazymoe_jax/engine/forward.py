@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lazymoe_jax.engine import budget
 from lazymoe_jax.engine.prefetch import PrefetchPolicy, ranked_union
 from lazymoe_jax.errors import PlanError
 from lazymoe_jax.model import steps
@@ -140,10 +141,8 @@ class Forward:
 
   def cache_bytes(self, capacity: int, slots: int = 1) -> int:
     """Bytes of `slots` caches of `capacity` positions (from the shapes, nothing allocated)."""
-    if capacity not in self._cache_bytes:
-      shapes = jax.eval_shape(lambda: self.kv.init(self.spec, capacity))
-      self._cache_bytes[capacity] = sum(a.size * a.dtype.itemsize
-                                        for a in jax.tree.leaves(shapes))
+    if capacity not in self._cache_bytes:  # budget.kv_bytes, memoised: called per join/step
+      self._cache_bytes[capacity] = budget.kv_bytes(self.kv, self.spec, capacity)
     return slots * self._cache_bytes[capacity]
 
   # ---- one sequence ------------------------------------------------------------------------
