@@ -2,10 +2,12 @@
 //   out = sum_j weights[:, j] * (W_down_j act(W_gate_up_j x + b_gate_up_j) + b_down_j)
 // with w_gate_up [2I, H] (gate rows, then up rows), w_down [H, I], in one encoding.
 //
-// Work split without a barrier: part p of the pool takes the expert-width slice [i0, i1) of
-// every expert: its gate and up rows, the activation, and its columns of w_down, giving a
-// partial [T, H] output; the part that ends last adds the partials and the down biases. So
-// the intermediate activation of a part is quantised over its own slice (its own int8 step).
+// Work split in three claimed phases (run_phases): (1) row chunks of every expert's gate and
+// up products, each finished by the activation into the expert's hidden row [T, I]; (2) the
+// hidden rows prepared for the down product, one unit per expert, over the whole expert width;
+// (3) chunks of output rows, each summing its rows over the k experts' down products. Every
+// worker reads whole weight rows (the hardware prefetchers follow them), each output element
+// is written by one unit, and the result does not depend on the number of threads.
 #include <cmath>
 #include <memory>
 
@@ -25,60 +27,55 @@ struct MoeJob {
   const float* weights = nullptr;  // [T, k]
   float* out = nullptr;            // [T, H]
   Act ax;                          // x prepared for the gate_up rows
-  std::vector<int64_t> bounds;     // parts + 1 boundaries of the expert width
-  std::vector<std::vector<float>> partial;
+  std::vector<std::vector<float>> hid;  // per expert [T, I]
+  std::vector<Act> ah;                  // hid prepared for the down rows
+  int64_t chunk_i = 0, chunk_o = 0, units_i = 0;
 
-  void work(int p) {
-    const int64_t i0 = bounds[p], i1 = bounds[p + 1], n = i1 - i0;
-    std::vector<float>& acc = partial[p];
-    acc.assign(size_t(t * h), 0.0f);
-    if (n <= 0) return;
-    std::vector<float> gate(t * n), up(t * n), hid(t * n), yd(t * h);
-    for (int64_t j = 0; j < k; ++j) {
-      rows(isa, gu[j], ax, i0, i1, gate.data(), n);
-      rows(isa, gu[j], ax, inter + i0, inter + i1, up.data(), n);
-      for (int64_t tt = 0; tt < t; ++tt)
-        for (int64_t i = 0; i < n; ++i) {
-          float g = gate[tt * n + i], u = up[tt * n + i];
-          if (b_gu[j]) {
-            g += b_gu[j][i0 + i];
-            u += b_gu[j][inter + i0 + i];
-          }
-          float v;
-          if (act == kSilu) {
-            v = g / (1.0f + std::exp(-g)) * u;
-          } else {
-            g = std::min(g, limit);
-            u = std::max(-limit, std::min(u, limit));
-            v = (u + 1.0f) * (g / (1.0f + std::exp(-alpha * g)));
-          }
-          hid[tt * n + i] = v;
+  // Phase 1 unit u: gate / up rows [i0, i1) of expert u / units_i, then the activation.
+  void gate_up(int64_t u) {
+    const int64_t j = u / units_i, i0 = (u % units_i) * chunk_i;
+    const int64_t i1 = std::min(inter, i0 + chunk_i), n = i1 - i0;
+    std::vector<float> gate(t * n), up(t * n);
+    rows(gu[j], ax, i0, i1, gate.data(), n);
+    rows(gu[j], ax, inter + i0, inter + i1, up.data(), n);
+    for (int64_t tt = 0; tt < t; ++tt)
+      for (int64_t i = 0; i < n; ++i) {
+        float g = gate[tt * n + i], uv = up[tt * n + i];
+        if (b_gu[j]) {
+          g += b_gu[j][i0 + i];
+          uv += b_gu[j][inter + i0 + i];
         }
-      Act ah;
-      prepare(ah, enc, group, levels, hid.data(), n, int(t), i0, n);
-      rows(isa, dn[j], ah, 0, h, yd.data(), h);
-      for (int64_t tt = 0; tt < t; ++tt) {
-        const float wj = weights[tt * k + j];
-        float* a = acc.data() + tt * h;
-        const float* d = yd.data() + tt * h;
-        for (int64_t o = 0; o < h; ++o) a[o] += wj * d[o];
+        float v;
+        if (act == kSilu) {
+          v = g / (1.0f + std::exp(-g)) * uv;
+        } else {
+          g = std::min(g, limit);
+          uv = std::max(-limit, std::min(uv, limit));
+          v = (uv + 1.0f) * (g / (1.0f + std::exp(-alpha * g)));
+        }
+        hid[j][tt * inter + i0 + i] = v;
       }
-    }
   }
 
-  void finish() {
-    for (int64_t tt = 0; tt < t; ++tt) {
-      float* y = out + tt * h;
-      for (int64_t o = 0; o < h; ++o) {
-        float s = 0;
-        for (size_t p = 0; p < partial.size(); ++p) s += partial[p][tt * h + o];
-        y[o] = s;
+  void prepare_down(int64_t j) {
+    prepare(ah[j], isa, enc, group, levels, hid[j].data(), inter, int(t), 0, inter);
+  }
+
+  // Phase 3 unit u: output rows [o0, o1), the weighted sum over the experts and their biases.
+  void down(int64_t u) {
+    const int64_t o0 = u * chunk_o, o1 = std::min(h, o0 + chunk_o), n = o1 - o0;
+    std::vector<float> yd(t * n);
+    for (int64_t tt = 0; tt < t; ++tt)
+      std::fill(out + tt * h + o0, out + tt * h + o1, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      rows(dn[j], ah[j], o0, o1, yd.data(), n);
+      for (int64_t tt = 0; tt < t; ++tt) {
+        const float wj = weights[tt * k + j];
+        float* y = out + tt * h + o0;
+        const float* d = yd.data() + tt * n;
+        const float* bd = b_dn[j] ? b_dn[j] + o0 : nullptr;
+        for (int64_t o = 0; o < n; ++o) y[o] += wj * (bd ? d[o] + bd[o] : d[o]);
       }
-      for (int64_t j = 0; j < k; ++j)
-        if (b_dn[j]) {
-          const float wj = weights[tt * k + j];
-          for (int64_t o = 0; o < h; ++o) y[o] += wj * b_dn[j][o];
-        }
     }
   }
 };
@@ -153,16 +150,19 @@ ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     p.SetAvailable();
     return f;
   }
-  prepare(jb.ax, jb.enc, jb.gu[0].group, jb.levels, x.typed_data(), jb.h, int(jb.t), 0, jb.h);
+  prepare(jb.ax, jb.isa, jb.enc, jb.gu[0].group, jb.levels, x.typed_data(), jb.h, int(jb.t), 0, jb.h);
   const int parts = num_parts(pool, 3.0 * double(jb.inter) * jb.h * jb.k * jb.t);
-  // slice boundaries: multiples of the int4 group (>= 64) or of 64 columns, the last at I
-  const int64_t unit = jb.enc == kI4 ? std::max<int64_t>(64, group) : 64;
-  jb.bounds.resize(parts + 1);
-  for (int p = 0; p < parts; ++p)
-    jb.bounds[p] = std::min(jb.inter, (jb.inter * p / parts + unit / 2) / unit * unit);
-  jb.bounds[parts] = jb.inter;
-  jb.partial.resize(parts);
-  return run_parts(pool, parts, [job](int p) { job->work(p); }, [job] { job->finish(); });
+  // units of ~256K weights: gate + up rows of H columns; output rows of k x I columns
+  jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * jb.t, 262144.0, 16);
+  jb.chunk_o = rows_per_unit(jb.h, double(jb.k) * jb.inter * jb.t, 262144.0, 4);
+  jb.units_i = (jb.inter + jb.chunk_i - 1) / jb.chunk_i;
+  jb.hid.assign(jb.k, std::vector<float>(size_t(jb.t * jb.inter)));
+  jb.ah.resize(jb.k);
+  std::vector<Phase> phases(3);
+  phases[0] = {jb.k * jb.units_i, [job](int64_t u) { job->gate_up(u); }};
+  phases[1] = {jb.k, [job](int64_t j) { job->prepare_down(j); }};
+  phases[2] = {(jb.h + jb.chunk_o - 1) / jb.chunk_o, [job](int64_t u) { job->down(u); }};
+  return run_phases(pool, parts, std::move(phases), [] {});
 }
 
 }  // namespace

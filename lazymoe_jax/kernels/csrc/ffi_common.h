@@ -7,6 +7,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "rowdot.h"
@@ -144,6 +145,88 @@ inline ffi::Future run_parts(ffi::ThreadPool& pool, int parts, std::function<voi
   for (int p = 1; p < parts; ++p) pool.Schedule([task, p] { task(p); });
   task(0);
   return future;
+}
+
+// One phase of run_phases(): `units` independent pieces of work, run(u) for u < units.
+struct Phase {
+  int64_t units = 0;
+  std::function<void(int64_t)> run;
+};
+
+inline void spin_pause(int& spins) {
+  if (++spins < 64) {
+#ifdef LAZYMOE_X86
+    _mm_pause();
+#endif
+  } else {
+    std::this_thread::yield();
+  }
+}
+
+// Runs the phases in order on `parts` workers (the calling thread and parts - 1 pool tasks),
+// then finish() and completes the returned future. Workers claim units with an atomic counter,
+// so a worker that starts late or is descheduled leaves its share to the others. Phase i + 1
+// starts when every unit of phase i has completed: a worker with nothing left to claim waits
+// only for units that running workers have claimed, never for a task that has not started, so
+// it cannot deadlock on a busy pool (a late task finds everything claimed and returns). The
+// worker that completes the last unit of the last phase runs finish().
+inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phase> phases,
+                              std::function<void()> finish) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  struct Ctl {
+    std::vector<Phase> phases;
+    std::unique_ptr<std::atomic<int64_t>[]> claimed, done;
+    std::function<void()> finish;
+    ffi::Promise promise;
+  };
+  auto ctl = std::make_shared<Ctl>();
+  for (Phase& ph : phases) ph.units = std::max<int64_t>(ph.units, 1);  // run(0) of an empty phase
+  const size_t np = phases.size();
+  ctl->phases = std::move(phases);
+  ctl->claimed.reset(new std::atomic<int64_t>[np]);
+  ctl->done.reset(new std::atomic<int64_t>[np]);
+  for (size_t i = 0; i < np; ++i) {
+    ctl->claimed[i].store(0);
+    ctl->done[i].store(0);
+  }
+  ctl->finish = std::move(finish);
+  ctl->promise = promise;
+  if (np == 0) {
+    ctl->finish();
+    promise.SetAvailable();
+    return future;
+  }
+  auto worker = [ctl, np] {
+    for (size_t i = 0; i < np; ++i) {
+      if (i > 0) {
+        int spins = 0;
+        while (ctl->done[i - 1].load(std::memory_order_acquire) < ctl->phases[i - 1].units)
+          spin_pause(spins);
+      }
+      const Phase& ph = ctl->phases[i];
+      for (;;) {
+        const int64_t u = ctl->claimed[i].fetch_add(1, std::memory_order_relaxed);
+        if (u >= ph.units) break;
+        ph.run(u);
+        if (ctl->done[i].fetch_add(1, std::memory_order_acq_rel) + 1 == ph.units && i + 1 == np) {
+          ctl->finish();
+          ctl->promise.SetAvailable();
+        }
+      }
+    }
+  };
+  for (int p = 1; p < parts; ++p) pool.Schedule([worker] { worker(); });
+  worker();
+  return future;
+}
+
+// Units of about `target` weights each over n rows of `per_row` weights: rows per unit, a
+// multiple of `align` (the row tiles), at least `align`.
+inline int64_t rows_per_unit(int64_t n, double per_row, double target, int64_t align) {
+  int64_t r = int64_t(target / std::max(per_row, 1.0)) / align * align;
+  r = std::max<int64_t>(r, align);
+  return std::min<int64_t>(r, std::max<int64_t>(n, 1));
 }
 
 inline int num_parts(ffi::ThreadPool& pool, double work) {

@@ -31,14 +31,14 @@ ffi::Future LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
     p.SetAvailable();
     return f;
   }
-  prepare(job->second, int(enc), w.group, int(levels), x.typed_data(), c, int(t), 0, c);
+  prepare(job->second, int(isa), int(enc), w.group, int(levels), x.typed_data(), c, int(t), 0, c);
   const int parts = num_parts(pool, double(w.rows) * c * t);
   float* out = y->typed_data();
   const int64_t o = w.rows;
-  auto work = [job, parts, o, out, isa](int p) {
+  auto work = [job, parts, o, out](int p) {
     // row ranges in multiples of 4 (the row tile)
     const int64_t r0 = (o * p / parts) / 4 * 4, r1 = p + 1 == parts ? o : (o * (p + 1) / parts) / 4 * 4;
-    rows(int(isa), job->first, job->second, r0, r1, out + r0, o);
+    rows(job->first, job->second, r0, r1, out + r0, o);
   };
   return run_parts(pool, parts, work, [] {});
 }

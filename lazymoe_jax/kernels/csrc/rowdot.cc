@@ -333,11 +333,6 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
 // Activation layouts of the AVX2 int4 / mxfp4 tiles, made once per rows() call from Act
 // (whose layout the portable and AVX-512 kernels read): the same codes and corrections,
 // reordered to the lanes where the tiles' unpacks / horizontal adds leave each group or block.
-struct Avx2Act {
-  std::vector<int8_t> q;      // int4: [M][G/4][n32][4], groups in kI4Perm order per 32
-  std::vector<int32_t> init;  // int4: [M][n32]; mxfp4: [M][nb8], blocks in kMxPerm order per 8
-  int64_t ldq = 0, ldi = 0;
-};
 // int4: unpacklo/hi_epi8 then unpacklo/hi_epi16 of two 32-byte nibble rows leave dword k of
 // vector d (8 dwords) holding group kI4Perm[8 d + k] of the chunk.
 constexpr int kI4Perm[32] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23,
@@ -345,9 +340,9 @@ constexpr int kI4Perm[32] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22,
 // mxfp4: two levels of vphaddd over 4 vectors of 2 blocks leave the 8 blocks in this order.
 constexpr int kMxPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
-inline void avx2_act(const Weight& w, const Act& a, int M, Avx2Act& p) {
-  if (w.enc == kI4) {
-    const int G = w.group;
+void avx2_form(const Act& a, int M, Avx2Form& p) {
+  if (a.enc == kI4) {
+    const int G = a.group;
     const int64_t n = a.cn / G, n32 = round_up(std::max<int64_t>(n, 1), 32);
     p.ldq = (G / 4) * n32 * 4;
     p.ldi = n32;
@@ -362,7 +357,7 @@ inline void avx2_act(const Weight& w, const Act& a, int M, Avx2Act& p) {
           std::memcpy(&p.q[m * p.ldq + (jp * n32 + g) * 4],
                       &a.q[m * a.ldq + (jp * a.ldi + src) * 4], 4);
       }
-  } else if (w.enc == kMXFP4) {
+  } else if (a.enc == kMXFP4) {
     const int64_t nb = a.cn / 32, nb8 = round_up(std::max<int64_t>(nb, 1), 8);
     p.ldi = nb8;
     p.init.assign(size_t(M) * nb8, 0);
@@ -381,7 +376,7 @@ inline void avx2_act(const Weight& w, const Act& a, int M, Avx2Act& p) {
 // 8 blocks. A tail reads on into the next row (zero activations there, its scales masked to
 // 0); only where that would pass the end of the array is the chunk copied first.
 template <int R, int MT>
-TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Act& p, int64_t o, int m0,
+TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, int m0,
                    float* raw, int M) {
   const int64_t nbt = w.cols / 32, nb = a.cn / 32, b0 = a.c0 / 32;
   const uint8_t* base[R];
@@ -465,7 +460,7 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Act& p, int64_t o, i
 // int32 per group; the f16 group scales once per group. 128 weights per 16 decode ops, where
 // the 8-group form took 9 per 32. Tails as in mx_tile2 (read on; copy only at the array end).
 template <int R, int MT>
-TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Act& p, int64_t o, int m0,
+TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, int m0,
                    float* raw, int M) {
   const int G = w.group;
   const int64_t N = w.cols / G, g0 = a.c0 / G, n = a.cn / G;
@@ -570,31 +565,16 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Act& p, int64_t o, i
 
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
-  // int8 weights: int16 activations quantised here from the float32 rows (see i8w_tile2)
+  // int8 weights: the int16 activations of prepare() (see i8w_tile2)
   const bool i8 = w.enc == kI8;
   const int M = i8 ? a.tokens : a.tokens * a.levels;
   const bool fl = w.enc == kF32 || w.enc == kBF16;
   std::vector<float> rawf(size_t(kRowTile) * M);
   std::vector<int64_t> raw64(size_t(kRowTile) * M);
-  std::vector<int16_t> q16;
-  std::vector<float> s16;
-  const int64_t ld16 = (a.cn + 15) / 16 * 16;
-  if (i8) {
-    q16.assign(size_t(M) * ld16, 0);
-    s16.assign(M, 1.0f);
-    for (int t = 0; t < M; ++t) {
-      const float* xr = a.xf + t * a.ldf;
-      const float amax = abs_max(xr, a.cn);
-      const float s = amax > 0 ? amax / 32767.0f : 1.0f;
-      for (int64_t c = 0; c < a.cn; ++c) {
-        const float v = round_even(xr[c] / s);
-        q16[t * ld16 + c] = int16_t(v < -32767.0f ? -32767.0f : (v > 32767.0f ? 32767.0f : v));
-      }
-      s16[t] = s;
-    }
-  }
-  Avx2Act pa;
-  avx2_act(w, a, M, pa);
+  const Avx2Form& pa = a.avx2;
+  const int16_t* q16 = pa.q16.data();
+  const int64_t ld16 = pa.ld16;
+  const float* s16 = pa.s16.data();
   // 16 ymm registers. Float forms: 4 rows x 2 tokens for 1-2 tokens (enough independent FMA
   // chains for one), 2 rows x 4 tokens for more (each weight decode then feeds 4 tokens).
   // int8: 4 x 1-2, else 2 x 4. int4 (4 accumulators a row and token) and mxfp4 (3): 2 rows
@@ -638,9 +618,9 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
         switch (w.enc) {
           case kI8: {
             int64_t* rr64 = r64 + r0t * M;
-            if (rr == 4) { if (mt == 2) i8w_tile2<4, 2>(w, a, q16.data(), ld16, ot, m0, rr64, M); else i8w_tile2<4, 1>(w, a, q16.data(), ld16, ot, m0, rr64, M); }
-            else if (rr == 2) { LAZYMOE_MT_SWITCH(i8w_tile2, 2, w, a, q16.data(), ld16, ot, m0, rr64, M) }
-            else { LAZYMOE_MT_SWITCH(i8w_tile2, 1, w, a, q16.data(), ld16, ot, m0, rr64, M) }
+            if (rr == 4) { if (mt == 2) i8w_tile2<4, 2>(w, a, q16, ld16, ot, m0, rr64, M); else i8w_tile2<4, 1>(w, a, q16, ld16, ot, m0, rr64, M); }
+            else if (rr == 2) { LAZYMOE_MT_SWITCH(i8w_tile2, 2, w, a, q16, ld16, ot, m0, rr64, M) }
+            else { LAZYMOE_MT_SWITCH(i8w_tile2, 1, w, a, q16, ld16, ot, m0, rr64, M) }
             break;
           }
           case kI4:
@@ -756,6 +736,10 @@ TGT512 void i4_tile512(const Weight& w, const Act& a, int64_t o, int m0, float* 
     base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + g0;
     sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
   }
+  // Rows of more than a page are read in strides the hardware prefetchers lose: software
+  // prefetch of the next row tile there (shorter rows stream as one sequence; there it cost).
+  const int64_t ahead = int64_t(R) * (w.cols / 2);
+  const bool far = w.cols / 2 > 4096;
   alignas(64) uint8_t idx_bytes[64];
   for (int i = 0; i < 16; ++i) {
     idx_bytes[4 * i + 0] = uint8_t(i);
@@ -783,6 +767,10 @@ TGT512 void i4_tile512(const Weight& w, const Act& a, int64_t o, int m0, float* 
         xv[m] = _mm512_loadu_si512(a.q.data() + (m0 + m) * a.ldq + (jp * npad + g) * 4);
       for (int r = 0; r < R; ++r) {
         const uint8_t* p = base[r] + (2 * jp) * N + g;
+        if (far && (g & 63) == 0) {
+          pf(p + ahead);
+          pf(p + N + ahead);
+        }
         const __m512i lo = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(k, p));
         const __m512i hi = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(k, p + N));
         const __m512i t = _mm512_permutex2var_epi8(lo, idx, hi);  // bytes b_j b_j b_j1 b_j1
@@ -813,6 +801,7 @@ TGT512 void mx_tile512(const Weight& w, const Act& a, int64_t o, int m0, float* 
     base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
     sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * (w.cols / 32) + b0;
   }
+  const int64_t ahead = int64_t(R) * (w.cols / 2);
   const __m512i lut = _mm512_broadcast_i32x4(
       _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
   const __m512i low4 = _mm512_set1_epi8(0x0f);
@@ -827,6 +816,7 @@ TGT512 void mx_tile512(const Weight& w, const Act& a, int64_t o, int m0, float* 
     __m512i wl[R], wh[R];
     __m512 sv[R];
     for (int r = 0; r < R; ++r) {
+      pf(base[r] + b * 16 + ahead);
       const __m512i raw8 = _mm512_maskz_loadu_epi8(kb, base[r] + b * 16);
       wl[r] = _mm512_shuffle_epi8(lut, _mm512_and_si512(raw8, low4));
       wh[r] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(raw8, 4), low4));
@@ -950,8 +940,48 @@ int best_isa() {
   return kPortable;
 }
 
-void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx, int tokens,
-             int64_t c0, int64_t cn) {
+namespace {
+
+// int16 activations of the AVX2 int8 kernel: one level, step max|x| / 32767.
+void int16_form(const Act& a, Avx2Form& p) {
+  p.ld16 = (a.cn + 15) / 16 * 16;
+  p.q16.assign(size_t(a.tokens) * p.ld16, 0);
+  p.s16.assign(a.tokens, 1.0f);
+  for (int t = 0; t < a.tokens; ++t) {
+    const float* xr = a.xf + t * a.ldf;
+    const float amax = abs_max(xr, a.cn);
+    const float s = amax > 0 ? amax / 32767.0f : 1.0f;
+    for (int64_t c = 0; c < a.cn; ++c) {
+      const float v = round_even(xr[c] / s);
+      p.q16[t * p.ld16 + c] = int16_t(v < -32767.0f ? -32767.0f : (v > 32767.0f ? 32767.0f : v));
+    }
+    p.s16[t] = s;
+  }
+}
+
+void prepare_codes(Act& a, int enc, int group, int levels, const float* x, int64_t ldx,
+                   int tokens, int64_t c0, int64_t cn);
+
+}  // namespace
+
+void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, int64_t ldx,
+             int tokens, int64_t c0, int64_t cn) {
+  a.isa = isa;
+  prepare_codes(a, enc, group, levels, x, ldx, tokens, c0, cn);
+  if (isa != kAvx2 || enc == kF32 || enc == kBF16) return;
+  if (enc == kI8) {
+    int16_form(a, a.avx2);  // the AVX2 int8 kernel reads only these
+    return;
+  }
+#ifdef LAZYMOE_X86
+  avx2_form(a, a.tokens * a.levels, a.avx2);
+#endif
+}
+
+namespace {
+
+void prepare_codes(Act& a, int enc, int group, int levels, const float* x, int64_t ldx,
+                   int tokens, int64_t c0, int64_t cn) {
   a.enc = enc;
   a.group = group;
   a.tokens = tokens;
@@ -1024,9 +1054,11 @@ void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx
   }
 }
 
-void rows(int isa, const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
-          int64_t ldy) {
+}  // namespace
+
+void rows(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   if (r1 <= r0) return;
+  const int isa = a.isa;
 #ifdef LAZYMOE_X86
   if (isa == kAvx512) return rows_avx512(w, a, r0, r1, y, ldy);
   if (isa == kAvx2) return rows_avx2(w, a, r0, r1, y, ldy);

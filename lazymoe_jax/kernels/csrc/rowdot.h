@@ -69,6 +69,18 @@ struct Weight {
   int64_t rows = 0, cols = 0;
 };
 
+// What the AVX2 kernels read instead of Act's own codes (rowdot.cc): int4 / mxfp4 codes and
+// corrections reordered to the lanes of their unpacks / horizontal adds; int16 activations
+// for int8 weights. Built in prepare() for isa kAvx2, once per activation.
+struct Avx2Form {
+  std::vector<int8_t> q;      // int4: [M][G/4][n32][4], groups in kI4Perm order per 32
+  std::vector<int32_t> init;  // int4: [M][n32]; mxfp4: [M][nb8], blocks in kMxPerm order per 8
+  int64_t ldq = 0, ldi = 0;
+  std::vector<int16_t> q16;   // int8 weights: [tokens][ld16], step s16[t] = max|x| / 32767
+  std::vector<float> s16;
+  int64_t ld16 = 0;
+};
+
 // An activation of `tokens` rows over weight columns [c0, c0 + cn), as `levels` int8 rows per
 // token (M = levels * tokens rows, row m = level m % levels of token m / levels) for the
 // integer encodings, or float32 rows for the float ones.
@@ -82,16 +94,18 @@ struct Act {
   std::vector<int32_t> init;  // [M][ldi]: what the biased (unsigned) weight codes add, negated
   int64_t ldi = 0;
   std::vector<float> scale;   // [M]: the int8 step of each row
+  int isa = kPortable;        // the variant it was prepared for
+  Avx2Form avx2;              // isa kAvx2 only
 };
 
-// Prepares `a` for weights of encoding enc (group G for int4) from x [tokens][ldx] float32,
+// Prepares `a` for the kernels of variant isa and weights of encoding enc (group G for int4) from x [tokens][ldx] float32,
 // whose columns 0..cn-1 multiply weight columns c0..c0+cn-1. `a` keeps a pointer to x (it
 // must outlive `a`).
-void prepare(Act& a, int enc, int group, int levels, const float* x, int64_t ldx, int tokens,
+void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, int64_t ldx, int tokens,
              int64_t c0, int64_t cn);
 
-// y[t * ldy + (o - r0)] = sum_c W[o, a.c0 + c] * x[t, c] for o in [r0, r1), all tokens.
-void rows(int isa, const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
-          int64_t ldy);
+// y[t * ldy + (o - r0)] = sum_c W[o, a.c0 + c] * x[t, c] for o in [r0, r1), all tokens, with
+// the kernels of the variant `a` was prepared for.
+void rows(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y, int64_t ldy);
 
 }  // namespace lazymoe
