@@ -330,7 +330,7 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
     }
 }
 
-// Activation layouts of the AVX2 int4 / mxfp4 tiles, made once per rows() call from Act
+// Activation layouts of the AVX2 int4 / mxfp4 tiles, made once in prepare() from Act
 // (whose layout the portable and AVX-512 kernels read): the same codes and corrections,
 // reordered to the lanes where the tiles' unpacks / horizontal adds leave each group or block.
 // int4: unpacklo/hi_epi8 then unpacklo/hi_epi16 of two 32-byte nibble rows leave dword k of
@@ -960,27 +960,6 @@ void int16_form(const Act& a, Avx2Form& p) {
 }
 
 void prepare_codes(Act& a, int enc, int group, int levels, const float* x, int64_t ldx,
-                   int tokens, int64_t c0, int64_t cn);
-
-}  // namespace
-
-void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, int64_t ldx,
-             int tokens, int64_t c0, int64_t cn) {
-  a.isa = isa;
-  prepare_codes(a, enc, group, levels, x, ldx, tokens, c0, cn);
-  if (isa != kAvx2 || enc == kF32 || enc == kBF16) return;
-  if (enc == kI8) {
-    int16_form(a, a.avx2);  // the AVX2 int8 kernel reads only these
-    return;
-  }
-#ifdef LAZYMOE_X86
-  avx2_form(a, a.tokens * a.levels, a.avx2);
-#endif
-}
-
-namespace {
-
-void prepare_codes(Act& a, int enc, int group, int levels, const float* x, int64_t ldx,
                    int tokens, int64_t c0, int64_t cn) {
   a.enc = enc;
   a.group = group;
@@ -1055,6 +1034,20 @@ void prepare_codes(Act& a, int enc, int group, int levels, const float* x, int64
 }
 
 }  // namespace
+
+void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, int64_t ldx,
+             int tokens, int64_t c0, int64_t cn) {
+  a.isa = isa;
+  prepare_codes(a, enc, group, levels, x, ldx, tokens, c0, cn);
+  if (isa != kAvx2 || enc == kF32 || enc == kBF16) return;
+  if (enc == kI8) {
+    int16_form(a, a.avx2);  // the AVX2 int8 kernel reads only these
+    return;
+  }
+#ifdef LAZYMOE_X86
+  avx2_form(a, a.tokens * a.levels, a.avx2);
+#endif
+}
 
 void rows(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   if (r1 <= r0) return;
