@@ -23,7 +23,9 @@ from absl import app, flags
 
 from lazymoe_jax.model import encodings, layers
 
-SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768), "gptoss": (2880, 2880)}
+SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768), "gptoss": (2880, 2880),
+          "synth": (1024, 2816)}  # synth: bench.vs_llamacpp's default model
+
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
   flags.DEFINE_list("shapes", list(SHAPES), "Expert shapes to run.")

@@ -3,8 +3,12 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -163,6 +167,15 @@ inline void spin_pause(int& spins) {
   }
 }
 
+// LAZYMOE_KERNELS_TRACE=1 (a diagnostic, BUILD_NOTES "session 10"): every run_phases() call
+// prints one line to stderr with, per worker, the microseconds after the call at which it
+// started and entered each phase, and the units it ran there ("w1@40 p0@42 n21/44 ..."). A
+// worker that starts after the last unit has been claimed is left out of the line.
+inline bool trace_phases() {
+  static const bool on = std::getenv("LAZYMOE_KERNELS_TRACE") != nullptr;
+  return on;
+}
+
 // Runs the phases in order on `parts` workers (the calling thread and parts - 1 pool tasks),
 // then finish() and completes the returned future. Workers claim units with an atomic counter,
 // so a worker that starts late or is descheduled leaves its share to the others. Phase i + 1
@@ -179,8 +192,12 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
     std::unique_ptr<std::atomic<int64_t>[]> claimed, done;
     std::function<void()> finish;
     ffi::Promise promise;
+    std::chrono::steady_clock::time_point t0;  // for the trace
+    std::mutex mu;
+    std::string trace;  // the lines of the workers that have ended
   };
   auto ctl = std::make_shared<Ctl>();
+  ctl->t0 = std::chrono::steady_clock::now();
   for (Phase& ph : phases) ph.units = std::max<int64_t>(ph.units, 1);  // run(0) of an empty phase
   const size_t np = phases.size();
   ctl->phases = std::move(phases);
@@ -197,27 +214,57 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
     promise.SetAvailable();
     return future;
   }
-  auto worker = [ctl, np] {
+  auto worker = [ctl, np](int wid) {
+    const bool tr = trace_phases();
+    std::string line;
+    auto at = [&](const char* what, long long n) {  // " p1@1293": phase 1 entered at 1293 us
+      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - ctl->t0).count();
+      char buf[48];
+      snprintf(buf, sizeof buf, " %s%lld@%.0f", what, n, us);
+      line += buf;
+    };
+    auto ran_of = [&](long long ran, long long units) {  // " n21/44": 21 of the phase's 44 units
+      char buf[48];
+      snprintf(buf, sizeof buf, " n%lld/%lld", ran, units);
+      line += buf;
+    };
+    if (tr) at("w", wid);
     for (size_t i = 0; i < np; ++i) {
       if (i > 0) {
         int spins = 0;
         while (ctl->done[i - 1].load(std::memory_order_acquire) < ctl->phases[i - 1].units)
           spin_pause(spins);
       }
+      if (tr) at("p", (long long)i);
       const Phase& ph = ctl->phases[i];
+      long long ran = 0;
       for (;;) {
         const int64_t u = ctl->claimed[i].fetch_add(1, std::memory_order_relaxed);
         if (u >= ph.units) break;
         ph.run(u);
+        ++ran;
         if (ctl->done[i].fetch_add(1, std::memory_order_acq_rel) + 1 == ph.units && i + 1 == np) {
+          if (tr) {
+            ran_of(ran, ph.units);
+            at("end", 0);
+            std::lock_guard<std::mutex> lock(ctl->mu);
+            fprintf(stderr, "lazymoe phases:%s |%s\n", ctl->trace.c_str(), line.c_str());
+          }
           ctl->finish();
           ctl->promise.SetAvailable();
+          return;
         }
       }
+      if (tr) ran_of(ran, ph.units);
+    }
+    if (tr) {
+      at("done", 0);
+      std::lock_guard<std::mutex> lock(ctl->mu);
+      ctl->trace += line;
     }
   };
-  for (int p = 1; p < parts; ++p) pool.Schedule([worker] { worker(); });
-  worker();
+  for (int p = 1; p < parts; ++p) pool.Schedule([worker, p] { worker(p); });
+  worker(0);
   return future;
 }
 
@@ -229,8 +276,12 @@ inline int64_t rows_per_unit(int64_t n, double per_row, double target, int64_t a
   return std::min<int64_t>(r, std::max<int64_t>(n, 1));
 }
 
+// Workers per call: the pool's threads, at most LAZYMOE_KERNELS_THREADS when that is set (to
+// measure one core, BUILD_NOTES "session 10").
 inline int num_parts(ffi::ThreadPool& pool, double work) {
-  const int64_t n = pool.num_threads();
+  static const int64_t cap = std::getenv("LAZYMOE_KERNELS_THREADS") ? std::atoll(std::getenv("LAZYMOE_KERNELS_THREADS")) : 0;
+  int64_t n = pool.num_threads();
+  if (cap > 0) n = std::min(n, cap);
   if (work < double(1 << 16)) return 1;  // tiny products: one fork-join costs more
   return int(std::max<int64_t>(1, std::min<int64_t>(n, 64)));
 }

@@ -229,6 +229,19 @@ TGT2 inline int32_t hsum8i(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// Software prefetch of the next row tile: rows o+R.. at the same columns, a whole tile (some
+// KB) ahead. The hardware prefetchers restart at every 4 KB page, and the int8 / int4 / mxfp4
+// rows of the expert shapes are 1-7 KB (BUILD_NOTES, "Integer kernels at the bandwidth").
+// Prefetches never fault, so past the last row they are harmless.
+#define LAZYMOE_AHEAD 8192
+TGT2 inline void pf(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+// Prefetch distance in elements: whole row tiles of `tile` elements (`tile_bytes` bytes), so
+// each prefetch lands on a row a later tile reads, and at least kAheadBytes ahead.
+constexpr int64_t kAheadBytes = LAZYMOE_AHEAD;
+inline int64_t ahead_of(int64_t tile, int64_t tile_bytes) {
+  return tile * std::max<int64_t>(1, (kAheadBytes + tile_bytes - 1) / std::max<int64_t>(tile_bytes, 1));
+}
+
 // kind 0 float32, 1 bf16 (shifted to f32): weights decoded once per 8 columns, one FMA a token.
 template <int R, int MT, int KIND>
 TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
@@ -244,7 +257,12 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
     wh[r] = static_cast<const uint16_t*>(w.w) + (o + r) * w.cols + a.c0;
     wf[r] = static_cast<const float*>(w.w) + (o + r) * w.cols + a.c0;
   }
+  const int64_t ahead = ahead_of(int64_t(R) * w.cols, int64_t(R) * w.cols * (KIND == 1 ? 2 : 4));
+  constexpr int64_t kLine = KIND == 1 ? 32 : 16;  // weights per 64-byte line
   for (int64_t c = 0; c < cv; c += 8) {
+    if ((c & (kLine - 1)) == 0)
+      for (int r = 0; r < R; ++r) pf(KIND == 1 ? static_cast<const void*>(wh[r] + ahead + c)
+                                                : static_cast<const void*>(wf[r] + ahead + c));
     __m256 wv[R];
     for (int r = 0; r < R; ++r) {
       if (KIND == 1) {
@@ -267,6 +285,42 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
       raw[r * M + m0 + m] = s;
     }
 }
+// One token, float32 / bf16: rows one after another, each read front to back with four
+// independent FMA chains. The tile is one contiguous stream (rows are adjacent), which the
+// hardware prefetchers follow across rows, and the software prefetch runs kAhead bytes in
+// front of it. x is one row of floats (in L1), so nothing is gained by interleaving rows.
+template <int KIND>
+TGT2 inline __m256 load8f(const char* row, int64_t c) {
+  if (KIND == 1) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 2)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
+}
+template <int KIND>
+TGT2 void float_rows1(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y) {
+  constexpr int64_t kAhead = kAheadBytes;
+  constexpr int64_t kEl = KIND == 1 ? 2 : 4;
+  const float* x = a.xf;
+  const int64_t cn = a.cn, cv = cn / 32 * 32;
+  for (int64_t o = r0; o < r1; ++o) {
+    const char* row = static_cast<const char*>(w.w) + (o * w.cols + a.c0) * kEl;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (int64_t c = 0; c < cv; c += 32) {
+      for (int64_t b = 0; b < 32 * kEl; b += 64) pf(row + c * kEl + b + kAhead);
+      acc0 = _mm256_fmadd_ps(load8f<KIND>(row, c), _mm256_loadu_ps(x + c), acc0);
+      acc1 = _mm256_fmadd_ps(load8f<KIND>(row, c + 8), _mm256_loadu_ps(x + c + 8), acc1);
+      acc2 = _mm256_fmadd_ps(load8f<KIND>(row, c + 16), _mm256_loadu_ps(x + c + 16), acc2);
+      acc3 = _mm256_fmadd_ps(load8f<KIND>(row, c + 24), _mm256_loadu_ps(x + c + 24), acc3);
+    }
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+    for (int64_t c = cv; c < cn; ++c)
+      s += (KIND == 1 ? bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[c])
+                      : reinterpret_cast<const float*>(row)[c]) * x[c];
+    y[o - r0] = s;
+  }
+}
+
 template <int R, int MT>
 TGT2 void f32_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
   float_tile2<R, MT, 0>(w, a, o, m0, raw, M);
@@ -277,11 +331,6 @@ TGT2 void bf16_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* ra
 }
 
 
-// Software prefetch of the next row tile: rows o+R.. at the same columns, a whole tile (some
-// KB) ahead. The hardware prefetchers restart at every 4 KB page, and the int8 / int4 / mxfp4
-// rows of the expert shapes are 1-7 KB (BUILD_NOTES, "Integer kernels at the bandwidth").
-// Prefetches never fault, so past the last row they are harmless.
-TGT2 inline void pf(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 // int8 weights against int16 activations (one level, step max|x| / 32767, finer than the two
 // int8 levels of the other variants): vpmaddwd of the sign-extended weight, 2 ops per 16
@@ -292,7 +341,7 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
                     int m0, int64_t* raw, int M) {
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = static_cast<const int8_t*>(w.w) + (o + r) * w.cols + a.c0;
-  const int64_t ahead = int64_t(R) * w.cols;
+  const int64_t ahead = ahead_of(int64_t(R) * w.cols, int64_t(R) * w.cols);
   const int16_t* x[MT];
   for (int m = 0; m < MT; ++m) x[m] = q16 + (m0 + m) * ld16;
   int64_t tot[R][MT];
@@ -385,7 +434,7 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
     sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * nbt + b0;
   }
-  const int64_t ahead = int64_t(R) * (w.cols / 2);
+  const int64_t ahead = ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2));
   const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
                                        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
@@ -471,7 +520,7 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
     sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
   }
-  const int64_t ahead = int64_t(R) * rowb;
+  const int64_t ahead = ahead_of(int64_t(R) * rowb, int64_t(R) * rowb);
   const __m256i nib = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 accf[R][MT];
@@ -566,6 +615,10 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
   // int8 weights: the int16 activations of prepare() (see i8w_tile2)
+  if ((w.enc == kF32 || w.enc == kBF16) && a.tokens == 1) {
+    if (w.enc == kF32) float_rows1<0>(w, a, r0, r1, y); else float_rows1<1>(w, a, r0, r1, y);
+    return;
+  }
   const bool i8 = w.enc == kI8;
   const int M = i8 ? a.tokens : a.tokens * a.levels;
   const bool fl = w.enc == kF32 || w.enc == kBF16;
@@ -585,7 +638,7 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     rmax = wide ? 2 : 4;
     mtmax = wide ? 4 : 2;
   } else if (i8) {
-    rmax = M <= 2 ? 4 : 2;
+    rmax = M == 1 ? 1 : (M <= 2 ? 4 : 2);
     mtmax = M <= 2 ? 2 : 4;
   } else {
     rmax = M == 1 ? 2 : 1;
@@ -738,7 +791,7 @@ TGT512 void i4_tile512(const Weight& w, const Act& a, int64_t o, int m0, float* 
   }
   // Rows of more than a page are read in strides the hardware prefetchers lose: software
   // prefetch of the next row tile there (shorter rows stream as one sequence; there it cost).
-  const int64_t ahead = int64_t(R) * (w.cols / 2);
+  const int64_t ahead = ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2));
   const bool far = w.cols / 2 > 4096;
   alignas(64) uint8_t idx_bytes[64];
   for (int i = 0; i < 16; ++i) {
@@ -801,7 +854,7 @@ TGT512 void mx_tile512(const Weight& w, const Act& a, int64_t o, int m0, float* 
     base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
     sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * (w.cols / 32) + b0;
   }
-  const int64_t ahead = int64_t(R) * (w.cols / 2);
+  const int64_t ahead = ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2));
   const __m512i lut = _mm512_broadcast_i32x4(
       _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
   const __m512i low4 = _mm512_set1_epi8(0x0f);
