@@ -54,7 +54,8 @@ def _linear(name, arrays, x):
 
 # (rows, cols, tokens): widths not a multiple of the vector width, odd row counts
 LINEAR_CASES = [(37, 96, 1), (33, 160, 2), (5, 2880, 3), (64, 2880, 8), (17, 160, 16),
-                (9, 4096, 1)]
+                (9, 4096, 1), (7, 4224, 1)]  # one token: rows whole up to 2048 / 4096 columns,
+# row tiles beyond (rowdot.cc, kSeqXBytes)
 
 
 @pytest.mark.parametrize("name", FLOAT)

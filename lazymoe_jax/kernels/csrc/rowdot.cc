@@ -233,11 +233,15 @@ TGT2 inline int32_t hsum8i(__m256i v) {
 // KB) ahead. The hardware prefetchers restart at every 4 KB page, and the int8 / int4 / mxfp4
 // rows of the expert shapes are 1-7 KB (BUILD_NOTES, "Integer kernels at the bandwidth").
 // Prefetches never fault, so past the last row they are harmless.
-#define LAZYMOE_AHEAD 8192
+// One token reads whole rows one after another (float_rows1, one-row int8 tiles) while the
+// activation row fits in kSeqXBytes, a quarter of L1: the weights then stream as one sequence.
+// With longer activations each row would reload x from L2, and tiles of rows that share each
+// load of x are faster (BUILD_NOTES "session 10").
+constexpr int64_t kSeqXBytes = 8192;
 TGT2 inline void pf(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 // Prefetch distance in elements: whole row tiles of `tile` elements (`tile_bytes` bytes), so
 // each prefetch lands on a row a later tile reads, and at least kAheadBytes ahead.
-constexpr int64_t kAheadBytes = LAZYMOE_AHEAD;
+constexpr int64_t kAheadBytes = 8192;
 inline int64_t ahead_of(int64_t tile, int64_t tile_bytes) {
   return tile * std::max<int64_t>(1, (kAheadBytes + tile_bytes - 1) / std::max<int64_t>(tile_bytes, 1));
 }
@@ -288,7 +292,8 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
 // One token, float32 / bf16: rows one after another, each read front to back with four
 // independent FMA chains. The tile is one contiguous stream (rows are adjacent), which the
 // hardware prefetchers follow across rows, and the software prefetch runs kAhead bytes in
-// front of it. x is one row of floats (in L1), so nothing is gained by interleaving rows.
+// front of it (past the range's last row it is wasted, never a fault). x stays in L1 (it is
+// at most kSeqXBytes), so nothing is gained by interleaving rows.
 template <int KIND>
 TGT2 inline __m256 load8f(const char* row, int64_t c) {
   if (KIND == 1) {
@@ -615,7 +620,7 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
   // int8 weights: the int16 activations of prepare() (see i8w_tile2)
-  if ((w.enc == kF32 || w.enc == kBF16) && a.tokens == 1) {
+  if ((w.enc == kF32 || w.enc == kBF16) && a.tokens == 1 && a.cn * 4 <= kSeqXBytes) {
     if (w.enc == kF32) float_rows1<0>(w, a, r0, r1, y); else float_rows1<1>(w, a, r0, r1, y);
     return;
   }
@@ -638,7 +643,7 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     rmax = wide ? 2 : 4;
     mtmax = wide ? 4 : 2;
   } else if (i8) {
-    rmax = M == 1 ? 1 : (M <= 2 ? 4 : 2);
+    rmax = M == 1 && a.cn * 2 <= kSeqXBytes ? 1 : (M <= 2 ? 4 : 2);  // x: int16
     mtmax = M <= 2 ? 2 : 4;
   } else {
     rmax = M == 1 ? 2 : 1;
