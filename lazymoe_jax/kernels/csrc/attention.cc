@@ -338,7 +338,7 @@ struct Attend {
 
 };
 
-// Splits job's units over the pool; the job lives until the last part has finished.
+// Runs job's units on the pool's workers (run_phases); the job lives until the last has ended.
 template <class Cache>
 ffi::Future launch(ffi::ThreadPool& pool, std::shared_ptr<Attend<Cache>> job) {
   Problem& pr = job->pr;
@@ -361,21 +361,22 @@ ffi::Future launch(ffi::ThreadPool& pool, std::shared_ptr<Attend<Cache>> job) {
     job->part_max.assign(nu * M, 0.f);
     job->part_sum.assign(nu * M, 0.f);
   }
-  auto work_fn = [job, parts, nu, M](int p) {
-    const Problem& pr = job->pr;
-    Scratch s(pr);
-    for (int64_t u = nu * p / parts; u < nu * (p + 1) / parts; ++u) {
-      job->run_unit(u, s);
-      if (job->chunks == 1) {
-        const float *o = s.o.data(), *mx = s.run_max.data(), *sm = s.run_sum.data();
-        job->finish(u / pr.K, u % pr.K, &o, &mx, &sm, 1);
-      } else {
-        std::copy(s.o.begin(), s.o.end(), job->part_o.begin() + u * M * pr.Dv);
-        std::copy(s.run_max.begin(), s.run_max.end(), job->part_max.begin() + u * M);
-        std::copy(s.run_sum.begin(), s.run_sum.end(), job->part_sum.begin() + u * M);
-      }
-    }
-  };
+  // one claimed unit per (sequence, KV head, chunk of positions): each writes its own output
+  // or partial slot, so the result does not depend on which worker ran it
+  std::vector<Phase> phases(1);
+  phases[0] = {nu, [job, M](int64_t u) {
+                 const Problem& pr = job->pr;
+                 Scratch s(pr);
+                 job->run_unit(u, s);
+                 if (job->chunks == 1) {
+                   const float *o = s.o.data(), *mx = s.run_max.data(), *sm = s.run_sum.data();
+                   job->finish(u / pr.K, u % pr.K, &o, &mx, &sm, 1);
+                 } else {
+                   std::copy(s.o.begin(), s.o.end(), job->part_o.begin() + u * M * pr.Dv);
+                   std::copy(s.run_max.begin(), s.run_max.end(), job->part_max.begin() + u * M);
+                   std::copy(s.run_sum.begin(), s.run_sum.end(), job->part_sum.begin() + u * M);
+                 }
+               }};
   auto finish_fn = [job, M] {
     const int64_t nc = job->chunks;
     if (nc == 1) return;
@@ -391,7 +392,7 @@ ffi::Future launch(ffi::ThreadPool& pool, std::shared_ptr<Attend<Cache>> job) {
       job->finish(bk / pr.K, bk % pr.K, o.data(), mx.data(), sm.data(), int(nc));
     }
   };
-  return run_parts(pool, parts, work_fn, finish_fn);
+  return run_phases(pool, parts, std::move(phases), finish_fn);
 }
 
 // Common attributes: window (0: none), scale, has_sinks, isa.

@@ -116,41 +116,6 @@ inline std::string check_common(int isa, int levels) {
   return "";
 }
 
-// Runs work(0..parts-1) on the pool (part 0 on the calling thread: it computes, never waits),
-// then finish() on whichever thread ends last, then completes the returned future.
-inline ffi::Future run_parts(ffi::ThreadPool& pool, int parts, std::function<void(int)> work,
-                             std::function<void()> finish) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  if (parts <= 1) {
-    work(0);
-    finish();
-    promise.SetAvailable();
-    return future;
-  }
-  struct Ctl {
-    std::atomic<int> left;
-    std::function<void(int)> work;
-    std::function<void()> finish;
-    ffi::Promise promise;
-  };
-  auto ctl = std::make_shared<Ctl>();
-  ctl->left.store(parts);
-  ctl->work = std::move(work);
-  ctl->finish = std::move(finish);
-  ctl->promise = promise;
-  auto task = [ctl](int p) {
-    ctl->work(p);
-    if (ctl->left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      ctl->finish();
-      ctl->promise.SetAvailable();
-    }
-  };
-  for (int p = 1; p < parts; ++p) pool.Schedule([task, p] { task(p); });
-  task(0);
-  return future;
-}
-
 // One phase of run_phases(): `units` independent pieces of work, run(u) for u < units.
 struct Phase {
   int64_t units = 0;
@@ -177,24 +142,22 @@ inline bool trace_phases() {
 }
 
 // Runs the phases in order on `parts` workers (the calling thread and parts - 1 pool tasks),
-// then finish() and completes the returned future. Workers claim units with an atomic counter,
+// then finish(), and returns a completed future. Workers claim units with an atomic counter,
 // so a worker that starts late or is descheduled leaves its share to the others. Phase i + 1
-// starts when every unit of phase i has completed: a worker with nothing left to claim waits
+// starts when every unit of phase i has completed. A worker with nothing left to claim waits
 // only for units that running workers have claimed, never for a task that has not started, so
 // it cannot deadlock on a busy pool (a late task finds everything claimed and returns). The
-// worker that completes the last unit of the last phase runs finish().
+// calling thread waits so for the last phase too, then runs finish() itself: the future is
+// complete when XLA gets it, so XLA's thread never sleeps on it and is never woken by a pool
+// thread (on these VMs a wake-up costs ~50 us; BUILD_NOTES "session 10").
 inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phase> phases,
                               std::function<void()> finish) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
   struct Ctl {
     std::vector<Phase> phases;
     std::unique_ptr<std::atomic<int64_t>[]> claimed, done;
-    std::function<void()> finish;
-    ffi::Promise promise;
     std::chrono::steady_clock::time_point t0;  // for the trace
     std::mutex mu;
-    std::string trace;  // the lines of the workers that have ended
+    std::string trace;  // the lines of the pool workers that have ended
   };
   auto ctl = std::make_shared<Ctl>();
   ctl->t0 = std::chrono::steady_clock::now();
@@ -207,14 +170,12 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
     ctl->claimed[i].store(0);
     ctl->done[i].store(0);
   }
-  ctl->finish = std::move(finish);
-  ctl->promise = promise;
-  if (np == 0) {
-    ctl->finish();
-    promise.SetAvailable();
-    return future;
-  }
-  auto worker = [ctl, np](int wid) {
+  auto wait_done = [](const Ctl& c, size_t i) {  // every unit of phase i has completed
+    int spins = 0;
+    while (c.done[i].load(std::memory_order_acquire) < c.phases[i].units) spin_pause(spins);
+  };
+  // Runs the phases; returns the worker's trace line (empty unless tracing).
+  auto worker = [ctl, np, wait_done](int wid) -> std::string {
     const bool tr = trace_phases();
     std::string line;
     auto at = [&](const char* what, long long n) {  // " p1@1293": phase 1 entered at 1293 us
@@ -223,18 +184,9 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
       snprintf(buf, sizeof buf, " %s%lld@%.0f", what, n, us);
       line += buf;
     };
-    auto ran_of = [&](long long ran, long long units) {  // " n21/44": 21 of the phase's 44 units
-      char buf[48];
-      snprintf(buf, sizeof buf, " n%lld/%lld", ran, units);
-      line += buf;
-    };
     if (tr) at("w", wid);
     for (size_t i = 0; i < np; ++i) {
-      if (i > 0) {
-        int spins = 0;
-        while (ctl->done[i - 1].load(std::memory_order_acquire) < ctl->phases[i - 1].units)
-          spin_pause(spins);
-      }
+      if (i > 0) wait_done(*ctl, i - 1);
       if (tr) at("p", (long long)i);
       const Phase& ph = ctl->phases[i];
       long long ran = 0;
@@ -243,28 +195,35 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
         if (u >= ph.units) break;
         ph.run(u);
         ++ran;
-        if (ctl->done[i].fetch_add(1, std::memory_order_acq_rel) + 1 == ph.units && i + 1 == np) {
-          if (tr) {
-            ran_of(ran, ph.units);
-            at("end", 0);
-            std::lock_guard<std::mutex> lock(ctl->mu);
-            fprintf(stderr, "lazymoe phases:%s |%s\n", ctl->trace.c_str(), line.c_str());
-          }
-          ctl->finish();
-          ctl->promise.SetAvailable();
-          return;
-        }
+        ctl->done[i].fetch_add(1, std::memory_order_acq_rel);
       }
-      if (tr) ran_of(ran, ph.units);
+      if (tr) {  // " n21/44": 21 of the phase's 44 units
+        char buf[48];
+        snprintf(buf, sizeof buf, " n%lld/%lld", ran, (long long)ph.units);
+        line += buf;
+      }
     }
-    if (tr) {
-      at("done", 0);
-      std::lock_guard<std::mutex> lock(ctl->mu);
-      ctl->trace += line;
-    }
+    if (tr) at("done", 0);
+    return line;
   };
-  for (int p = 1; p < parts; ++p) pool.Schedule([worker, p] { worker(p); });
-  worker(0);
+  for (int p = 1; p < parts; ++p)
+    pool.Schedule([worker, ctl, p] {
+      std::string line = worker(p);
+      if (!line.empty()) {
+        std::lock_guard<std::mutex> lock(ctl->mu);
+        ctl->trace += line;
+      }
+    });
+  std::string line = worker(0);
+  if (np > 0) wait_done(*ctl, np - 1);
+  finish();
+  if (!line.empty()) {
+    std::lock_guard<std::mutex> lock(ctl->mu);
+    fprintf(stderr, "lazymoe phases:%s |%s\n", ctl->trace.c_str(), line.c_str());
+  }
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  promise.SetAvailable();
   return future;
 }
 

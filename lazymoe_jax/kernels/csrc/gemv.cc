@@ -1,5 +1,6 @@
 // Dense products x [T, C] @ W^T -> [T, O] (q/k/v/o, router, shared experts, output head),
-// W in one of the encodings of rowdot.h; the rows of W are split over the thread pool.
+// W in one of the encodings of rowdot.h; the rows of W are claimed in units by the pool's
+// workers (run_phases).
 #include <memory>
 
 #include "ffi_common.h"
@@ -35,12 +36,15 @@ ffi::Future LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   const int parts = num_parts(pool, double(w.rows) * c * t);
   float* out = y->typed_data();
   const int64_t o = w.rows;
-  auto work = [job, parts, o, out](int p) {
-    // row ranges in multiples of 4 (the row tile)
-    const int64_t r0 = (o * p / parts) / 4 * 4, r1 = p + 1 == parts ? o : (o * (p + 1) / parts) / 4 * 4;
-    rows(job->first, job->second, r0, r1, out + r0, o);
-  };
-  return run_parts(pool, parts, work, [] {});
+  // claimed units of ~64K weights (multiples of the 4-row tile): a worker that starts late
+  // (a pool thread woken from sleep, tens of microseconds here) leaves its share to the other
+  const int64_t per = rows_per_unit(o, double(c) * t, 65536.0, 4);
+  std::vector<Phase> phases(1);
+  phases[0] = {(o + per - 1) / per, [job, per, o, out](int64_t u) {
+                 const int64_t r0 = u * per, r1 = std::min(o, r0 + per);
+                 rows(job->first, job->second, r0, r1, out + r0, o);
+               }};
+  return run_phases(pool, parts, std::move(phases), [] {});
 }
 
 }  // namespace
