@@ -219,7 +219,7 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
   finish();
   if (!line.empty()) {
     std::lock_guard<std::mutex> lock(ctl->mu);
-    fprintf(stderr, "lazymoe phases:%s |%s\n", ctl->trace.c_str(), line.c_str());
+    fprintf(stderr, "lazymoe phases: T%.6f%s |%s\n", std::chrono::duration<double>(ctl->t0.time_since_epoch()).count(), ctl->trace.c_str(), line.c_str());
   }
   ffi::Promise promise;
   ffi::Future future(promise);
