@@ -141,8 +141,9 @@ def test_moe_ffn_equals_xla(isa, name, act, t):
   assert np.max(np.abs(y - ref)) <= MOE_REL[name] * np.max(np.abs(ref))
 
 
-@pytest.mark.parametrize("name", ["bfloat16", "int8", "mxfp4"])
+@pytest.mark.parametrize("name", ["bfloat16", "int8", "int4-g32", "mxfp4"])
 def test_moe_ffn_many_tokens(isa, name):
+  """64 tokens: bf16, int4 and mxfp4 prefill groups take the native kernels up to there."""
   rng = np.random.default_rng(64)
   exs = _experts(name, 160, 96, 2, rng, bias=False)
   x = jnp.asarray(rng.standard_normal((64, 160), dtype=np.float32))

@@ -231,12 +231,16 @@ def error_bound(encoding: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
   return half * w.sum(axis=1)[None, :] + fp
 
 
-NATIVE_MAX_TOKENS = 16  # above this many rows the XLA dots (YNNPACK) serve prefill
+# Above this many rows the XLA dots (YNNPACK) serve prefill, per encoding kind: measured at
+# 16-64 tokens, XLA's float32 and int8 dots are as fast or faster, while bf16, int4 and mxfp4
+# are 1.4-5x faster native (BUILD_NOTES "session 10").
+NATIVE_MAX_TOKENS = {"float32": 16, "int8": 16, "bfloat16": 64, "int4": 64, "mxfp4": 64}
 
 
 def native_for(encoding: str, tokens: int) -> bool:
   """Whether a product of `tokens` rows with an `encoding` weight takes the native kernels."""
-  return tokens <= NATIVE_MAX_TOKENS and encoding in ENCODINGS and mode() == "native"
+  return (encoding in ENCODINGS and tokens <= NATIVE_MAX_TOKENS[encoding.split("-")[0]]
+          and mode() == "native")
 
 
 # ---- decode attention (csrc/attention.cc) ----------------------------------------------------
