@@ -54,8 +54,9 @@ def _linear(name, arrays, x):
 
 # (rows, cols, tokens): widths not a multiple of the vector width, odd row counts
 LINEAR_CASES = [(37, 96, 1), (33, 160, 2), (5, 2880, 3), (64, 2880, 8), (17, 160, 16),
-                (9, 4096, 1), (7, 4224, 1)]  # one token: rows whole up to 2048 / 4096 columns,
-# row tiles beyond (rowdot.cc, kSeqXBytes)
+                (9, 4096, 1), (7, 4224, 1), (37, 100, 1), (5, 2047, 1)]
+# one token: whole rows up to 2048 (float) / 4096 (int8) columns, with their scalar tails (100,
+# 2047); row tiles beyond (4224; rowdot.cc, kSeqXBytes)
 
 
 @pytest.mark.parametrize("name", FLOAT)
@@ -143,7 +144,8 @@ def test_moe_ffn_equals_xla(isa, name, act, t):
 
 @pytest.mark.parametrize("name", ["bfloat16", "int8", "int4-g32", "mxfp4"])
 def test_moe_ffn_many_tokens(isa, name):
-  """64 tokens: bf16, int4 and mxfp4 prefill groups take the native kernels up to there."""
+  """The kernel itself at 64 tokens (the engine sends bf16, int4 and mxfp4 groups of up to 64
+  rows to it, int8 up to 16: kernels.NATIVE_MAX_TOKENS)."""
   rng = np.random.default_rng(64)
   exs = _experts(name, 160, 96, 2, rng, bias=False)
   x = jnp.asarray(rng.standard_normal((64, 160), dtype=np.float32))

@@ -362,7 +362,8 @@ ffi::Future launch(ffi::ThreadPool& pool, std::shared_ptr<Attend<Cache>> job) {
     job->part_sum.assign(nu * M, 0.f);
   }
   // one claimed unit per (sequence, KV head, chunk of positions): each writes its own output
-  // or partial slot, so the result does not depend on which worker ran it
+  // or partial slot, so the result does not depend on which worker ran a unit; the split into
+  // chunks follows the number of workers (parts), and so do the last bits of the result
   std::vector<Phase> phases(1);
   phases[0] = {nu, [job, M](int64_t u) {
                  const Problem& pr = job->pr;

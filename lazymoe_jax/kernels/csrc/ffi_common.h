@@ -132,10 +132,11 @@ inline void spin_pause(int& spins) {
   }
 }
 
-// LAZYMOE_KERNELS_TRACE=1 (a diagnostic, BUILD_NOTES "session 10"): every run_phases() call
-// prints one line to stderr with, per worker, the microseconds after the call at which it
-// started and entered each phase, and the units it ran there ("w1@40 p0@42 n21/44 ..."). A
-// worker that starts after the last unit has been claimed is left out of the line.
+// LAZYMOE_KERNELS_TRACE set (to anything; a diagnostic, BUILD_NOTES "session 10"): every
+// run_phases() call prints one line to stderr when it returns: the call's start (T, seconds of
+// the steady clock), then per worker the microseconds after the call at which it started and
+// entered each phase, and the units it ran there ("w1@40 p0@42 n21/44 ..."). A pool worker
+// that has not ended by then is left out of the line (its units are still counted in "n").
 inline bool trace_phases() {
   static const bool on = std::getenv("LAZYMOE_KERNELS_TRACE") != nullptr;
   return on;

@@ -291,7 +291,7 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
 }
 // One token, float32 / bf16: rows one after another, each read front to back with four
 // independent FMA chains. The tile is one contiguous stream (rows are adjacent), which the
-// hardware prefetchers follow across rows, and the software prefetch runs kAhead bytes in
+// hardware prefetchers follow across rows, and the software prefetch runs kAheadBytes in
 // front of it (past the range's last row it is wasted, never a fault). x stays in L1 (it is
 // at most kSeqXBytes), so nothing is gained by interleaving rows.
 template <int KIND>
@@ -304,7 +304,6 @@ TGT2 inline __m256 load8f(const char* row, int64_t c) {
 }
 template <int KIND>
 TGT2 void float_rows1(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y) {
-  constexpr int64_t kAhead = kAheadBytes;
   constexpr int64_t kEl = KIND == 1 ? 2 : 4;
   const float* x = a.xf;
   const int64_t cn = a.cn, cv = cn / 32 * 32;
@@ -312,7 +311,7 @@ TGT2 void float_rows1(const Weight& w, const Act& a, int64_t r0, int64_t r1, flo
     const char* row = static_cast<const char*>(w.w) + (o * w.cols + a.c0) * kEl;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
     for (int64_t c = 0; c < cv; c += 32) {
-      for (int64_t b = 0; b < 32 * kEl; b += 64) pf(row + c * kEl + b + kAhead);
+      for (int64_t b = 0; b < 32 * kEl; b += 64) pf(row + c * kEl + b + kAheadBytes);
       acc0 = _mm256_fmadd_ps(load8f<KIND>(row, c), _mm256_loadu_ps(x + c), acc0);
       acc1 = _mm256_fmadd_ps(load8f<KIND>(row, c + 8), _mm256_loadu_ps(x + c + 8), acc1);
       acc2 = _mm256_fmadd_ps(load8f<KIND>(row, c + 16), _mm256_loadu_ps(x + c + 16), acc2);
@@ -334,8 +333,6 @@ template <int R, int MT>
 TGT2 void bf16_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* raw, int M) {
   float_tile2<R, MT, 1>(w, a, o, m0, raw, M);
 }
-
-
 
 // int8 weights against int16 activations (one level, step max|x| / 32767, finer than the two
 // int8 levels of the other variants): vpmaddwd of the sign-extended weight, 2 ops per 16
@@ -619,11 +616,11 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
-  // int8 weights: the int16 activations of prepare() (see i8w_tile2)
   if ((w.enc == kF32 || w.enc == kBF16) && a.tokens == 1 && a.cn * 4 <= kSeqXBytes) {
     if (w.enc == kF32) float_rows1<0>(w, a, r0, r1, y); else float_rows1<1>(w, a, r0, r1, y);
     return;
   }
+  // int8 weights: the int16 activations of prepare() (see i8w_tile2)
   const bool i8 = w.enc == kI8;
   const int M = i8 ? a.tokens : a.tokens * a.levels;
   const bool fl = w.enc == kF32 || w.enc == kBF16;
