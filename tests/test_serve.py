@@ -144,7 +144,8 @@ def test_batch_invariance_8_concurrent_greedy(client, engine):
   flips = [i for i, (a, b) in enumerate(zip(alone, batched)) if a[0] != b[0]]
   # batched, the attention is one vmapped program over the stacked caches and each expert runs
   # over its token bucket (native kernels up to kernels.NATIVE_MAX_TOKENS rows, else XLA): exact
-  # on the demo model on both paths (BUILD_NOTES "Stacked-cache batched decode"); a flip names the kernels in use
+  # on the demo model on both paths (BUILD_NOTES "Stacked-cache batched decode"); a flip names
+  # the kernels in use
   from lazymoe_jax import kernels  # pylint: disable=import-outside-toplevel
   assert not flips, (f"prompts {flips} differ between alone and batched (kernels: "
                      f"{kernels.mode()}: batched attention = vmap of kv.attend, experts = "
