@@ -150,7 +150,8 @@ ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     p.SetAvailable();
     return f;
   }
-  prepare(jb.ax, jb.isa, jb.enc, jb.gu[0].group, jb.levels, x.typed_data(), jb.h, int(jb.t), 0, jb.h);
+  prepare(jb.ax, jb.isa, jb.enc, jb.gu[0].group, jb.levels, x.typed_data(), jb.h, int(jb.t), 0,
+          jb.h);
   const int parts = num_parts(pool, 3.0 * double(jb.inter) * jb.h * jb.k * jb.t);
   // units of ~256K weights: gate + up rows of H columns; output rows of k x I columns
   jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * jb.t, 262144.0, 16);

@@ -180,7 +180,8 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
     const bool tr = trace_phases();
     std::string line;
     auto at = [&](const char* what, long long n) {  // " p1@1293": phase 1 entered at 1293 us
-      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - ctl->t0).count();
+      const double us = std::chrono::duration<double, std::micro>(
+                            std::chrono::steady_clock::now() - ctl->t0).count();
       char buf[48];
       snprintf(buf, sizeof buf, " %s%lld@%.0f", what, n, us);
       line += buf;
@@ -220,7 +221,8 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
   finish();
   if (!line.empty()) {
     std::lock_guard<std::mutex> lock(ctl->mu);
-    fprintf(stderr, "lazymoe phases: T%.6f%s |%s\n", std::chrono::duration<double>(ctl->t0.time_since_epoch()).count(), ctl->trace.c_str(), line.c_str());
+    const double t0 = std::chrono::duration<double>(ctl->t0.time_since_epoch()).count();
+    fprintf(stderr, "lazymoe phases: T%.6f%s |%s\n", t0, ctl->trace.c_str(), line.c_str());
   }
   ffi::Promise promise;
   ffi::Future future(promise);
@@ -239,7 +241,8 @@ inline int64_t rows_per_unit(int64_t n, double per_row, double target, int64_t a
 // Workers per call: the pool's threads, at most LAZYMOE_KERNELS_THREADS when that is set (to
 // measure one core, BUILD_NOTES "session 10").
 inline int num_parts(ffi::ThreadPool& pool, double work) {
-  static const int64_t cap = std::getenv("LAZYMOE_KERNELS_THREADS") ? std::atoll(std::getenv("LAZYMOE_KERNELS_THREADS")) : 0;
+  static const char* cap_env = std::getenv("LAZYMOE_KERNELS_THREADS");
+  static const int64_t cap = cap_env ? std::atoll(cap_env) : 0;
   int64_t n = pool.num_threads();
   if (cap > 0) n = std::min(n, cap);
   if (work < double(1 << 16)) return 1;  // tiny products: one fork-join costs more

@@ -229,21 +229,24 @@ TGT2 inline int32_t hsum8i(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// Software prefetch of the next row tile: rows o+R.. at the same columns, a whole tile (some
-// KB) ahead. The hardware prefetchers restart at every 4 KB page, and the int8 / int4 / mxfp4
-// rows of the expert shapes are 1-7 KB (BUILD_NOTES, "Integer kernels at the bandwidth").
-// Prefetches never fault, so past the last row they are harmless.
 // One token reads whole rows one after another (float_rows1, one-row int8 tiles) while the
 // activation row fits in kSeqXBytes, a quarter of L1: the weights then stream as one sequence.
 // With longer activations each row would reload x from L2, and tiles of rows that share each
 // load of x are faster (BUILD_NOTES "session 10").
 constexpr int64_t kSeqXBytes = 8192;
+
+// Software prefetch of later row tiles: rows o+R.. at the same columns. The hardware
+// prefetchers restart at every 4 KB page, and the int8 / int4 / mxfp4 rows of the expert
+// shapes are 1-7 KB (BUILD_NOTES, "Integer kernels at the bandwidth"). Prefetches never fault,
+// so past the last row they are harmless.
 TGT2 inline void pf(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 // Prefetch distance in elements: whole row tiles of `tile` elements (`tile_bytes` bytes), so
 // each prefetch lands on a row a later tile reads, and at least kAheadBytes ahead.
 constexpr int64_t kAheadBytes = 8192;
 inline int64_t ahead_of(int64_t tile, int64_t tile_bytes) {
-  return tile * std::max<int64_t>(1, (kAheadBytes + tile_bytes - 1) / std::max<int64_t>(tile_bytes, 1));
+  const int64_t tiles = (kAheadBytes + tile_bytes - 1) / std::max<int64_t>(tile_bytes, 1);
+  return tile * std::max<int64_t>(1, tiles);
 }
 
 // kind 0 float32, 1 bf16 (shifted to f32): weights decoded once per 8 columns, one FMA a token.
@@ -261,7 +264,8 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
     wh[r] = static_cast<const uint16_t*>(w.w) + (o + r) * w.cols + a.c0;
     wf[r] = static_cast<const float*>(w.w) + (o + r) * w.cols + a.c0;
   }
-  const int64_t ahead = ahead_of(int64_t(R) * w.cols, int64_t(R) * w.cols * (KIND == 1 ? 2 : 4));
+  const int64_t tile = int64_t(R) * w.cols;
+  const int64_t ahead = ahead_of(tile, tile * (KIND == 1 ? 2 : 4));
   constexpr int64_t kLine = KIND == 1 ? 32 : 16;  // weights per 64-byte line
   for (int64_t c = 0; c < cv; c += 8) {
     if ((c & (kLine - 1)) == 0)
@@ -297,8 +301,8 @@ TGT2 void float_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* r
 template <int KIND>
 TGT2 inline __m256 load8f(const char* row, int64_t c) {
   if (KIND == 1) {
-    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 2)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 2));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
 }

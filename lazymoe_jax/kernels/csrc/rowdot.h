@@ -98,11 +98,11 @@ struct Act {
   Avx2Form avx2;              // isa kAvx2 only
 };
 
-// Prepares `a` for the kernels of variant isa and weights of encoding enc (group G for int4) from x [tokens][ldx] float32,
-// whose columns 0..cn-1 multiply weight columns c0..c0+cn-1. `a` keeps a pointer to x (it
-// must outlive `a`).
-void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, int64_t ldx, int tokens,
-             int64_t c0, int64_t cn);
+// Prepares `a` for the kernels of variant isa and weights of encoding enc (group G for int4)
+// from x [tokens][ldx] float32, whose columns 0..cn-1 multiply weight columns c0..c0+cn-1.
+// `a` keeps a pointer to x (it must outlive `a`).
+void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, int64_t ldx,
+             int tokens, int64_t c0, int64_t cn);
 
 // y[t * ldy + (o - r0)] = sum_c W[o, a.c0 + c] * x[t, c] for o in [r0, r1), all tokens, with
 // the kernels of the variant `a` was prepared for.
