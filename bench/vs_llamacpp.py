@@ -99,10 +99,18 @@ TEXT = ("def quicksort(items):\n    if len(items) <= 1:\n        return list(ite
         "        self._items.append(item)\n")
 
 
+# The engine's paths a run compares: the kernels (LAZYMOE_KERNELS), and for "layers" the native
+# kernels with the decode step run layer by layer (Forward.whole_step off), as when the pool
+# does not hold every expert (BUILD_NOTES "The whole decode step in one program").
+PATH_ENV = {"native": {"LAZYMOE_KERNELS": "native"}, "xla": {"LAZYMOE_KERNELS": "xla"},
+            "layers": {"LAZYMOE_KERNELS": "native", "LAZYMOE_BENCH_LAYERS": "1"}}
+
+
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
   flags.DEFINE_list("pairs", list(PAIRS), f"Encoding pairs to compare: {list(PAIRS)}.")
-  flags.DEFINE_list("paths", ["native", "xla"], "This engine's kernel paths (LAZYMOE_KERNELS).")
+  flags.DEFINE_list("paths", ["native", "xla"], "This engine's paths: native, xla (LAZYMOE_KERNELS), "
+                    "layers (native kernels, one program per layer as without a whole pool).")
   flags.DEFINE_integer("threads", 2, "Threads (CPUs) for both engines.")
   flags.DEFINE_integer("prompt", 512, "Prompt tokens (prefill).")
   flags.DEFINE_integer("decode", 64, "Decode steps.")
@@ -388,8 +396,8 @@ def main_parent() -> None:
     if pair not in PAIRS:
       raise SystemExit(f"--pairs: {pair!r} is not one of {list(PAIRS)}.")
   for path in FLAGS.paths:
-    if path not in ("native", "xla"):
-      raise SystemExit(f"--paths: {path!r}: choose native or xla.")
+    if path not in PATH_ENV:
+      raise SystemExit(f"--paths: {path!r}: choose from {list(PATH_ENV)}.")
   capped = FLAGS.cgroup_gb is not None
   if not shutil.which("taskset"):
     raise SystemExit("taskset (util-linux) not found: the workers are pinned with it "
@@ -478,7 +486,7 @@ def resident_pair(pair: str, gguf_path: str, store: str, ids_path: str, work: st
   for path in FLAGS.paths:
     dense = PAIRS[pair][2]
     res = run_worker("engine", store, ids_path, os.path.join(work, f"engine-{pair}-{path}.json"),
-                     env={"LAZYMOE_KERNELS": path}, dense_dtype=dense)
+                     env=PATH_ENV[path], dense_dtype=dense)
     res.update(pair=pair, engine="lazymoe", label=f"engine {path}, experts "
                f"{PAIRS[pair][1]}, dense {dense or 'bf16'}")
     rows.append(res)
@@ -494,7 +502,7 @@ def capped_pair(pair: str, gguf_path: str, store: str, ids_path: str, work: str)
   from bench import bench_stream, cgroups  # noqa: PLC0415
   dense = PAIRS[pair][2]
   workers = [("llama", gguf_path, {}, None, f"llama.cpp {PAIRS[pair][0]}", f"llama-{pair}")]
-  workers += [("engine", store, {"LAZYMOE_KERNELS": path}, dense,
+  workers += [("engine", store, PATH_ENV[path], dense,
                f"engine {path}, experts {PAIRS[pair][1]}, dense {dense or 'bf16'}",
                f"engine-{pair}-{path}") for path in FLAGS.paths]
   files = cgroups.files_under(gguf_path, store)
@@ -727,6 +735,7 @@ def engine_worker() -> dict:
     return {**res, "plan": engine.plan.describe() if engine.plan else None,
             "slots": engine.pool.num_slots, "compilation_cache": engine.compilation_cache}
   engine = lazymoe_jax.load(FLAGS.model, expert_slots=10**9, dense_dtype=FLAGS.dense_dtype)
+  engine.forward.whole_step = os.environ.get("LAZYMOE_BENCH_LAYERS") != "1"
   for layer in engine.spec.moe_layers:  # every expert resident before timing
     engine.pool.acquire(layer, range(engine.spec.num_experts))
 
@@ -740,7 +749,8 @@ def engine_worker() -> dict:
 
   once()  # warm-up: compiles the prompt's and the decode step's programs
   res = best([once() for _ in range(FLAGS.repeats)])
-  res.update(kernels=engine.stats()["kernels"], active_bytes=active_bytes_per_token(engine))
+  res.update(kernels=engine.stats()["kernels"], whole_steps=engine.stats()["whole_steps"],
+             active_bytes=active_bytes_per_token(engine))
   if FLAGS.breakdown:
     seq = engine.session(len(prompt) + len(decode))
     seq.feed(prompt)

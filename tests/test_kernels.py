@@ -232,3 +232,46 @@ def test_missing_library_falls_back_or_fails_clearly(monkeypatch):
   monkeypatch.setenv("LAZYMOE_KERNELS", "native")
   with pytest.raises(RuntimeError, match="LAZYMOE_KERNELS=native but the native kernel library"):
     kernels.mode()
+
+
+def _arena(exs):
+  """The experts laid out as the pool's arena (store/pool.py slot_arena / slot_offsets), one
+  per slot: (uint8 arena array, layout for moe_ffn_pooled)."""
+  from lazymoe_jax.store.pool import slot_offsets  # pylint: disable=import-outside-toplevel
+  keys = (("w_gate_up", ""), ("w_gate_up", "scale"), ("w_down", ""), ("w_down", "scale"),
+          ("b_gate_up", ""), ("b_down", ""))
+  arrays = {f"{t}.{s}": np.asarray(exs[0][t][s]) for t, s in keys
+            if t in exs[0] and s in exs[0][t]}
+  per_slot, offsets = slot_offsets({n: a.shape for n, a in arrays.items()},
+                                   {n: a.dtype for n, a in arrays.items()})
+  arena = np.zeros(per_slot * len(exs), np.uint8)
+  for j, ex in enumerate(exs):
+    for n, off in offsets.items():
+      t, s = n.split(".")
+      raw = np.asarray(ex[t][s]).reshape(-1).view(np.uint8)
+      arena[j * per_slot + off:j * per_slot + off + raw.size] = raw
+  return jnp.asarray(arena), (per_slot, tuple(offsets.get(f"{t}.{s}", -1) for t, s in keys))
+
+
+@pytest.mark.parametrize("name", FLOAT + QUANT)
+@pytest.mark.parametrize("t", [1, 3])
+def test_moe_ffn_pooled_equals_moe_ffn(isa, name, t):
+  """Experts found in the arena by slot index (inside the program) give exactly what the same
+  experts passed as operands give: the same job, only located differently."""
+  rng = np.random.default_rng(7 + t)
+  h, i = (160, 96) if name not in ("int4-g64", "int4-g128") else (256, 128)
+  bias = name in ("bfloat16", "mxfp4")
+  exs = _experts(name, h, i, 4, rng, bias=bias)
+  arena, (per_slot, offsets) = _arena(exs)
+  act = ACTS["clamped_swiglu" if bias else "silu"]
+  x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32))
+  w = jnp.asarray(rng.random((t, 2), dtype=np.float32))
+  pick = jnp.asarray([3, 1], jnp.int32)
+  fn = jax.jit(lambda a, s, x, w: kernels.moe_ffn_pooled(name, a, (i, per_slot, offsets), s, x,
+                                                         w, act))
+  y = np.asarray(fn(arena, pick, x, w))
+  np.testing.assert_array_equal(y, np.asarray(_moe(name, (exs[3], exs[1]), x, w, act)))
+  with pytest.raises(Exception, match="slot 4 of expert 1 is outside the pool's 4"):
+    np.asarray(fn(arena, jnp.asarray([0, 4], jnp.int32), x, w))
+  with pytest.raises(Exception, match="does not fit a slot"):
+    np.asarray(kernels.moe_ffn_pooled(name, arena, (i, per_slot // 2, offsets), pick, x, w, act))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import lazymoe_jax
+from lazymoe_jax import kernels
 from lazymoe_jax.engine.prefetch import PrefetchPolicy, ranked_union
 from lazymoe_jax.store import format as fmt
 from lazymoe_jax.store.experts import Cancelled, ExpertStore
@@ -248,6 +249,16 @@ def test_guesses_are_skipped_for_layers_held_whole_without_changing_results(stor
   assert resident.generate(prompt, 12) == want_tokens
   np.testing.assert_array_equal(resident.logits(ids), want_logits)
   assert resident.stats()["prefetch_reads"] == 0
+  # with the native kernels the resident engine decodes each token in one program
+  # (steps.decode_step), and still bit for bit as the minimal pool
+  assert (resident.forward.whole_steps > 0) == (kernels.mode() == "native")
+  assert small.stats()["whole_steps"] == 0
+  seq = resident.session()
+  seq.feed(prompt)
+  hits, steps = resident.pool.hits, resident.stats()["whole_steps"]
+  seq.feed([3])  # one token, all hits: k per MoE layer, counted as the layer loop does
+  assert resident.pool.hits - hits == N_LAYERS * K
+  assert resident.stats()["whole_steps"] - steps == (kernels.mode() == "native")
 
 # ---- prefetch that pays for itself: demand first, the confidence rule, prefill order ------------
 

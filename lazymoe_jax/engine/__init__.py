@@ -228,6 +228,7 @@ class Engine:
         "unused_speculative_bytes": self.pool.unused_bytes,
         "cache_policy": self.pool.policy,
         "kernels": kernels.mode(),
+        "whole_steps": self.forward.whole_steps,
         "io_wait_s": self.pool.io_wait_s,
         "disk_busy_s": self.experts.disk_busy.seconds(),
         "dense_bytes": self.dense_bytes,

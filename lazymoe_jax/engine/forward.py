@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lazymoe_jax import kernels
 from lazymoe_jax.engine import budget
 from lazymoe_jax.engine.prefetch import PrefetchPolicy, ranked_union
 from lazymoe_jax.errors import PlanError
@@ -115,6 +116,11 @@ class Forward:
     # Optional observer: trace(layer, ids [T, k], h [T, H]) after each router (benchmarks).
     self.trace: Callable[[int, np.ndarray, jax.Array], None] | None = None
     self._cache_bytes: dict[int, int] = {}  # capacity -> one sequence's cache bytes
+    # the whole decode step in one program (steps.decode_step) once the pool holds every
+    # expert: the pool's slot table on the device, rebuilt when the pool's version moves
+    self.whole_step = True
+    self.whole_steps = 0  # decode tokens that ran as one program (stats()["whole_steps"])
+    self._slot_table: tuple[int, jax.Array] | None = None
 
   # ---- caches ------------------------------------------------------------------------------
   def new_cache(self, needed: int, limit: int) -> KVCache:
@@ -158,6 +164,14 @@ class Forward:
     padded[:n] = tokens
     pos = jnp.asarray(start + np.arange(tb, dtype=np.int32))
     x = self.embed(padded)
+    if n == 1 and self._whole_step_ready():
+      x, caches = steps.decode_step(spec, self.kv, self.pool.arrays(0)["w_gate_up"].encoding.name,
+                                    self.pool.layout(), tuple(self.layers), self._slot_table[1],
+                                    self.pool.arena_array(), x, pos, tuple(cache))
+      cache[:] = caches
+      self.whole_steps += 1
+      self.pool.count_hits(len(self.moe_order) * spec.num_experts_per_tok)
+      return x, cache
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
       if spec.layers[layer].mlp == DENSE_MLP:
@@ -214,6 +228,21 @@ class Forward:
     return x, stack
 
   # ---- shared pieces -----------------------------------------------------------------------
+  def _whole_step_ready(self) -> bool:
+    """Whether one decode token can run as steps.decode_step: every expert resident (nothing
+    to read, nothing to prefetch), the native expert kernels for one token, the arena aliased
+    as one device array, and no observer of the routers (self.trace). Keeps the device's copy
+    of the pool's slot table current."""
+    if not (self.whole_step and self.trace is None and self.moe_order
+            and self.pool.holds_all(self.moe_order)):
+      return False
+    enc = self.pool.arrays(0)["w_gate_up"].encoding.name
+    if not kernels.native_for(enc, 1) or self.pool.arena_array() is None:
+      return False
+    if self._slot_table is None or self._slot_table[0] != self.pool.version:
+      self._slot_table = (self.pool.version, jnp.asarray(self.pool.slot_table(self.moe_order)))
+    return True
+
   def head_rows(self, x: jax.Array, n: int) -> np.ndarray:
     """float32 logits of the first n rows of x, the head applied in blocks of rows ([T, vocab]
     temporaries of a 200k vocabulary are gigabytes)."""

@@ -72,6 +72,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
   try:
     lib = ctypes.CDLL(path)
     for name, sym in (("lazymoe_linear", lib.LazymoeLinear), ("lazymoe_moe_ffn", lib.LazymoeMoeFfn),
+                      ("lazymoe_moe_ffn_pooled", lib.LazymoeMoeFfnPooled),
                       ("lazymoe_attn_dense", lib.LazymoeAttnDense),
                       ("lazymoe_attn_latent", lib.LazymoeAttnLatent),
                       ("lazymoe_attn_turboquant", lib.LazymoeAttnTurboquant)):
@@ -212,6 +213,31 @@ def moe_ffn(encoding: str, experts: tuple[dict, ...], x: jax.Array, weights: jax
       x, jnp.asarray(weights, jnp.float32), *ops, **_attrs(kind, enc, group),
       act=np.int64(ACTIVATIONS[kind_act]), alpha=np.float32(alpha), limit=np.float32(limit),
       has_bias=np.int64(bool(has_bias[0])))
+
+
+def moe_ffn_pooled(encoding: str, arena: jax.Array, layout: tuple, slots: jax.Array,
+                   x: jax.Array, weights: jax.Array,
+                   act: tuple[str, float, float] = ("silu", 1.702, 7.0)) -> jax.Array:
+  """moe_ffn over experts found in the expert pool's arena by slot index (native only).
+
+  arena: the pool's slots as one uint8 [bytes] array (ExpertPool.arena_array); layout =
+  (inter, slot_bytes, offsets): the expert width, the bytes between slots, and the byte offsets
+  inside a slot of w_gate_up, its scale, w_down, its scale, b_gate_up, b_down (-1: absent;
+  ExpertPool.layout); slots int32 [k], computed inside the program (a decode step that picks
+  its experts on the device); x [T, H], weights [T, k]."""
+  kind_act, alpha, limit = act
+  if kind_act not in ACTIVATIONS:
+    raise ValueError(f"unknown expert activation {kind_act!r}; choose one of {list(ACTIVATIONS)}.")
+  if mode() != "native":
+    raise RuntimeError("moe_ffn_pooled needs the native kernels (LAZYMOE_KERNELS=native).")
+  kind, enc, group = _encoding(encoding)
+  inter, slot_bytes, offsets = layout
+  x = jnp.asarray(x, jnp.float32)
+  return jax.ffi.ffi_call("lazymoe_moe_ffn_pooled", jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+      x, jnp.asarray(weights, jnp.float32), jnp.asarray(slots, jnp.int32), arena,
+      **_attrs(kind, enc, group), act=np.int64(ACTIVATIONS[kind_act]), alpha=np.float32(alpha),
+      limit=np.float32(limit), inter=np.int64(inter), slot_bytes=np.int64(slot_bytes),
+      offsets=np.asarray(offsets, np.int64))
 
 
 def error_bound(encoding: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -11,6 +11,11 @@ the guesses for the layers ahead in one int32 array (`routed`), so a layer has o
 device->host transfer; the expert programs take only the parameters they read (`shared`: the
 shared expert's, if any), since a program's launch costs time per argument leaf (BUILD_NOTES
 "Per-layer overhead").
+
+When the pool holds every expert and the native kernels run, one decode token goes through
+all layers in one program, `decode_step`: the router's ids pick slots from a device table and
+the native expert kernel finds them in the pool's arena, so the step has no host round trip
+(BUILD_NOTES "The whole decode step in one program").
 """
 
 import functools
@@ -21,7 +26,7 @@ import jax.numpy as jnp
 from lazymoe_jax import kernels
 from lazymoe_jax.model import layers
 from lazymoe_jax.model.routers import route
-from lazymoe_jax.model.spec import Moe, ModelSpec
+from lazymoe_jax.model.spec import DENSE_MLP, Moe, ModelSpec
 
 
 @jax.jit
@@ -160,3 +165,30 @@ def _native_experts(spec: ModelSpec, enc: str, experts: tuple, x: jax.Array,
 def moe_finish(spec: ModelSpec, shared: dict, h: jax.Array, xn: jax.Array, routed: jax.Array):
   """h + routed + the shared experts (shared: the layer's shared_params)."""
   return h + (routed + _shared(spec.moe, shared, xn))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "kv", "encoding", "layout"),
+                   donate_argnames=("caches",))
+def decode_step(spec: ModelSpec, kv, encoding: str, layout: tuple, ps: tuple, table: jax.Array,
+                arena: jax.Array, x: jax.Array, pos: jax.Array, caches: tuple):
+  """One token through every layer, every expert resident: the same operations as
+  attn_router / dense_layer then moe_decode layer by layer, but the slots of the router's
+  ids are looked up in `table` (int32 [MoE layers, experts], ExpertPool.slot_table) and the
+  experts read from the pool's `arena` by kernels.moe_ffn_pooled. ps: every layer's params;
+  layout: ExpertPool.layout(); x [1, H]. Returns (x, caches)."""
+  slot_bytes, offsets = layout
+  act = spec.moe.act
+  caches = list(caches)
+  m = 0
+  for layer, p in enumerate(ps):
+    window = spec.layers[layer].window
+    if spec.layers[layer].mlp == DENSE_MLP:
+      x, caches[layer] = dense_layer(spec, kv, window, p, x, pos, caches[layer])
+      continue
+    h, xn, caches[layer] = _attention_residual(spec, kv, window, p, x, pos, caches[layer])
+    ids, weights = _route(spec.moe, p, xn)
+    routed = kernels.moe_ffn_pooled(encoding, arena, (spec.moe.width, slot_bytes, offsets),
+                                    table[m, ids[0]], xn, weights, (act.kind, act.alpha, act.limit))
+    x = h + (routed + _shared(spec.moe, shared_params(p), xn))
+    m += 1
+  return x, tuple(caches)

@@ -59,6 +59,16 @@ def slot_arena(num_slots: int, shapes: dict, dtypes: dict) -> tuple[mmap.mmap, l
   return arena, slots
 
 
+def slot_offsets(shapes: dict, dtypes: dict) -> tuple[int, dict[str, int]]:
+  """(bytes from one slot to the next, {array name: byte offset inside a slot}) of
+  slot_arena's layout."""
+  off, offsets = 0, {}
+  for n in shapes:
+    offsets[n] = off
+    off += _round_up(int(np.prod(shapes[n])) * np.dtype(dtypes[n]).itemsize)
+  return off, offsets
+
+
 class ExpertPool:
   """`acquire(layer, experts) -> slots`; `arrays(slot) -> {tensor: {suffix: array}}`."""
 
@@ -76,10 +86,13 @@ class ExpertPool:
       for b in bufs.values():
         b.view(np.uint8).fill(0)  # touch now: page faults here, not in the decode loop
     self._arrays = [self._wrap(b) for b in self.buffers]
+    self._layout = None  # layout(), computed once
+    self._arena_array = None  # the whole arena as one device array (arena_array), made on use
     first = self.buffers[0]["w_gate_up"]
     self.zero_copy = (self._arrays[0]["w_gate_up"].arrays[""].unsafe_buffer_pointer() ==
                       first.ctypes.data)
     self.owner: list[tuple[int, int] | None] = [None] * num_slots
+    self.version = 0  # counts changes of the table (slot_table's callers keep theirs until then)
     self.table: dict[tuple[int, int], int] = {}
     self.lru: collections.OrderedDict[int, None] = collections.OrderedDict(
         (s, None) for s in range(num_slots))  # least recently used first
@@ -116,11 +129,54 @@ class ExpertPool:
     """The slot's expert as {tensor: Weight} (see model/encodings.py)."""
     return self._arrays[slot]
 
+  def arena_array(self) -> jax.Array | None:
+    """Every slot as one uint8 [bytes] device array aliasing the arena (no copy), for the
+    programs that pick slots on the device (kernels.moe_ffn_pooled); None where device_put
+    would copy it (its own memory: never on CPU, where aligned host memory is aliased)."""
+    if self._arena_array is None:
+      host = np.frombuffer(self._arena, np.uint8)
+      a = jax.device_put(host)
+      if a.unsafe_buffer_pointer() != host.ctypes.data:
+        return None
+      self._arena_array = a
+    return self._arena_array
+
+  def layout(self) -> tuple[int, tuple[int, ...]]:
+    """(slot bytes, byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
+    b_gate_up, b_down; -1 where absent): where kernels.moe_ffn_pooled finds a slot's arrays."""
+    if self._layout is not None:
+      return self._layout
+    per_slot, offsets = slot_offsets(self.store.shapes, self.store.dtypes)
+    where = {(self.store.specs[n]["tensor"], self.store.specs[n]["suffix"]): o
+             for n, o in offsets.items()}
+    keys = (("w_gate_up", ""), ("w_gate_up", "scale"), ("w_down", ""), ("w_down", "scale"),
+            ("b_gate_up", ""), ("b_down", ""))
+    self._layout = per_slot, tuple(where.get(k, -1) for k in keys)
+    return self._layout
+
+  def holds_all(self, layers: Sequence[int]) -> bool:
+    """Every expert of every layer of `layers` is resident and no read is in flight: nothing
+    can be evicted or refilled while only these layers are acquired."""
+    return not self.pending and all(self.holds_layer(l) for l in layers)
+
+  def slot_table(self, layers: Sequence[int]) -> np.ndarray:
+    """int32 [len(layers), experts]: the slot of each expert of each layer (-1: not held)."""
+    table = np.full((len(layers), self.num_experts), -1, np.int32)
+    for i, layer in enumerate(layers):
+      for e in range(self.num_experts):
+        table[i, e] = self.table.get((layer, e), -1)
+    return table
+
+  def count_hits(self, n: int) -> None:
+    """n acquires that a program made on the device from slot_table (all hits; holds_all)."""
+    self.hits += n
+
   def holds_layer(self, layer: int) -> bool:
     """Every expert of `layer` is resident (a guess for it could only hit)."""
     return self.held[layer] >= self.num_experts
 
   def _map(self, slot: int, key: tuple[int, int]) -> None:
+    self.version += 1
     if key not in self.table:
       self.held[key[0]] += 1
     self.owner[slot] = key
@@ -129,6 +185,7 @@ class ExpertPool:
   def _evict(self, slot: int) -> None:
     """Empties a slot (if the read that refills it fails, it holds nothing valid)."""
     key = self.owner[slot]
+    self.version += 1
     if key is not None:
       del self.table[key]
       self.held[key[0]] -= 1

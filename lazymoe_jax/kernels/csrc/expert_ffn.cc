@@ -80,18 +80,15 @@ struct MoeJob {
   }
 };
 
-ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::Buffer<ffi::F32> weights, ffi::RemainingArgs args,
-                       ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t enc, int64_t group,
-                       int64_t isa, int64_t levels, int64_t act, float alpha, float limit,
-                       int64_t has_bias) {
+ffi::Future launch(ffi::ThreadPool pool, std::shared_ptr<MoeJob> job, const float* x,
+                   const float* weights, float* out);
+
+// The shared attributes of both handlers, checked.
+std::string set_attrs(MoeJob& jb, int64_t enc, int64_t group, int64_t isa, int64_t levels,
+                      int64_t act, float alpha, float limit) {
   std::string err = check_common(int(isa), int(levels));
-  if (!err.empty()) return failed("moe_ffn: " + err);
-  if (act != kSilu && act != kClampedSwiglu) return failed("moe_ffn: unknown activation id");
-  auto xd = x.dimensions(), wd = weights.dimensions();
-  if (xd.size() != 2) return failed("moe_ffn: x must be [T, H], got " + dims_str(xd));
-  auto job = std::make_shared<MoeJob>();
-  MoeJob& jb = *job;
+  if (!err.empty()) return err;
+  if (act != kSilu && act != kClampedSwiglu) return "unknown activation id";
   jb.isa = int(isa);
   jb.enc = int(enc);
   jb.group = int(group);
@@ -99,6 +96,20 @@ ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   jb.act = int(act);
   jb.alpha = alpha;
   jb.limit = limit;
+  return "";
+}
+
+ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> weights, ffi::RemainingArgs args,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t enc, int64_t group,
+                       int64_t isa, int64_t levels, int64_t act, float alpha, float limit,
+                       int64_t has_bias) {
+  auto xd = x.dimensions(), wd = weights.dimensions();
+  if (xd.size() != 2) return failed("moe_ffn: x must be [T, H], got " + dims_str(xd));
+  auto job = std::make_shared<MoeJob>();
+  MoeJob& jb = *job;
+  std::string err = set_attrs(jb, enc, group, isa, levels, act, alpha, limit);
+  if (!err.empty()) return failed("moe_ffn: " + err);
   jb.t = xd[0];
   jb.h = xd[1];
   const int na = arrays_per_weight(int(enc));
@@ -142,16 +153,22 @@ ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     jb.b_gu.push_back(bg);
     jb.b_dn.push_back(bd);
   }
-  jb.weights = weights.typed_data();
-  jb.out = y->typed_data();
+  return launch(pool, job, x.typed_data(), weights.typed_data(), y->typed_data());
+}
+
+// Runs a job whose weights are bound (gu, dn, b_gu, b_dn, t, h, inter, k and the attributes).
+ffi::Future launch(ffi::ThreadPool pool, std::shared_ptr<MoeJob> job, const float* x,
+                   const float* weights, float* out) {
+  MoeJob& jb = *job;
+  jb.weights = weights;
+  jb.out = out;
   if (jb.t == 0) {
     ffi::Promise p;
     ffi::Future f(p);
     p.SetAvailable();
     return f;
   }
-  prepare(jb.ax, jb.isa, jb.enc, jb.gu[0].group, jb.levels, x.typed_data(), jb.h, int(jb.t), 0,
-          jb.h);
+  prepare(jb.ax, jb.isa, jb.enc, jb.gu[0].group, jb.levels, x, jb.h, int(jb.t), 0, jb.h);
   const int parts = num_parts(pool, 3.0 * double(jb.inter) * jb.h * jb.k * jb.t);
   // units of ~256K weights: gate + up rows of H columns; output rows of k x I columns
   jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * jb.t, 262144.0, 16);
@@ -164,6 +181,96 @@ ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   phases[1] = {jb.k, [job](int64_t j) { job->prepare_down(j); }};
   phases[2] = {(jb.h + jb.chunk_o - 1) / jb.chunk_o, [job](int64_t u) { job->down(u); }};
   return run_phases(pool, parts, std::move(phases), [] {});
+}
+
+// Bytes of a [rows, cols] weight's data and scale arrays in `enc` (encodings.py's layouts).
+void weight_bytes(int enc, int group, int64_t rows, int64_t cols, int64_t* data, int64_t* scale) {
+  switch (enc) {
+    case kF32: *data = rows * cols * 4; *scale = 0; break;
+    case kBF16: *data = rows * cols * 2; *scale = 0; break;
+    case kI8: *data = rows * cols; *scale = rows * 4; break;
+    case kI4: *data = rows * cols / 2; *scale = rows * (cols / group) * 2; break;
+    default: *data = rows * cols / 2; *scale = rows * (cols / 32); break;  // kMXFP4
+  }
+}
+
+// The same experts, located in the expert pool's arena (store/pool.py: every slot's arrays
+// carved out of one mapping, `slot_bytes` apart) by the slot indices `slots` [k], an input
+// of the program: a decode step can pick its experts without a round trip to the host.
+// offsets = the byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
+// b_gate_up, b_down (-1: absent).
+ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> slots,
+                             ffi::AnyBuffer arena, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                             int64_t enc, int64_t group, int64_t isa, int64_t levels, int64_t act,
+                             float alpha, float limit, int64_t inter, int64_t slot_bytes,
+                             ffi::Span<const int64_t> offsets) {
+  auto xd = x.dimensions(), wd = weights.dimensions(), sd = slots.dimensions();
+  if (xd.size() != 2) return failed("moe_ffn_pooled: x must be [T, H], got " + dims_str(xd));
+  if (sd.size() != 1) return failed("moe_ffn_pooled: slots must be [k], got " + dims_str(sd));
+  auto job = std::make_shared<MoeJob>();
+  MoeJob& jb = *job;
+  std::string err = set_attrs(jb, enc, group, isa, levels, act, alpha, limit);
+  if (!err.empty()) return failed("moe_ffn_pooled: " + err);
+  if (enc == kI4 && group != 32 && group != 64 && group != 128)
+    return failed("moe_ffn_pooled: int4 group must be 32, 64 or 128");
+  jb.t = xd[0];
+  jb.h = xd[1];
+  jb.k = sd[0];
+  jb.inter = inter;
+  if (wd.size() != 2 || wd[0] != jb.t || wd[1] != jb.k)
+    return failed("moe_ffn_pooled: weights must be [T, k] = [" + std::to_string(jb.t) + ", " +
+                  std::to_string(jb.k) + "], got " + dims_str(wd));
+  auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != jb.t || yd[1] != jb.h)
+    return failed("moe_ffn_pooled: output shape " + dims_str(yd) + " is not [T, H]");
+  if (arena.element_type() != ffi::DataType::U8 || arena.dimensions().size() != 1)
+    return failed("moe_ffn_pooled: the arena must be uint8 [bytes]");
+  if (offsets.size() != 6) return failed("moe_ffn_pooled: offsets must have 6 entries");
+  const int grp = enc == kI4 ? int(group) : 32;
+  if (inter <= 0 || jb.h <= 0 || (enc >= kI4 && (jb.h % grp || inter % grp)))
+    return failed("moe_ffn_pooled: expert sizes do not fit the encoding's blocks");
+  // every array's extent inside a slot, checked against slot_bytes
+  int64_t size[6];
+  weight_bytes(int(enc), grp, 2 * inter, jb.h, &size[0], &size[1]);
+  weight_bytes(int(enc), grp, jb.h, inter, &size[2], &size[3]);
+  size[4] = 2 * inter * 4;
+  size[5] = jb.h * 4;
+  const bool scaled = arrays_per_weight(int(enc)) == 2;
+  const bool has_bias = offsets[4] >= 0;
+  if ((offsets[5] >= 0) != has_bias) return failed("moe_ffn_pooled: give both biases, or none");
+  for (int a = 0; a < 6; ++a) {
+    const bool need = a == 0 || a == 2 || ((a == 1 || a == 3) && scaled) || (a >= 4 && has_bias);
+    if (need && (offsets[a] < 0 || offsets[a] + size[a] > slot_bytes))
+      return failed("moe_ffn_pooled: array " + std::to_string(a) + " at offset " +
+                    std::to_string(offsets[a]) + " does not fit a slot of " +
+                    std::to_string(slot_bytes) + " bytes");
+  }
+  const int64_t num_slots = slot_bytes > 0 ? arena.dimensions()[0] / slot_bytes : 0;
+  const uint8_t* base = static_cast<const uint8_t*>(arena.untyped_data());
+  const int32_t* sl = slots.typed_data();
+  for (int64_t j = 0; j < jb.k; ++j) {
+    if (sl[j] < 0 || sl[j] >= num_slots)
+      return failed("moe_ffn_pooled: slot " + std::to_string(sl[j]) + " of expert " +
+                    std::to_string(j) + " is outside the pool's " + std::to_string(num_slots));
+    const uint8_t* s0 = base + int64_t(sl[j]) * slot_bytes;
+    Weight g, d;
+    g.enc = d.enc = int(enc);
+    g.group = d.group = enc == kI4 ? int(group) : (enc == kMXFP4 ? 32 : 0);
+    g.w = s0 + offsets[0];
+    g.scale = scaled ? s0 + offsets[1] : nullptr;
+    g.rows = 2 * inter;
+    g.cols = jb.h;
+    d.w = s0 + offsets[2];
+    d.scale = scaled ? s0 + offsets[3] : nullptr;
+    d.rows = jb.h;
+    d.cols = inter;
+    jb.gu.push_back(g);
+    jb.dn.push_back(d);
+    jb.b_gu.push_back(has_bias ? reinterpret_cast<const float*>(s0 + offsets[4]) : nullptr);
+    jb.b_dn.push_back(has_bias ? reinterpret_cast<const float*>(s0 + offsets[5]) : nullptr);
+  }
+  return launch(pool, job, x.typed_data(), weights.typed_data(), y->typed_data());
 }
 
 }  // namespace
@@ -184,3 +291,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LazymoeMoeFfn, lazymoe::MoeFfnImpl,
                                   .Attr<float>("alpha")
                                   .Attr<float>("limit")
                                   .Attr<int64_t>("has_bias"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LazymoeMoeFfnPooled, lazymoe::MoeFfnPooledImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [T, H]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // weights [T, k]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // slots [k]
+                                  .Arg<xla::ffi::AnyBuffer>()              // arena uint8 [bytes]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // [T, H]
+                                  .Attr<int64_t>("enc")
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("levels")
+                                  .Attr<int64_t>("act")
+                                  .Attr<float>("alpha")
+                                  .Attr<float>("limit")
+                                  .Attr<int64_t>("inter")
+                                  .Attr<int64_t>("slot_bytes")
+                                  .Attr<xla::ffi::Span<const int64_t>>("offsets"));
