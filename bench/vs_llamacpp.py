@@ -11,6 +11,10 @@ machine's compiler (-march=native), ~4-10 min on 2 cores:
 
   CMAKE_BUILD_PARALLEL_LEVEL=2 pip install -e '.[bench]'
 
+On the Sapphire Rapids VM of session 11, llama-cpp-python 0.3.36's q8_0 decode died with
+SIGSEGV inside llama_decode, built -march=native and rebuilt without AMX alike (its bf16 ran);
+the int8 pair then fails at llama.cpp's worker (BUILD_NOTES "session 11").
+
 The HF -> GGUF converter (convert_hf_to_gguf.py and its gguf-py) ships only in that package's
 sdist, under vendor/llama.cpp. Without --llama_cpp_dir the bench fetches the sdist with pip into
 --workdir itself, as
@@ -31,7 +35,8 @@ only one pair's files exist at once:
 3. numpy's float32 matrix-vector bandwidth (the reference; measured at the start and the end);
 4. each engine in its own subprocess pinned to the same --threads CPUs: llama.cpp through
    llama-cpp-python (n_threads = n_threads_batch = --threads, the prompt in one batch), then
-   this engine once per kernel path (LAZYMOE_KERNELS=native, =xla), every expert resident.
+   this engine once per --paths entry (native, xla: LAZYMOE_KERNELS; layers: native kernels
+   with the decode step run layer by layer, as when the pool may miss), every expert resident.
    Each does a warm-up pass (compiles the programs; pages the GGUF in), then --repeats times a
    fresh sequence: a --prompt-token prefill, then --decode forced steps (the same fixed token
    ids for both engines, so routing varies as on text and both compute the same positions).

@@ -134,6 +134,8 @@ class ExpertPool:
     programs that pick slots on the device (kernels.moe_ffn_pooled); None where device_put
     would copy it (its own memory: never on CPU, where aligned host memory is aliased)."""
     if self._arena_array is None:
+      if not self.zero_copy:  # the slots' own device_put copied: so would this, the whole pool
+        return None
       host = np.frombuffer(self._arena, np.uint8)
       a = jax.device_put(host)
       if a.unsafe_buffer_pointer() != host.ctypes.data:
