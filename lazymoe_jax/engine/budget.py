@@ -226,7 +226,7 @@ def dense_sizes(store_dir: str, manifest: dict, spec: ModelSpec,
   tables = dense_tensors(store_dir, manifest)
   enc = encodings.get(dense_dtype) if dense_dtype is not None else None
   head_re = reencodes_head(manifest, tables, dense_dtype)
-  resident = embedding_store.CACHE_BYTES if stored_rows_read(manifest, spec, tables,
+  resident = embedding_store.HELD_BYTES if stored_rows_read(manifest, spec, tables,
                                                              dense_dtype) else 0
   peak = 0  # the most held at once: what is resident so far + the group being placed
   chunked = "tensors" in manifest["dense"]  # version 5: written in SAVE_CHUNK_BYTES chunks

@@ -119,10 +119,10 @@ class Forward:
     self.trace: Callable[[int, np.ndarray, jax.Array], None] | None = None
     self._cache_bytes: dict[int, int] = {}  # capacity -> one sequence's cache bytes
     # the whole decode step in one program (steps.decode_step) once the pool holds every
-    # expert: the pool's slot table on the device, rebuilt when the pool's version moves
+    # expert: the pool's slot table, rebuilt when the pool's version moves
     self.whole_step = True
     self.whole_steps = 0  # decode tokens that ran as one program (stats()["whole_steps"])
-    self._slot_table: tuple[int, jax.Array] | None = None
+    self._slot_table: tuple[int, np.ndarray] | None = None
 
   # ---- caches ------------------------------------------------------------------------------
   def new_cache(self, needed: int, limit: int) -> KVCache:
@@ -233,8 +233,8 @@ class Forward:
   def _whole_step_ready(self) -> bool:
     """Whether one decode token can run as steps.decode_step: every expert resident (nothing
     to read, nothing to prefetch), the native expert kernels for one token, the arena aliased
-    as one device array, and no observer of the routers (self.trace). Keeps the device's copy
-    of the pool's slot table current."""
+    as one device array, and no observer of the routers (self.trace). Keeps the copy of the
+    pool's slot table current."""
     if not (self.whole_step and self.trace is None and self.moe_order
             and self.pool.holds_all(self.moe_order)):
       return False
@@ -242,7 +242,8 @@ class Forward:
     if not kernels.native_for(enc, 1) or self.pool.arena_array() is None:
       return False
     if self._slot_table is None or self._slot_table[0] != self.pool.version:
-      self._slot_table = (self.pool.version, jnp.asarray(self.pool.slot_table(self.moe_order)))
+      # kept on the host (a few KB, copied in with each call): the device holds no state of it
+      self._slot_table = (self.pool.version, self.pool.slot_table(self.moe_order))
     return True
 
   def head_rows(self, x: jax.Array, n: int) -> np.ndarray:

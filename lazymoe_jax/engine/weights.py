@@ -104,7 +104,7 @@ class StoredRows:
 
   def __init__(self, table: embedding_store.EmbeddingTable):
     self.table = table
-    self.cached_bytes = embedding_store.CACHE_BYTES
+    self.cached_bytes = embedding_store.HELD_BYTES
 
   def __call__(self, ids: np.ndarray) -> jax.Array:
     return jax.numpy.asarray(self.table.rows(ids))  # [T, H] float32

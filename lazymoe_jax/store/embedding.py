@@ -5,12 +5,16 @@ STORE/embed/ is a tensorstore zarr3 array [vocab, hidden] in the checkpoint's fl
 sharded: a shard file holds SHARD_ROWS rows, read in inner chunks of CHUNK_ROWS rows (the
 unit of a read, ~92 KB for gpt-oss-120b) located through the shard's index. One call reads the
 rows of all its tokens at once (tensorstore issues the chunk reads together). The tensorstore
-cache pool holds the shard indices and the last chunks read, bounded by CACHE_BYTES, which the
-memory plan counts as dense memory (plan.dense_sizes).
+cache pool holds the shard indices and the last chunks read, bounded by CACHE_BYTES, and the
+table keeps the float32 rows it returned last, up to ROW_CACHE_BYTES (a decode token's row is
+then a dict lookup: a read through tensorstore costs ~0.4-0.9 ms even from the page cache,
+measured in BUILD_NOTES "session 11"); the memory plan counts both, HELD_BYTES, as dense memory
+(plan.dense_sizes).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +29,8 @@ EMBED_DIR = "embed"
 SHARD_ROWS = 1024  # rows per shard file (197 files for a 201,088-row vocabulary)
 CHUNK_ROWS = 16  # rows per read inside a shard: one row alone made writing 3x slower
 CACHE_BYTES = 8 << 20  # tensorstore cache pool: shard indices and recently read chunks
+ROW_CACHE_BYTES = 4 << 20  # the rows last returned, float32 (EmbeddingTable.rows)
+HELD_BYTES = CACHE_BYTES + ROW_CACHE_BYTES  # what reading rows holds in memory
 
 
 def zarr3_spec(path: str, shape=None, dtype: str | None = None) -> dict[str, Any]:
@@ -75,14 +81,27 @@ class EmbeddingTable:
                        f"{entry['shape']}; re-convert with --overwrite.")
     self.dtype = fmt.numpy_dtype(entry["dtype"])
     self.row_bytes = int(entry["shape"][1]) * self.dtype.itemsize
+    # token id -> float32 row, least recently returned first
+    self._recent: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+    self._recent_max = max(1, ROW_CACHE_BYTES // (int(entry["shape"][1]) * 4))
 
   def rows(self, ids: np.ndarray) -> np.ndarray:
     """float32 [len(ids), hidden]: the rows of `ids` (repeats allowed), read in one call."""
     ids = np.asarray(ids, np.int64).reshape(-1)
     uniq, inverse = np.unique(ids, return_inverse=True)
-    try:
-      got = self.array[uniq].read().result()
-    except Exception as e:  # pylint: disable=broad-except
-      raise StoreError(f"reading embedding rows failed ({e}); the store is damaged: re-convert "
-                       "with --overwrite.") from e
-    return got.astype(np.float32)[inverse]
+    recent = self._recent
+    missing = [int(i) for i in uniq if int(i) not in recent]
+    if missing:
+      try:
+        got = self.array[np.asarray(missing, np.int64)].read().result()
+      except Exception as e:  # pylint: disable=broad-except
+        raise StoreError(f"reading embedding rows failed ({e}); the store is damaged: "
+                         "re-convert with --overwrite.") from e
+      for i, row in zip(missing, got.astype(np.float32)):
+        recent[i] = row
+    out = np.stack([recent[int(i)] for i in uniq])
+    for i in uniq:
+      recent.move_to_end(int(i))
+    while len(recent) > self._recent_max:
+      recent.popitem(last=False)
+    return out[inverse]

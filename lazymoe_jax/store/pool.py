@@ -87,10 +87,11 @@ class ExpertPool:
         b.view(np.uint8).fill(0)  # touch now: page faults here, not in the decode loop
     self._arrays = [self._wrap(b) for b in self.buffers]
     self._layout = None  # layout(), computed once
-    self._arena_array = None  # the whole arena as one device array (arena_array), made on use
+    self._arena_array = None  # the whole arena as one device array (arena_array)
     first = self.buffers[0]["w_gate_up"]
     self.zero_copy = (self._arrays[0]["w_gate_up"].arrays[""].unsafe_buffer_pointer() ==
                       first.ctypes.data)
+    self._arena_array = self._alias_arena()  # made now: an alias, no memory of its own
     self.owner: list[tuple[int, int] | None] = [None] * num_slots
     self.version = 0  # counts changes of the table (slot_table's callers keep theirs until then)
     self.table: dict[tuple[int, int], int] = {}
@@ -133,15 +134,14 @@ class ExpertPool:
     """Every slot as one uint8 [bytes] device array aliasing the arena (no copy), for the
     programs that pick slots on the device (kernels.moe_ffn_pooled); None where device_put
     would copy it (its own memory: never on CPU, where aligned host memory is aliased)."""
-    if self._arena_array is None:
-      if not self.zero_copy:  # the slots' own device_put copied: so would this, the whole pool
-        return None
-      host = np.frombuffer(self._arena, np.uint8)
-      a = jax.device_put(host)
-      if a.unsafe_buffer_pointer() != host.ctypes.data:
-        return None
-      self._arena_array = a
     return self._arena_array
+
+  def _alias_arena(self) -> jax.Array | None:
+    if not self.zero_copy:  # the slots' own device_put copied: so would this, the whole pool
+      return None
+    host = np.frombuffer(self._arena, np.uint8)
+    a = jax.device_put(host)
+    return a if a.unsafe_buffer_pointer() == host.ctypes.data else None
 
   def layout(self) -> tuple[int, tuple[int, ...]]:
     """(slot bytes, byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
