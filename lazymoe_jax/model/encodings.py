@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 INT4_GROUPS = (32, 64, 128)
 MXFP4_BLOCK = 32
@@ -97,22 +98,23 @@ class Float(Encoding):
     return np.abs(np.asarray(w, np.float32)) * eps + tiny
 
   def matmul(self, arrays, x):
-    # Activations stay float32 (exact against the reference): 16-bit weights are upcast, one
-    # token by multiply-sum over the long axis (fused, no temporary), more by a product.
+    # Activations stay float32 (exact against the reference): 16-bit weights are upcast for
+    # one or two tokens, by multiply-sum over the long axis (fused, no temporary).
     a = arrays[""]
     t = x.shape[0]
     if self.name == "float32":
       return _dot(a, _pad_rows(x.astype(F32)))[:, :t].T
     if t <= 2:
       return jnp.stack([jnp.sum(a.astype(F32) * x[i][None, :], axis=-1) for i in range(t)])
-    # many tokens: upcasting the weight once is amortised; float16 always (its narrow range
-    # would overflow or flush the split parts of x). Not by blocks of rows as int8 / int4:
-    # slower for 16-bit weights (BUILD_NOTES "session 5").
-    if t > 16 or self.name == "float16":
-      return _dot(a.astype(F32), x.astype(F32)).T
-    # a few tokens: x split into three 16-bit parts (x = x0 + x1 + x2 to float32 precision),
-    # all multiplied in the weight's own dtype with float32 accumulation: faster than the
-    # upcast product and as exact (BUILD_NOTES "session 4").
+    # float16: the weight upcast (its narrow range would overflow or flush the split parts
+    # of x), with HIGHEST precision said outright: a dot of an upcast 16-bit operand is one
+    # XLA may run in 16 bits (BUILD_NOTES "session 12, the demo model on another CPU").
+    if self.name == "float16":
+      return _dot(a.astype(F32), x.astype(F32), HIGHEST).T
+    # bfloat16, more than two tokens: x split into three bf16 parts (x = x0 + x1 + x2 to
+    # float32 precision), all multiplied in bf16 with float32 accumulation. Each product is
+    # exact in float32 whatever kernel XLA picks; from 0.8x the upcast product's speed at
+    # small shapes to 2.4x at Mixtral's (BUILD_NOTES "session 4", "session 12").
     parts, rest = [], x.astype(F32)
     for _ in range(3):
       parts.append(rest.astype(a.dtype))
@@ -341,13 +343,14 @@ def _by_row_blocks(dequant, rows: int, cols: int, x: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, nb, body, jnp.zeros((rows, x.shape[0]), F32)).T
 
 
-def _dot(w: jax.Array, x: jax.Array) -> jax.Array:
+def _dot(w: jax.Array, x: jax.Array, precision=None) -> jax.Array:
   """w [O, C] . x [M, C] -> [O, M], contracting both minor axes (the weight as the left operand).
 
   Handing x over transposed ([C, M]) makes XLA pick a slow loop, 30x slower (BUILD_NOTES "Measurements moved out of the code").
   """
   pref = jnp.int32 if w.dtype == jnp.int8 else F32
-  return jax.lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=pref)
+  return jax.lax.dot_general(w, x, (((1,), (1,)), ((), ())), preferred_element_type=pref,
+                             precision=precision)
 
 
 def _pad_rows(x: jax.Array) -> jax.Array:

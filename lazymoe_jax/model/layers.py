@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lazymoe_jax.model.encodings import Weight
+from lazymoe_jax.model.encodings import HIGHEST, Weight
 from lazymoe_jax.model.spec import Activation, Attention, LatentAttention, Moe, Rope
 
 F32 = jnp.float32
@@ -174,11 +174,12 @@ def latent_attention(a: LatentAttention, kv, p: dict, x: jax.Array, pos: jax.Arr
   c = rms_norm(ckv[:, :r], p["kv_a_norm"], a.latent_norm_eps)
   q_r, k_r = apply_rope(a.rope, q[..., dn:], pos), apply_rope(a.rope, ckv[:, None, r:], pos)
   wkv_b = p["wkv_b"].astype(F32).reshape(h, dn + dv, r)
-  q_c = jnp.einsum("thn,hnr->thr", q[..., :dn], wkv_b[:, :dn])  # [T, H, R]
+  # HIGHEST: wkv_b may be an upcast 16-bit weight (encodings.Float.matmul says why)
+  q_c = jnp.einsum("thn,hnr->thr", q[..., :dn], wkv_b[:, :dn], precision=HIGHEST)  # [T, H, R]
   o_c, cache = cache_attend(kv, cache, jnp.concatenate([q_c, q_r], axis=-1),
                             jnp.concatenate([c[:, None, :], k_r], axis=-1), None, pos, window,
                             a.scale, batched, value_dim=r)  # [T, H, R]
-  o = jnp.einsum("thr,hvr->thv", o_c, wkv_b[:, dn:])  # [T, H, Dv]
+  o = jnp.einsum("thr,hvr->thv", o_c, wkv_b[:, dn:], precision=HIGHEST)  # [T, H, Dv]
   return linear(o.reshape(t, h * dv), p["wo"], p.get("bo")), cache
 
 

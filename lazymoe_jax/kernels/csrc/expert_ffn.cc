@@ -10,6 +10,7 @@
 // is written by one unit, and the result does not depend on the number of threads.
 #include <cmath>
 #include <memory>
+#include <utility>
 
 #include "ffi_common.h"
 
@@ -276,37 +277,38 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }  // namespace
 }  // namespace lazymoe
 
+namespace {
+// The attributes both handlers take first, in the order of set_attrs' parameters.
+template <typename Binding>
+auto moe_attrs(Binding&& b) {
+  return std::move(b)
+      .template Attr<int64_t>("enc")
+      .template Attr<int64_t>("group")
+      .template Attr<int64_t>("isa")
+      .template Attr<int64_t>("levels")
+      .template Attr<int64_t>("act")
+      .template Attr<float>("alpha")
+      .template Attr<float>("limit");
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LazymoeMoeFfn, lazymoe::MoeFfnImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [T, H]
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // weights [T, k]
-                                  .RemainingArgs()                         // per expert
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // [T, H]
-                                  .Attr<int64_t>("enc")
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("levels")
-                                  .Attr<int64_t>("act")
-                                  .Attr<float>("alpha")
-                                  .Attr<float>("limit")
+                              moe_attrs(xla::ffi::Ffi::Bind()
+                                            .Ctx<xla::ffi::ThreadPool>()
+                                            .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [T, H]
+                                            .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // weights [T, k]
+                                            .RemainingArgs()                         // per expert
+                                            .Ret<xla::ffi::Buffer<xla::ffi::F32>>())  // [T, H]
                                   .Attr<int64_t>("has_bias"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LazymoeMoeFfnPooled, lazymoe::MoeFfnPooledImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [T, H]
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // weights [T, k]
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // slots [k]
-                                  .Arg<xla::ffi::AnyBuffer>()              // arena uint8 [bytes]
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // [T, H]
-                                  .Attr<int64_t>("enc")
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("levels")
-                                  .Attr<int64_t>("act")
-                                  .Attr<float>("alpha")
-                                  .Attr<float>("limit")
+                              moe_attrs(xla::ffi::Ffi::Bind()
+                                            .Ctx<xla::ffi::ThreadPool>()
+                                            .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [T, H]
+                                            .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // weights [T, k]
+                                            .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // slots [k]
+                                            .Arg<xla::ffi::AnyBuffer>()  // arena uint8 [bytes]
+                                            .Ret<xla::ffi::Buffer<xla::ffi::F32>>())  // [T, H]
                                   .Attr<int64_t>("inter")
                                   .Attr<int64_t>("slot_bytes")
                                   .Attr<xla::ffi::Span<const int64_t>>("offsets"));
