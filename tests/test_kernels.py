@@ -275,3 +275,9 @@ def test_moe_ffn_pooled_equals_moe_ffn(isa, name, t):
     np.asarray(fn(arena, jnp.asarray([0, 4], jnp.int32), x, w))
   with pytest.raises(Exception, match="does not fit a slot"):
     np.asarray(kernels.moe_ffn_pooled(name, arena, (i, per_slot // 2, offsets), pick, x, w, act))
+  moved = (offsets[0] + 1,) + tuple(offsets[1:])  # not 4-byte aligned
+  with pytest.raises(Exception, match="not 4-byte aligned"):
+    np.asarray(kernels.moe_ffn_pooled(name, arena, (i, per_slot, moved), pick, x, w, act))
+  with pytest.raises(Exception, match="slots must name at least one expert"):
+    np.asarray(kernels.moe_ffn_pooled(name, arena, (i, per_slot, offsets),
+                                      jnp.zeros((0,), jnp.int32), x, w[:, :0], act))

@@ -38,6 +38,14 @@ def test_rows_from_the_store_equal_the_embedding(tiny_stores):
   ids = np.array([5, 0, 95, 5, 17, 64, 3])  # repeats, both ends, across inner chunks
   np.testing.assert_array_equal(table.rows(ids), ref[ids])
   np.testing.assert_array_equal(table.rows(np.arange(96)), ref)
+  # the rows kept between calls: at most _recent_max, each its own copy (no view keeping a
+  # whole read block alive), and still right when they are returned again
+  table._recent_max = 10  # pylint: disable=protected-access
+  table.rows(np.arange(96))
+  held = list(table._recent.values())  # pylint: disable=protected-access
+  assert len(held) == 10 and all(r.base is None and r.shape == (32,) for r in held)
+  np.testing.assert_array_equal(table.rows(ids[::-1]), ref[ids[::-1]])
+  np.testing.assert_array_equal(table.rows(np.arange(90, 96)), ref[90:])
   engine = lazymoe_jax.load(store, expert_slots=4)
   assert "embed" not in engine.forward.globals  # the table is not held
   np.testing.assert_array_equal(np.asarray(engine.forward.embed(ids)), ref[ids])

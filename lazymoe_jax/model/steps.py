@@ -176,7 +176,7 @@ def decode_step(spec: ModelSpec, kv, encoding: str, layout: tuple, ps: tuple, ta
   ids are looked up in `table` (int32 [MoE layers, experts], ExpertPool.slot_table) and the
   experts read from the pool's `arena` by kernels.moe_ffn_pooled. ps: every layer's params;
   layout: ExpertPool.layout(); x [1, H]. Returns (x, caches)."""
-  slot_bytes, offsets = layout
+  width, slot_bytes, offsets = layout
   act = spec.moe.act
   caches = list(caches)
   m = 0
@@ -187,7 +187,7 @@ def decode_step(spec: ModelSpec, kv, encoding: str, layout: tuple, ps: tuple, ta
       continue
     h, xn, caches[layer] = _attention_residual(spec, kv, window, p, x, pos, caches[layer])
     ids, weights = _route(spec.moe, p, xn)
-    routed = kernels.moe_ffn_pooled(encoding, arena, (spec.moe.width, slot_bytes, offsets),
+    routed = kernels.moe_ffn_pooled(encoding, arena, (width, slot_bytes, offsets),
                                     table[m, ids[0]], xn, weights, (act.kind, act.alpha, act.limit))
     x = h + (routed + _shared(spec.moe, shared_params(p), xn))
     m += 1

@@ -91,17 +91,23 @@ class EmbeddingTable:
     uniq, inverse = np.unique(ids, return_inverse=True)
     recent = self._recent
     missing = [int(i) for i in uniq if int(i) not in recent]
+    got: dict[int, np.ndarray] = {}
     if missing:
       try:
-        got = self.array[np.asarray(missing, np.int64)].read().result()
+        block = self.array[np.asarray(missing, np.int64)].read().result()
       except Exception as e:  # pylint: disable=broad-except
         raise StoreError(f"reading embedding rows failed ({e}); the store is damaged: "
                          "re-convert with --overwrite.") from e
-      for i, row in zip(missing, got.astype(np.float32)):
-        recent[i] = row
-    out = np.stack([recent[int(i)] for i in uniq])
-    for i in uniq:
-      recent.move_to_end(int(i))
+      got = dict(zip(missing, block.astype(np.float32)))
+    out = np.stack([recent[int(i)] if int(i) in recent else got[int(i)] for i in uniq])
+    # kept: at most _recent_max of the rows just returned, each its own copy (a view would
+    # keep the whole block read above alive, past ROW_CACHE_BYTES)
+    for i in uniq[-self._recent_max:]:
+      i = int(i)
+      if i in recent:
+        recent.move_to_end(i)
+      else:
+        recent[i] = got[i].copy()
     while len(recent) > self._recent_max:
       recent.popitem(last=False)
     return out[inverse]

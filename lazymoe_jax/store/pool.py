@@ -143,17 +143,23 @@ class ExpertPool:
     a = jax.device_put(host)
     return a if a.unsafe_buffer_pointer() == host.ctypes.data else None
 
-  def layout(self) -> tuple[int, tuple[int, ...]]:
-    """(slot bytes, byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
-    b_gate_up, b_down; -1 where absent): where kernels.moe_ffn_pooled finds a slot's arrays."""
+  def layout(self) -> tuple[int, int, tuple[int, ...]]:
+    """(expert width, slot bytes, byte offsets inside a slot of w_gate_up, its scale, w_down,
+    its scale, b_gate_up, b_down; -1 where absent): where kernels.moe_ffn_pooled finds a slot's
+    arrays. The width is the store's own (w_gate_up's rows / 2), so the kernel's extents follow
+    what the slots hold."""
     if self._layout is not None:
       return self._layout
     per_slot, offsets = slot_offsets(self.store.shapes, self.store.dtypes)
-    where = {(self.store.specs[n]["tensor"], self.store.specs[n]["suffix"]): o
-             for n, o in offsets.items()}
+    names = {(self.store.specs[n]["tensor"], self.store.specs[n]["suffix"]): n for n in offsets}
     keys = (("w_gate_up", ""), ("w_gate_up", "scale"), ("w_down", ""), ("w_down", "scale"),
             ("b_gate_up", ""), ("b_down", ""))
-    self._layout = per_slot, tuple(where.get(k, -1) for k in keys)
+    for key in keys[4:]:
+      if key in names and np.dtype(self.store.dtypes[names[key]]) != np.float32:
+        raise StoreError(f"expert bias {names[key]} is {self.store.dtypes[names[key]]}, the "
+                         "kernels read float32: re-convert the store with this version.")
+    width = int(self.store.shapes[names[keys[0]]][0]) // 2
+    self._layout = width, per_slot, tuple(offsets[names[k]] if k in names else -1 for k in keys)
     return self._layout
 
   def holds_all(self, layers: Sequence[int]) -> bool:

@@ -213,12 +213,18 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   MoeJob& jb = *job;
   std::string err = set_attrs(jb, enc, group, isa, levels, act, alpha, limit);
   if (!err.empty()) return failed("moe_ffn_pooled: " + err);
+  if (enc < kF32 || enc > kMXFP4)
+    return failed("moe_ffn_pooled: unknown encoding id " + std::to_string(enc));
   if (enc == kI4 && group != 32 && group != 64 && group != 128)
     return failed("moe_ffn_pooled: int4 group must be 32, 64 or 128");
   jb.t = xd[0];
   jb.h = xd[1];
   jb.k = sd[0];
   jb.inter = inter;
+  if (jb.k <= 0) return failed("moe_ffn_pooled: slots must name at least one expert");
+  constexpr int64_t kMaxWidth = int64_t(1) << 24;  // as read_weight's column limit
+  if (jb.h > kMaxWidth || inter > kMaxWidth)
+    return failed("moe_ffn_pooled: expert sizes out of range");
   if (wd.size() != 2 || wd[0] != jb.t || wd[1] != jb.k)
     return failed("moe_ffn_pooled: weights must be [T, k] = [" + std::to_string(jb.t) + ", " +
                   std::to_string(jb.k) + "], got " + dims_str(wd));
@@ -242,10 +248,13 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if ((offsets[5] >= 0) != has_bias) return failed("moe_ffn_pooled: give both biases, or none");
   for (int a = 0; a < 6; ++a) {
     const bool need = a == 0 || a == 2 || ((a == 1 || a == 3) && scaled) || (a >= 4 && has_bias);
-    if (need && (offsets[a] < 0 || offsets[a] + size[a] > slot_bytes))
+    // written as size > room so that no sum can overflow; 4-byte aligned for the float
+    // scales and biases (the pool aligns every array to a page)
+    if (need && (offsets[a] < 0 || offsets[a] % 4 || offsets[a] > slot_bytes ||
+                 size[a] > slot_bytes - offsets[a]))
       return failed("moe_ffn_pooled: array " + std::to_string(a) + " at offset " +
                     std::to_string(offsets[a]) + " does not fit a slot of " +
-                    std::to_string(slot_bytes) + " bytes");
+                    std::to_string(slot_bytes) + " bytes (or is not 4-byte aligned)");
   }
   const int64_t num_slots = slot_bytes > 0 ? arena.dimensions()[0] / slot_bytes : 0;
   const uint8_t* base = static_cast<const uint8_t*>(arena.untyped_data());
@@ -253,7 +262,8 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t j = 0; j < jb.k; ++j) {
     if (sl[j] < 0 || sl[j] >= num_slots)
       return failed("moe_ffn_pooled: slot " + std::to_string(sl[j]) + " of expert " +
-                    std::to_string(j) + " is outside the pool's " + std::to_string(num_slots));
+                    std::to_string(j) + " is outside the pool's " + std::to_string(num_slots) +
+                    " slots");
     const uint8_t* s0 = base + int64_t(sl[j]) * slot_bytes;
     Weight g, d;
     g.enc = d.enc = int(enc);
