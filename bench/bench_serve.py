@@ -2,7 +2,7 @@ r"""The server under concurrent streams: aggregate decode tok/s, bytes read per 
 time to first token per stream, for 1, 2, 4, 8 and 16 concurrent streaming clients.
 
   python -m bench.bench_serve [--model=STORE_DIR] [--memory_budget_gb=2 | --expert_slots=N] \
-      [--streams=1,2,4,8,16] [--max_tokens=64] [--port=0] [--cgroup_gb=2]
+      [--streams=1,2,4,8,16] [--max_tokens=64] [--max_context=N] [--port=0] [--cgroup_gb=2]
 
 Starts `python -m lazymoe_jax.serve` on 127.0.0.1 (a free port) with --parallel = the most
 streams, waits for /health, runs one unmeasured round (compilation), then for each stream
@@ -56,6 +56,8 @@ flags.DEFINE_integer("port", 0, "Port (0: a free one).")
 flags.DEFINE_float("cgroup_gb", None, "Run the server under a cgroup v1 memory cap of this many "
                    "GB (1e9 bytes; needs root).")
 flags.DEFINE_integer("prefill_chunk", 64, "Passed to the server.")
+flags.DEFINE_integer("max_context", None, "Passed to the server (positions per sequence; the "
+                     "KV cache of --parallel sequences is planned for it).")
 FLAGS = flags.FLAGS
 
 
@@ -127,6 +129,8 @@ def main(argv) -> None:
     args.append(f"--memory_budget_gb={FLAGS.memory_budget_gb}")
   if FLAGS.expert_slots:
     args.append(f"--expert_slots={FLAGS.expert_slots}")
+  if FLAGS.max_context:
+    args.append(f"--max_context={FLAGS.max_context}")
   prompts = _prompts(FLAGS.model)
   with contextlib.ExitStack() as stack:
     cg = None
