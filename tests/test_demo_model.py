@@ -19,6 +19,20 @@ def demo(demo_store):
   return engine, np.array(engine.tokenizer.encode(text))
 
 
+def _cpu() -> str:
+  """The CPU's model name and its AMX / AVX512-BF16 flags: XLA's dot kernels differ by CPU
+  (BUILD_NOTES "session 12, the demo model on another CPU"), so a failure says where it ran."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      info = f.read()
+  except OSError:
+    return "an unknown CPU"
+  name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+              "?")
+  flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+  return f"{name} ({', '.join(f for f in flags if f in ('amx_bf16', 'avx512_bf16')) or 'no bf16 dot'})"
+
+
 def test_shipped_files_are_small_and_complete():
   files = set(os.listdir(default_model.DEMO_DIR))
   assert {"config.json", "model.safetensors", "tokenizer.model"} <= files
@@ -35,7 +49,7 @@ def test_matches_transformers_mixtral(demo):
   with torch.no_grad():
     ref = model(torch.tensor(window)[None]).logits[0].numpy()
   diff = np.abs(engine.logits(window) - ref).max()
-  print(f"demo model: max |logit diff| vs transformers = {diff:.2e}")
+  print(f"demo model: max |logit diff| vs transformers = {diff:.2e} on {_cpu()}")
   assert diff <= 1e-4
   prompt = engine.tokenizer.encode("def fibonacci(n):\n    ")
   with torch.no_grad():
