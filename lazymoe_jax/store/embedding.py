@@ -90,7 +90,8 @@ class EmbeddingTable:
     ids = np.asarray(ids, np.int64).reshape(-1)
     uniq, inverse = np.unique(ids, return_inverse=True)
     recent = self._recent
-    missing = [int(i) for i in uniq if int(i) not in recent]
+    uniq_ids = [int(i) for i in uniq]
+    missing = [i for i in uniq_ids if i not in recent]
     got: dict[int, np.ndarray] = {}
     if missing:
       try:
@@ -99,11 +100,10 @@ class EmbeddingTable:
         raise StoreError(f"reading embedding rows failed ({e}); the store is damaged: "
                          "re-convert with --overwrite.") from e
       got = dict(zip(missing, block.astype(np.float32)))
-    out = np.stack([recent[int(i)] if int(i) in recent else got[int(i)] for i in uniq])
+    out = np.stack([recent[i] if i in recent else got[i] for i in uniq_ids])
     # kept: at most _recent_max of the rows just returned, each its own copy (a view would
     # keep the whole block read above alive, past ROW_CACHE_BYTES)
-    for i in uniq[-self._recent_max:]:
-      i = int(i)
+    for i in uniq_ids[-self._recent_max:]:
       if i in recent:
         recent.move_to_end(i)
       else:
