@@ -65,8 +65,9 @@ class Cycle:
     return self.items[self.i]
 
 
-def numpy_reference(w_gu: np.ndarray, w_d: np.ndarray, seconds: float) -> dict:
-  """numpy f32: matrix-vector bytes/s (both matrices) and GFLOP/s at 8 and 64 tokens."""
+def numpy_reference(w_gu: np.ndarray, w_d: np.ndarray, seconds: float, gemms: bool = True) -> dict:
+  """numpy f32: matrix-vector bytes/s (both matrices) and GFLOP/s at 8 and 64 tokens (unless
+  not `gemms`)."""
   h = w_gu.shape[1]
   ws = Cycle(lambda: (w_gu.copy(), w_d.copy()), w_gu.nbytes + w_d.nbytes)
   x1 = np.random.default_rng(1).standard_normal(h, dtype=np.float32)
@@ -77,7 +78,7 @@ def numpy_reference(w_gu: np.ndarray, w_d: np.ndarray, seconds: float) -> dict:
     return a @ x1, b @ xi
   t = timeit(gemv, seconds)
   out = {"gemv_GBps": (w_gu.nbytes + w_d.nbytes) / t / 1e9}
-  for m in (8, 64):
+  for m in (8, 64) if gemms else ():
     xm = np.random.default_rng(3).standard_normal((m, h), dtype=np.float32)
     xim = np.random.default_rng(4).standard_normal((m, w_d.shape[1]), dtype=np.float32)
 

@@ -1,14 +1,18 @@
 r"""Native kernels vs the XLA path vs numpy float32, one expert FFN per encoding, one run.
 
   python -m bench.bench_native [--shapes=mixtral,qwen3,gptoss] [--encodings=...] [--seconds=1]
-      [--tokens=1,8,64] [--isa=avx2]
+      [--tokens=1,8,64] [--isa=avx2] [--experts=1|family]
 
 For each expert shape (hidden x expert width) and encoding: the engine's jitted XLA SwiGLU
-(the encoding's own XLA products) and kernels.moe_ffn with one expert
-(weight 1), for 1 token (weight bytes per second, ratio to numpy's float32 gemv bandwidth on
+(the encoding's own XLA products) and the native expert kernel as the decode step runs it,
+kernels.moe_ffn_pooled over experts laid out in an arena of pool slots (store/pool.py's
+slot_offsets), with one expert a call (weight 1) — or, with --experts=family, the family's
+top-k experts in one call, as a decode step makes it (Mixtral 2, Qwen3 8, gpt-oss 4) — for 1 token (weight bytes per second, ratio to numpy's float32 gemv bandwidth on
 the same weights) and for more tokens (GFLOP/s, ratio to numpy's float32 matrix product).
 Every side cycles through copies of the weights totalling 768 MB, so each call streams them
-from DRAM. Medians after a warm-up; the machine is shared, so repeat and interleave.
+from DRAM. Medians after a warm-up; the machine is shared, so repeat and interleave. The
+one-token ratio divides by a numpy gemv measured again just before each encoding's run (the
+memory bandwidth of these VMs moves by up to 1.5x within minutes).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.bench_kernels import SHAPES, encoded_copies, numpy_reference, random_expert, timeit
+from bench.bench_kernels import (COLD_BYTES, SHAPES, encoded_copies, numpy_reference,
+                                 random_expert, timeit)
 from lazymoe_jax import kernels
 from lazymoe_jax.model import encodings, layers
+from lazymoe_jax.store import pool
 
 
 def define_flags() -> None:
@@ -35,6 +41,12 @@ def define_flags() -> None:
   flags.DEFINE_string("isa", None, "Force a native variant (LAZYMOE_KERNELS_ISA).")
   flags.DEFINE_bool("xla", True, "Also time the XLA path.")
   flags.DEFINE_string("json", None, "Also write the rows here.")
+  flags.DEFINE_string("experts", "1", "Experts per call: a number, or 'family' (the shape's "
+                      "top-k, FAMILY_K).")
+
+
+# Experts a token routes to in each shape's family (a layer's experts go in one call).
+FAMILY_K = {"mixtral": 2, "qwen3": 8, "gptoss": 4, "synth": 2}
 
 
 FLAGS = flags.FLAGS
@@ -48,51 +60,84 @@ def _xla_swiglu(enc, gu: dict, dn: dict, x):
   return enc.matmul(dn, layers.activate(layers.SILU, g[:, :i], g[:, i:]))
 
 
+def pooled_experts(enc_name: str, w_gu: np.ndarray, w_d: np.ndarray, k: int):
+  """(jitted fn(slots, x, weights), the next k slots' index array each call, bytes of one
+  expert): copies of the encoded expert in an arena of pool slots totalling COLD_BYTES, as
+  ExpertPool lays them out; each call takes the next k slots, so every call streams from DRAM."""
+  enc = encodings.get(enc_name)
+  gu, dn = enc.encode(w_gu), enc.encode(w_d)
+  arrays = {f"w_gate_up.{n}": a for n, a in gu.items()} | {f"w_down.{n}": a for n, a in dn.items()}
+  per_slot, offsets = pool.slot_offsets({n: a.shape for n, a in arrays.items()},
+                                        {n: a.dtype for n, a in arrays.items()})
+  num = max(k + 1, -(-COLD_BYTES // per_slot))
+  arena = np.zeros((num, per_slot), np.uint8)
+  for n, off in offsets.items():
+    raw = np.ascontiguousarray(arrays[n]).reshape(-1).view(np.uint8)
+    arena[:, off:off + raw.size] = raw
+  arena = jnp.asarray(arena.reshape(-1))
+  layout = (w_d.shape[1], per_slot, tuple(offsets.get(n, -1) for n in (
+      "w_gate_up.", "w_gate_up.scale", "w_down.", "w_down.scale", "b_gate_up.", "b_down.")))
+  fn = jax.jit(lambda s, x, w: kernels.moe_ffn_pooled(enc_name, arena, layout, s, x, w))
+  picks = [jnp.asarray([(c * k + j) % num for j in range(k)], jnp.int32) for c in range(num)]
+  state = {"i": 0}
+
+  def next_slots():
+    state["i"] = (state["i"] + 1) % len(picks)
+    return picks[state["i"]]
+  nbytes = sum(a.nbytes for a in arrays.values())
+  return fn, next_slots, nbytes
+
+
 def bench_shape(name: str, hidden: int, inter: int, encs: list[str], tokens: list[int],
-                seconds: float, with_xla: bool) -> list[dict]:
+                seconds: float, with_xla: bool, k: int = 1) -> list[dict]:
   rng = np.random.default_rng(0)
   w_gu, w_d = random_expert(hidden, inter, rng)
   ref = numpy_reference(w_gu, w_d, seconds)  # gemv and 8 / 64-token products
   flops = 2 * (w_gu.size + w_d.size)
   print(f"\n{name}: hidden {hidden}, expert width {inter} | numpy f32: gemv "
         f"{ref['gemv_GBps']:.1f} GB/s, 8 tok {ref['gemm8_GFLOPs']:.1f}, 64 tok "
-        f"{ref['gemm64_GFLOPs']:.1f} GFLOP/s | native isa {kernels.isa()}")
+        f"{ref['gemm64_GFLOPs']:.1f} GFLOP/s | native isa {kernels.isa()}, {k} expert(s) a call")
   rows = []
   for enc_name in encs:
     enc = encodings.get(enc_name)
-    experts, nbytes = encoded_copies(enc, w_gu, w_d)
+    nat_fn, next_slots, nbytes = pooled_experts(enc_name, w_gu, w_d, k)
+    experts = encoded_copies(enc, w_gu, w_d)[0] if with_xla else None
     xla_fn = jax.jit(lambda gu, dn, x, enc=enc: _xla_swiglu(enc, gu, dn, x))
-    nat_fn = jax.jit(lambda gu, dn, x, w, e=enc_name: kernels.moe_ffn(
-        e, ({"w_gate_up": gu, "w_down": dn},), x, w))
-    row = {"shape": name, "encoding": enc_name, "expert_MB": nbytes / 1e6, "isa": kernels.isa()}
+    nbytes *= k  # per call: k distinct slots, as k routed experts
+    row = {"shape": name, "encoding": enc_name, "expert_MB": nbytes / 1e6 / k, "isa": kernels.isa(),
+           "experts_per_call": k}
     line = [f"  {enc_name:9s} {nbytes / 1e6:7.1f} MB"]
+    gemv = ref["gemv_GBps"]
+    if 1 in tokens and enc_name != encs[0]:  # the adjacent reference (the first has the shape's)
+      gemv = numpy_reference(w_gu, w_d, seconds, gemms=False)["gemv_GBps"]
+    row["numpy_gemv_adjacent_GBps"] = gemv
     for m in tokens:
       x = jnp.asarray(rng.standard_normal((m, hidden), dtype=np.float32))
-      w1 = jnp.ones((m, 1), jnp.float32)
-      sides = {"native": lambda: nat_fn(*experts.next(), x, w1).block_until_ready()}
+      w1 = jnp.ones((m, k), jnp.float32)
+      sides = {"native": lambda: nat_fn(next_slots(), x, w1).block_until_ready()}
       if with_xla:
         sides["xla"] = lambda: xla_fn(*experts.next(), x).block_until_ready()
       for side, fn in sides.items():
         t = timeit(fn, seconds)
         if m == 1:
-          row[f"{side}_tok1_GBps"] = nbytes / t / 1e9
-          row[f"{side}_tok1_ratio"] = row[f"{side}_tok1_GBps"] / ref["gemv_GBps"]
+          row[f"{side}_tok1_GBps"] = (nbytes if side == "native" else nbytes / k) / t / 1e9
+          row[f"{side}_tok1_ratio"] = row[f"{side}_tok1_GBps"] / gemv
         else:
-          row[f"{side}_tok{m}_GFLOPs"] = m * flops / t / 1e9
+          row[f"{side}_tok{m}_GFLOPs"] = m * flops * (k if side == "native" else 1) / t / 1e9
           key = f"gemm{m}_GFLOPs"
           if key in ref:
             row[f"{side}_tok{m}_ratio"] = row[f"{side}_tok{m}_GFLOPs"] / ref[key]
       for side in sides:
         if m == 1:
           line.append(f"1 tok {side} {row[f'{side}_tok1_GBps']:5.1f} GB/s "
-                      f"({row[f'{side}_tok1_ratio']:.2f}x)")
+                      f"({row[f'{side}_tok1_ratio']:.2f}x numpy's {gemv:.1f})")
         else:
           r = row.get(f"{side}_tok{m}_ratio")
           line.append(f"{m} tok {side} {row[f'{side}_tok{m}_GFLOPs']:6.1f} GFLOP/s" +
                       (f" ({r:.2f}x)" if r is not None else ""))
     print(" | ".join(line), flush=True)
     rows.append({**row, **{f"numpy_{k}": v for k, v in ref.items()}})
-    experts = None
+    experts = nat_fn = None
   return rows
 
 
@@ -105,7 +150,8 @@ def main(argv) -> None:
   tokens = [int(t) for t in FLAGS.tokens]
   rows = []
   for name in FLAGS.shapes:
-    rows += bench_shape(name, *SHAPES[name], FLAGS.encodings, tokens, FLAGS.seconds, FLAGS.xla)
+    k = FAMILY_K[name] if FLAGS.experts == "family" else int(FLAGS.experts)
+    rows += bench_shape(name, *SHAPES[name], FLAGS.encodings, tokens, FLAGS.seconds, FLAGS.xla, k)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(rows, f, indent=1)

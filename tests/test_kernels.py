@@ -142,6 +142,27 @@ def test_moe_ffn_equals_xla(isa, name, act, t):
   assert np.max(np.abs(y - ref)) <= MOE_REL[name] * np.max(np.abs(ref))
 
 
+@pytest.mark.skipif("avx2-vnni" not in ISAS, reason="this CPU has no AVX512-VL + VNNI")
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g64", "int4-g128", "mxfp4"])
+@pytest.mark.parametrize("t", [1, 2, 3, 8, 64])
+def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
+  """avx2-vnni changes only the integer dot of the int4 / mxfp4 loops (vpdpbusd for vpmaddubsw
+  + vpmaddwd), which gives the same int32 sums: outputs must be equal bit for bit."""
+  rng = np.random.default_rng(t + 7)
+  h, i = (288, 160) if name in ("int4-g32", "mxfp4") else (384, 256)
+  exs = _experts(name, h, i, 2, rng, bias=name == "mxfp4")
+  x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32))
+  w = jnp.asarray(rng.random((t, 2), dtype=np.float32))
+  act = ACTS["clamped_swiglu" if name == "mxfp4" else "silu"]
+  out = {}
+  for variant in ("avx2", "avx2-vnni"):
+    monkeypatch.setenv("LAZYMOE_KERNELS_ISA", variant)
+    out[variant] = (np.asarray(_moe(name, exs, x, w, act)),
+                    _linear(name, exs[0]["w_down"], x[:, :i] * 3.0))
+  for a, b in zip(out["avx2"], out["avx2-vnni"]):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["bfloat16", "int8", "int4-g32", "mxfp4"])
 def test_moe_ffn_many_tokens(isa, name):
   """The kernel itself at 64 tokens (the engine sends bf16, int4 and mxfp4 groups of up to 64

@@ -8,7 +8,7 @@ is read when a program is traced.
 
   LAZYMOE_KERNELS      native | xla   (default: native when the library loaded, else xla with
                                        a one-line warning; native without it is an error)
-  LAZYMOE_KERNELS_ISA  portable | avx2 | avx512  (default: the best this CPU runs; forcing a
+  LAZYMOE_KERNELS_ISA  portable | avx2 | avx2-vnni | avx512  (default: the best this CPU runs; forcing a
                                        lower one is how the tests cover every variant)
 
 Activations are quantised to int8 for the integer weight encodings (one int8 step per token
@@ -30,12 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx2-vnni": 3}
 # Variants chosen by default when the CPU has them. The AVX-512 variant compiles but has not
 # yet been run on an AVX-512 machine (the one it was written on turned out to have none):
 # it runs only when asked for (LAZYMOE_KERNELS_ISA=avx512) until tests/test_kernels.py has
 # passed on such a CPU (BUILD_NOTES.md, "Native kernels").
-DEFAULT_ISAS = ("portable", "avx2")
+# avx2-vnni is the AVX2 kernels with vpdpbusd on ymm in the int4 / mxfp4 loops, where the
+# CPU has AVX512-VL + VNNI: the same integer sums, faster (BUILD_NOTES "session 13").
+DEFAULT_ISAS = ("portable", "avx2", "avx2-vnni")
 _ENC_IDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3, "mxfp4": 4}
 ENCODINGS = ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128", "mxfp4")
 # int8 steps of the activation for integer weights: two levels (value + residual) for int8
@@ -131,7 +133,9 @@ def isa() -> str:
   name = os.environ.get("LAZYMOE_KERNELS_ISA", "").strip().lower()
   if not name:
     best = {v: k for k, v in ISAS.items()}[lib.lazymoe_best_isa()]
-    return best if best in DEFAULT_ISAS else "avx2"
+    if best in DEFAULT_ISAS:
+      return best
+    return "avx2-vnni" if lib.lazymoe_isa_supported(ISAS["avx2-vnni"]) else "avx2"
   if name not in ISAS:
     raise ValueError(f"LAZYMOE_KERNELS_ISA={name!r}: choose one of {list(ISAS)}.")
   if not lib.lazymoe_isa_supported(ISAS[name]):

@@ -312,7 +312,7 @@ const AttnOps kAvx2Ops = {scores_kd_avx2, scores_sd_avx2, accum_sd_avx2, accum_d
 
 const AttnOps& attn_ops(int isa) {
 #ifdef LAZYMOE_X86
-  if (isa == kAvx2 || isa == kAvx512) return kAvx2Ops;
+  if (avx2_family(isa) || isa == kAvx512) return kAvx2Ops;
 #endif
   (void)isa;
   return kPortableOps;

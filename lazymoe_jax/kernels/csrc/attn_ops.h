@@ -31,7 +31,7 @@ struct AttnOps {
   void (*unpack4)(const uint8_t* bytes, int n, uint8_t* idx);
 };
 
-// The table of variant `isa` (kPortable, kAvx2, kAvx512 of rowdot.h).
+// The table of variant `isa` (rowdot.h's Isa; every x86 variant takes the AVX2 table).
 const AttnOps& attn_ops(int isa);
 
 }  // namespace lazymoe

@@ -2,12 +2,15 @@
 //   out = sum_j weights[:, j] * (W_down_j act(W_gate_up_j x + b_gate_up_j) + b_down_j)
 // with w_gate_up [2I, H] (gate rows, then up rows), w_down [H, I], in one encoding.
 //
-// Work split in three claimed phases (run_phases): (1) row chunks of every expert's gate and
+// Work split in four claimed phases (run_phases): (1) row chunks of every expert's gate and
 // up products, each finished by the activation into the expert's hidden row [T, I]; (2) the
 // hidden rows prepared for the down product, one unit per expert, over the whole expert width;
-// (3) chunks of output rows, each summing its rows over the k experts' down products. Every
-// worker reads whole weight rows (the hardware prefetchers follow them), each output element
-// is written by one unit, and the result does not depend on the number of threads.
+// (3) row chunks of every expert's down product (plus its bias) into the expert's own output
+// [T, H]; (4) chunks of output rows, each the weighted sum of its rows over the k experts in
+// order. Units of (1) and (3) follow the experts' weights in memory order, so a worker's
+// share of a phase is one stream per expert (run_phases; reading each output chunk across
+// the k experts, as (3) did before, made k short streams per unit). Each output element is
+// written by one unit, and the result does not depend on the number of threads.
 #include <cmath>
 #include <memory>
 #include <utility>
@@ -30,7 +33,8 @@ struct MoeJob {
   Act ax;                          // x prepared for the gate_up rows
   std::vector<std::vector<float>> hid;  // per expert [T, I]
   std::vector<Act> ah;                  // hid prepared for the down rows
-  int64_t chunk_i = 0, chunk_o = 0, units_i = 0;
+  std::vector<std::vector<float>> ydn;  // per expert [T, H]: its down product plus bias
+  int64_t chunk_i = 0, chunk_o = 0, units_i = 0, units_o = 0, chunk_s = 0;
 
   // Phase 1 unit u: gate / up rows [i0, i1) of expert u / units_i, then the activation.
   void gate_up(int64_t u) {
@@ -62,20 +66,27 @@ struct MoeJob {
     prepare(ah[j], isa, enc, group, levels, hid[j].data(), inter, int(t), 0, inter);
   }
 
-  // Phase 3 unit u: output rows [o0, o1), the weighted sum over the experts and their biases.
+  // Phase 3 unit u: down rows [o0, o1) of expert u / units_o, plus its bias.
   void down(int64_t u) {
-    const int64_t o0 = u * chunk_o, o1 = std::min(h, o0 + chunk_o), n = o1 - o0;
-    std::vector<float> yd(t * n);
-    for (int64_t tt = 0; tt < t; ++tt)
-      std::fill(out + tt * h + o0, out + tt * h + o1, 0.0f);
-    for (int64_t j = 0; j < k; ++j) {
-      rows(dn[j], ah[j], o0, o1, yd.data(), n);
-      for (int64_t tt = 0; tt < t; ++tt) {
+    const int64_t j = u / units_o, o0 = (u % units_o) * chunk_o;
+    const int64_t o1 = std::min(h, o0 + chunk_o), n = o1 - o0;
+    float* yd = ydn[j].data();
+    rows(dn[j], ah[j], o0, o1, yd + o0, h);
+    if (b_dn[j])
+      for (int64_t tt = 0; tt < t; ++tt)
+        for (int64_t o = 0; o < n; ++o) yd[tt * h + o0 + o] += b_dn[j][o0 + o];
+  }
+
+  // Phase 4 unit u: output rows [o0, o1), the weighted sum over the experts in order.
+  void sum(int64_t u) {
+    const int64_t o0 = u * chunk_s, o1 = std::min(h, o0 + chunk_s);
+    for (int64_t tt = 0; tt < t; ++tt) {
+      float* y = out + tt * h;
+      std::fill(y + o0, y + o1, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
         const float wj = weights[tt * k + j];
-        float* y = out + tt * h + o0;
-        const float* d = yd.data() + tt * n;
-        const float* bd = b_dn[j] ? b_dn[j] + o0 : nullptr;
-        for (int64_t o = 0; o < n; ++o) y[o] += wj * (bd ? d[o] + bd[o] : d[o]);
+        const float* d = ydn[j].data() + tt * h;
+        for (int64_t o = o0; o < o1; ++o) y[o] += wj * d[o];
       }
     }
   }
@@ -171,16 +182,21 @@ ffi::Future launch(ffi::ThreadPool pool, std::shared_ptr<MoeJob> job, const floa
   }
   prepare(jb.ax, jb.isa, jb.enc, jb.gu[0].group, jb.levels, x, jb.h, int(jb.t), 0, jb.h);
   const int parts = num_parts(pool, 3.0 * double(jb.inter) * jb.h * jb.k * jb.t);
-  // units of ~256K weights: gate + up rows of H columns; output rows of k x I columns
+  // units of ~256K weights: gate + up rows of H columns; down rows of I columns; output rows
+  // of k x T sums (~64K)
   jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * jb.t, 262144.0, 16);
-  jb.chunk_o = rows_per_unit(jb.h, double(jb.k) * jb.inter * jb.t, 262144.0, 4);
+  jb.chunk_o = rows_per_unit(jb.h, double(jb.inter) * jb.t, 262144.0, 4);
+  jb.chunk_s = rows_per_unit(jb.h, double(jb.k) * jb.t, 65536.0, 16);
   jb.units_i = (jb.inter + jb.chunk_i - 1) / jb.chunk_i;
+  jb.units_o = (jb.h + jb.chunk_o - 1) / jb.chunk_o;
   jb.hid.assign(jb.k, std::vector<float>(size_t(jb.t * jb.inter)));
   jb.ah.resize(jb.k);
-  std::vector<Phase> phases(3);
+  jb.ydn.assign(jb.k, std::vector<float>(size_t(jb.t * jb.h)));
+  std::vector<Phase> phases(4);
   phases[0] = {jb.k * jb.units_i, [job](int64_t u) { job->gate_up(u); }};
   phases[1] = {jb.k, [job](int64_t j) { job->prepare_down(j); }};
-  phases[2] = {(jb.h + jb.chunk_o - 1) / jb.chunk_o, [job](int64_t u) { job->down(u); }};
+  phases[2] = {jb.k * jb.units_o, [job](int64_t u) { job->down(u); }};
+  phases[3] = {(jb.h + jb.chunk_s - 1) / jb.chunk_s, [job](int64_t u) { job->sum(u); }};
   return run_phases(pool, parts, std::move(phases), [] {});
 }
 

@@ -20,7 +20,11 @@
 namespace lazymoe {
 
 enum Enc : int { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kMXFP4 = 4 };
-enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx2Vnni: the AVX2 kernels with vpdpbusd on ymm (AVX512-VL + VNNI) in the int4 / mxfp4
+// loops, the same integer sums (rowdot.cc, dot_u8s8).
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx2Vnni = 3 };
+// The variants that read Act::avx2 and run the AVX2 kernels (and AVX2 attention).
+inline bool avx2_family(int isa) { return isa == kAvx2 || isa == kAvx2Vnni; }
 
 // IEEE float16 bits to float32 (int4 group scales, TurboQuant norms).
 inline float half_to_float(uint16_t h) {
@@ -71,7 +75,7 @@ struct Weight {
 
 // What the AVX2 kernels read instead of Act's own codes (rowdot.cc): int4 / mxfp4 codes and
 // corrections reordered to the lanes of their unpacks / horizontal adds; int16 activations
-// for int8 weights. Built in prepare() for isa kAvx2, once per activation.
+// for int8 weights. Built in prepare() for the AVX2 family, once per activation.
 struct Avx2Form {
   std::vector<int8_t> q;      // int4: [M][G/4][n32][4], groups in kI4Perm order per 32
   std::vector<int32_t> init;  // int4: [M][n32]; mxfp4: [M][nb8], blocks in kMxPerm order per 8
@@ -95,7 +99,7 @@ struct Act {
   int64_t ldi = 0;
   std::vector<float> scale;   // [M]: the int8 step of each row
   int isa = kPortable;        // the variant it was prepared for
-  Avx2Form avx2;              // isa kAvx2 only
+  Avx2Form avx2;              // the AVX2 family only
 };
 
 // Prepares `a` for the kernels of variant isa and weights of encoding enc (group G for int4)
