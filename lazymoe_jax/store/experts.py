@@ -366,19 +366,20 @@ class ExpertStore:
     """Waits for a started read (every chunk of it, before judging any); returns bytes read.
     Any failure is a StoreError naming the chunk file; a cancelled guess raises Cancelled."""
     layer, expert, futures = handle[:3]
-    row = self.row[layer]
-    errors = {}
-    for name, fut in futures.items():
-      try:
-        fut.result()
-      except Exception as e:  # pylint: disable=broad-except
-        errors[name] = e
-    if any(isinstance(e, Cancelled) for e in errors.values()):
+    # every chunk waited for first. A failure is raised as a new exception, never the one the
+    # future holds: raising that one here would add this frame to its traceback, and the
+    # future (referenced from this frame) holding it would make a reference cycle that keeps
+    # this frame's callers alive (the decode step: its activations, the batch's KV stack)
+    # until the garbage collector finds it (BUILD_NOTES "The server's memory beyond its plan")
+    concurrent.futures.wait(list(futures.values()))
+    failed = {name: fut.exception() for name, fut in futures.items()
+              if fut.exception() is not None}
+    if any(isinstance(e, Cancelled) for e in failed.values()):
       raise Cancelled
-    for name, e in errors.items():
+    for name, e in failed.items():
       if isinstance(e, StoreError):
-        raise e
-      path = self.chunk_path(name, row, expert)
+        raise StoreError(str(e)) from e.__cause__
+      path = self.chunk_path(name, self.row[layer], expert)
       raise StoreError(f"reading expert {expert} of layer {layer} failed at {path}: {e}. The "
                        "store is damaged: re-convert with --overwrite.") from e
     return self.bytes_per_expert
