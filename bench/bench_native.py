@@ -83,7 +83,8 @@ def timeit_pair(fa, fb, seconds: float, rounds: int = 4) -> tuple[float, float]:
 def pooled_experts(enc_name: str, w_gu: np.ndarray, w_d: np.ndarray, k: int):
   """(jitted fn(slots, x, weights), the next k slots' index array each call, bytes of one
   expert): copies of the encoded expert in an arena of pool slots totalling COLD_BYTES, as
-  ExpertPool lays them out; each call takes the next k slots, so every call streams from DRAM."""
+  ExpertPool lays them out (the base XLA-aligned, not page-aligned as the pool's mapping); each
+  call takes the next k slots, so every call streams from DRAM."""
   enc = encodings.get(enc_name)
   gu, dn = enc.encode(w_gu), enc.encode(w_d)
   arrays = {f"w_gate_up.{n}": a for n, a in gu.items()} | {f"w_down.{n}": a for n, a in dn.items()}
@@ -94,10 +95,11 @@ def pooled_experts(enc_name: str, w_gu: np.ndarray, w_d: np.ndarray, k: int):
   for n, off in offsets.items():
     raw = np.ascontiguousarray(arrays[n]).reshape(-1).view(np.uint8)
     arena[:, off:off + raw.size] = raw
-  arena = jnp.asarray(arena.reshape(-1))
+  arena = jax.device_put(arena.reshape(-1))  # an argument of the program, as the pool's arena
   layout = (w_d.shape[1], per_slot, tuple(offsets.get(n, -1) for n in (
       "w_gate_up.", "w_gate_up.scale", "w_down.", "w_down.scale", "b_gate_up.", "b_down.")))
-  fn = jax.jit(lambda s, x, w: kernels.moe_ffn_pooled(enc_name, arena, layout, s, x, w))
+  prog = jax.jit(lambda a, s, x, w: kernels.moe_ffn_pooled(enc_name, a, layout, s, x, w))
+  fn = lambda s, x, w: prog(arena, s, x, w)  # not closed over: XLA would copy it in as a constant
   picks = [jnp.asarray([(c * k + j) % num for j in range(k)], jnp.int32) for c in range(num)]
   state = {"i": 0}
 

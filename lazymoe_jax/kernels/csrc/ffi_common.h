@@ -186,7 +186,10 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
   };
   auto ctl = std::make_shared<Ctl>();
   ctl->t0 = std::chrono::steady_clock::now();
-  for (Phase& ph : phases) ph.units = std::max<int64_t>(ph.units, 1);  // run(0) of an empty phase
+  for (Phase& ph : phases) {
+    ph.units = std::max<int64_t>(ph.units, 1);  // run(0) of an empty phase
+    if (ph.units >= (int64_t(1) << 32)) return failed("a phase of 2^32 units or more (Span is 32-bit)");
+  }
   const size_t np = phases.size();
   parts = std::max(parts, 1);
   ctl->phases = std::move(phases);
