@@ -14,6 +14,12 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "rowdot.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -135,8 +141,10 @@ inline void spin_pause(int& spins) {
 // LAZYMOE_KERNELS_TRACE set (to anything; a diagnostic, BUILD_NOTES "session 10"): every
 // run_phases() call prints one line to stderr when it returns: the call's start (T, seconds of
 // the steady clock), then per worker the microseconds after the call at which it started and
-// entered each phase, and the units it ran there ("w1@40 p0@42 n21/44 ..."). A pool worker
-// that has not ended by then is left out of the line (its units are still counted in "n").
+// entered each phase, and the units it ran there ("w1@40 p0@42 n21/44 ..."), on Linux also the
+// CPU and thread it started on ("cpu1 tid4242"); the calling thread's part ends with the time
+// its pool tasks were scheduled by ("scheduled@1"). A pool worker that has not ended by then is
+// left out of the line (its units are still counted in "n").
 inline bool trace_phases() {
   static const bool on = std::getenv("LAZYMOE_KERNELS_TRACE") != nullptr;
   return on;
@@ -216,7 +224,14 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
       snprintf(buf, sizeof buf, " %s%lld@%.0f", what, n, us);
       line += buf;
     };
-    if (tr) at("w", wid);
+    if (tr) {
+      at("w", wid);
+#ifdef __linux__
+      char buf[48];  // " cpu1 tid4242": where the worker runs
+      snprintf(buf, sizeof buf, " cpu%d tid%ld", sched_getcpu(), long(syscall(SYS_gettid)));
+      line += buf;
+#endif
+    }
     for (size_t i = 0; i < np; ++i) {
       if (i > 0) wait_done(*ctl, i - 1);
       if (tr) at("p", (long long)i);
@@ -251,7 +266,14 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
         ctl->trace += line;
       }
     });
+  const double sched_us = std::chrono::duration<double, std::micro>(
+                              std::chrono::steady_clock::now() - ctl->t0).count();
   std::string line = worker(0);
+  if (trace_phases()) {
+    char buf[48];
+    snprintf(buf, sizeof buf, " scheduled@%.0f", sched_us);
+    line += buf;
+  }
   if (np > 0) wait_done(*ctl, np - 1);
   finish();
   if (!line.empty()) {

@@ -359,10 +359,24 @@ TGT2 void bf16_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* ra
 // int8 weights against int16 activations (one level, step max|x| / 32767, finer than the two
 // int8 levels of the other variants): vpmaddwd of the sign-extended weight, 2 ops per 16
 // products a token where two int8 levels through vpmaddubsw take 8 per 32 (no VNNI on AVX2).
-// int32 lanes are flushed to int64 every 2048 columns (127 x 32767 x 256 < 2^31).
-template <int R, int MT>
+// VNNI (kAvx2Vnni): vpdpwssd fuses the multiply-add and the accumulation, the same int32 sums
+// (no pair reaches -32768 x -32768: activations are clamped to +-32767), and tiles of 1-2 row x
+// token pairs keep U = 4 / 2 accumulators each over consecutive 16-column steps, so the
+// accumulation chain (vpdpwssd's latency) does not bound the loop; integer sums do not depend
+// on that order. int32 lanes are flushed to int64 every 2048 columns (127 x 32767 x 256 < 2^31).
+template <bool VNNI>
+TGT2 inline __m256i madd16(__m256i acc, __m256i w, __m256i x) {
+  if (VNNI) {
+    asm("vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(w), "x"(x));
+    return acc;
+  }
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+}
+
+template <int R, int MT, bool VNNI>
 TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t ld16, int64_t o,
                     int m0, int64_t* raw, int M) {
+  constexpr int U = !VNNI ? 1 : (R * MT == 1 ? 4 : (R * MT == 2 ? 2 : 1));  // AVX2: one chain
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = static_cast<const int8_t*>(w.w) + (o + r) * w.cols + a.c0;
   const int64_t ahead = ahead_of(int64_t(R) * w.cols, int64_t(R) * w.cols);
@@ -374,25 +388,41 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
   const int64_t cn = a.cn, cv = cn / 16 * 16;
   for (int64_t cb = 0; cb < cv; cb += 2048) {
     const int64_t ce = std::min<int64_t>(cv, cb + 2048);
-    __m256i acc[R][MT];
+    __m256i acc[R][MT][U];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+      for (int m = 0; m < MT; ++m)
+        for (int u = 0; u < U; ++u) acc[r][m][u] = _mm256_setzero_si256();
     int64_t c = cb;
-    for (; c < ce; c += 16) {
-      if (((c - cb) & 63) == 0)
+    const int64_t cu = cb + (ce - cb) / (16 * U) * (16 * U);
+    for (; c < cu; c += 16 * U) {
+      if (U == 4 || ((c - cb) & 63) == 0)
         for (int r = 0; r < R; ++r) pf(wr[r] + ahead + c);  // a row's next line, R rows on
+      for (int u = 0; u < U; ++u) {
+        __m256i wv[R];
+        for (int r = 0; r < R; ++r)
+          wv[r] = _mm256_cvtepi8_epi16(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + c + 16 * u)));
+        for (int m = 0; m < MT; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m] + c + 16 * u));
+          for (int r = 0; r < R; ++r) acc[r][m][u] = madd16<VNNI>(acc[r][m][u], wv[r], xv);
+        }
+      }
+    }
+    if constexpr (U > 1) for (; c < ce; c += 16) {  // the last < 16 U columns of the block
       __m256i wv[R];
       for (int r = 0; r < R; ++r)
         wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + c)));
       for (int m = 0; m < MT; ++m) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m] + c));
-        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv[r], xv));
+        for (int r = 0; r < R; ++r) acc[r][m][0] = madd16<VNNI>(acc[r][m][0], wv[r], xv);
       }
     }
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MT; ++m) {
+        __m256i s = acc[r][m][0];
+        for (int u = 1; u < U; ++u) s = _mm256_add_epi32(s, acc[r][m][u]);  // < 2^31: as above
         alignas(32) int32_t lanes[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[r][m]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
         for (int k = 0; k < 8; ++k) tot[r][m] += lanes[k];
       }
   }
@@ -401,6 +431,34 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
       for (int64_t c = cv; c < cn; ++c) tot[r][m] += int32_t(wr[r][c]) * int32_t(x[m][c]);
       raw[r * M + m0 + m] = tot[r][m];
     }
+}
+
+// Inlined into rows_avx2: as a call of its own, the plain AVX2 one-token loop fell from 32 to
+// 19-22 GB/s L2-hot (gcc then laid the tiles out differently).
+template <bool VNNI>
+TGT2 inline __attribute__((always_inline)) void i8w_tiles2(int rr, int mt, const Weight& w,
+                                                           const Act& a, const int16_t* q16,
+                                                           int64_t ld16, int64_t o, int m0,
+                                                           int64_t* raw, int M) {
+#define LAZYMOE_I8(R, MT) i8w_tile2<R, MT, VNNI>(w, a, q16, ld16, o, m0, raw, M)
+  if (rr == 4) {
+    if (mt == 2) LAZYMOE_I8(4, 2); else LAZYMOE_I8(4, 1);
+  } else if (rr == 2) {
+    switch (mt) {
+      case 1: LAZYMOE_I8(2, 1); break;
+      case 2: LAZYMOE_I8(2, 2); break;
+      case 3: LAZYMOE_I8(2, 3); break;
+      default: LAZYMOE_I8(2, 4); break;
+    }
+  } else {
+    switch (mt) {
+      case 1: LAZYMOE_I8(1, 1); break;
+      case 2: LAZYMOE_I8(1, 2); break;
+      case 3: LAZYMOE_I8(1, 3); break;
+      default: LAZYMOE_I8(1, 4); break;
+    }
+  }
+#undef LAZYMOE_I8
 }
 
 // Activation layouts of the AVX2 int4 / mxfp4 tiles, made once in prepare() from Act
@@ -639,7 +697,8 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     default: TILE<4>(__VA_ARGS__); break;  \
   }
 
-// VNNI: the int4 / mxfp4 tiles take vpdpbusd (kAvx2Vnni); every other product is the same.
+// VNNI (kAvx2Vnni): the int4 / mxfp4 tiles take vpdpbusd, the int8 ones vpdpwssd; the float
+// products are the same.
 template <bool VNNI>
 TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
@@ -699,10 +758,7 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
         const int64_t ot = o + r0t;
         switch (w.enc) {
           case kI8: {
-            int64_t* rr64 = r64 + r0t * M;
-            if (rr == 4) { if (mt == 2) i8w_tile2<4, 2>(w, a, q16, ld16, ot, m0, rr64, M); else i8w_tile2<4, 1>(w, a, q16, ld16, ot, m0, rr64, M); }
-            else if (rr == 2) { LAZYMOE_MT_SWITCH(i8w_tile2, 2, w, a, q16, ld16, ot, m0, rr64, M) }
-            else { LAZYMOE_MT_SWITCH(i8w_tile2, 1, w, a, q16, ld16, ot, m0, rr64, M) }
+            i8w_tiles2<VNNI>(rr, mt, w, a, q16, ld16, ot, m0, r64 + r0t * M, M);
             break;
           }
           case kI4:
