@@ -15,6 +15,7 @@ import lazymoe_jax
 from lazymoe_jax import families
 from lazymoe_jax import kv as kv_lib
 from lazymoe_jax.engine import budget
+from lazymoe_jax.engine.weights import ResidentRows, StoredRows
 from lazymoe_jax.store import format as fmt
 from lazymoe_jax.store.embedding import EmbeddingTable
 from bench import cgroups
@@ -46,9 +47,17 @@ def test_rows_from_the_store_equal_the_embedding(tiny_stores):
   assert len(held) == 10 and all(r.base is None and r.shape == (32,) for r in held)
   np.testing.assert_array_equal(table.rows(ids[::-1]), ref[ids[::-1]])
   np.testing.assert_array_equal(table.rows(np.arange(90, 96)), ref[90:])
-  engine = lazymoe_jax.load(store, expert_slots=4)
-  assert "embed" not in engine.forward.globals  # the table is not held
-  np.testing.assert_array_equal(np.asarray(engine.forward.embed(ids)), ref[ids])
+  # under a budget the table is not held; without one it is read whole: the same rows
+  budgeted = lazymoe_jax.load(store, memory_budget_gb=8.0, max_context=64)
+  assert isinstance(budgeted.forward.embed, StoredRows)
+  assert "embed" not in budgeted.forward.globals
+  np.testing.assert_array_equal(np.asarray(budgeted.forward.embed(ids)), ref[ids])
+  whole = lazymoe_jax.load(store, expert_slots=4)
+  assert isinstance(whole.forward.embed, ResidentRows)
+  itemsize = fmt.numpy_dtype(manifest["embedding"]["dtype"]).itemsize
+  assert whole.dense_bytes == budgeted.dense_bytes + 96 * 32 * itemsize  # counted
+  np.testing.assert_array_equal(np.asarray(whole.forward.embed(ids)), ref[ids])
+  np.testing.assert_array_equal(whole.logits(ids), budgeted.logits(ids))
 
 
 def test_head_stored_int8_gives_the_logits_of_reencoding_at_load(tiny_stores, tmp_path):
@@ -129,6 +138,7 @@ _CHILD = r"""
 import json, os, sys
 import lazymoe_jax
 from lazymoe_jax.engine import budget
+from lazymoe_jax.engine.weights import ResidentRows, StoredRows
 store, cg = sys.argv[1], sys.argv[2]
 try:
   budget.plan_store(store, 0.01, budget.runtime_bytes(), max_context=64)

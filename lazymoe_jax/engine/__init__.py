@@ -93,8 +93,12 @@ class Engine:
       self.max_context = self.plan.max_context
     glob, layers = weights.load(store_dir, spec, options.dense_dtype, self.manifest)
     memory.return_freed_memory()  # what the load freed goes back before the pool is made
-    self.embed = weights.embedding_rows(store_dir, self.manifest, spec, glob)
-    self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers)))
+    # without a budget the store's embedding table is held whole (weights.embedding_rows)
+    self.embed = weights.embedding_rows(store_dir, self.manifest, spec, glob,
+                                        hold=self.plan is None)
+    held = [self.embed.table] if isinstance(self.embed, weights.ResidentRows) and not any(
+        self.embed.table is a for a in jax.tree.leaves(glob)) else []  # a table read whole
+    self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers, held)))
     if self.plan is not None:
       self.planned = self.plan
       self.plan = budget.after_load(self.plan, resident_bytes(), total,

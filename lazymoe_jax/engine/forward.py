@@ -164,7 +164,7 @@ class Forward:
     tb = 1 if n == 1 else min(bucket(n, 8), cache.capacity - start)
     padded = np.zeros(tb, np.int32)
     padded[:n] = tokens
-    pos = jnp.asarray(start + np.arange(tb, dtype=np.int32))
+    pos = start + np.arange(tb, dtype=np.int32)  # host arrays: the programs take them as is
     x = self.embed(padded)
     if n == 1 and self._whole_step_ready():
       x, caches = steps.decode_step(spec, self.kv, self.pool.arrays(0)["w_gate_up"].encoding.name,
@@ -249,6 +249,8 @@ class Forward:
   def head_rows(self, x: jax.Array, n: int) -> np.ndarray:
     """float32 logits of the first n rows of x, the head applied in blocks of rows ([T, vocab]
     temporaries of a 200k vocabulary are gigabytes)."""
+    if n == x.shape[0] <= HEAD_ROWS:  # one block, as it is (a slice is a dispatch of its own)
+      return np.asarray(steps.head(self.spec, self.globals, x))
     out = np.empty((n, self.spec.vocab_size), np.float32)
     for r in range(0, n, HEAD_ROWS):
       out[r:r + HEAD_ROWS] = np.asarray(

@@ -78,7 +78,7 @@ class Session:
     x, n = self._run(token_ids)
     if all_logits:
       return self.engine.forward.head_rows(x, n)
-    return self.engine.forward.head_rows(x[n - 1:n], 1)[0]
+    return self.engine.forward.head_rows(x if x.shape[0] == 1 else x[n - 1:n], 1)[0]
 
   def advance(self, token_ids: Sequence[int]):
     """Runs the tokens into the cache without the output head (a prompt chunk whose logits

@@ -87,16 +87,15 @@ def to_device(tree: dict) -> dict:
 
 
 class ResidentRows:
-  """Embedding rows taken from a table in memory: a version 4 store's embedding, or a tied
-  head kept in the embedding's own dtype (the same numbers; the table is the head, counted
-  once, as the head)."""
+  """Embedding rows taken from a table in memory: a version 4 store's embedding, a tied head
+  kept in the embedding's own dtype (the same numbers; the table is the head, counted once, as
+  the head), or a version 5 store's table read whole (an engine without a memory budget)."""
 
   def __init__(self, table: jax.Array):
     self.table = table
-    self.cached_bytes = 0  # nothing beyond the table, which is counted as a dense param
 
   def __call__(self, ids: np.ndarray) -> jax.Array:
-    return steps.embed(self.table, jax.numpy.asarray(ids))  # [T, H] float32
+    return steps.embed(self.table, np.asarray(ids, np.int32))  # [T, H] float32
 
 
 class StoredRows:
@@ -104,15 +103,16 @@ class StoredRows:
 
   def __init__(self, table: embedding_store.EmbeddingTable):
     self.table = table
-    self.cached_bytes = embedding_store.HELD_BYTES
 
-  def __call__(self, ids: np.ndarray) -> jax.Array:
-    return jax.numpy.asarray(self.table.rows(ids))  # [T, H] float32
+  def __call__(self, ids: np.ndarray) -> np.ndarray:
+    return self.table.rows(ids)  # [T, H] float32 (host; the jitted programs take it as is)
 
 
-def embedding_rows(store_dir: str, manifest: dict, spec: ModelSpec, glob: dict):
-  """Where embedding rows come from: the store's table (version 5), unless the head is tied and
-  resident in the table's own dtype; a version 4 store's resident embedding."""
+def embedding_rows(store_dir: str, manifest: dict, spec: ModelSpec, glob: dict, hold: bool):
+  """Where embedding rows come from: a version 4 store's resident embedding; else the head,
+  where it is tied and resident in the table's own dtype; else the store's table (version 5):
+  held whole when `hold` (no memory budget: a lookup is then a take, where a read through
+  tensorstore costs ~0.3-0.5 ms a decode token, BUILD_NOTES "session 14"), else read per call."""
   if "embed" in glob:
     return ResidentRows(glob["embed"])
   entry = manifest["embedding"]
@@ -120,4 +120,7 @@ def embedding_rows(store_dir: str, manifest: dict, spec: ModelSpec, glob: dict):
   if (spec.tie_word_embeddings and not isinstance(head, encodings.Weight)
       and head.dtype == fmt.numpy_dtype(entry["dtype"])):
     return ResidentRows(head)
-  return StoredRows(embedding_store.EmbeddingTable(store_dir, entry))
+  table = embedding_store.EmbeddingTable(store_dir, entry)
+  if hold:
+    return ResidentRows(jax.device_put(table.read_all()).block_until_ready())
+  return StoredRows(table)

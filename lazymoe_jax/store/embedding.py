@@ -1,5 +1,6 @@
-"""The input embedding as a table on disk: the rows a call needs are read, the table is never
-held (a 201,088 x 2880 bf16 table is 1.16 GB, about a seventh of an 8 GB budget).
+"""The input embedding as a table on disk: under a memory budget the rows a call needs are read,
+the table is never held (a 201,088 x 2880 bf16 table is 1.16 GB, about a seventh of an 8 GB
+budget); without one the engine reads it whole once (read_all) and holds it.
 
 STORE/embed/ is a tensorstore zarr3 array [vocab, hidden] in the checkpoint's float dtype,
 sharded: a shard file holds SHARD_ROWS rows, read in inner chunks of CHUNK_ROWS rows (the
@@ -84,6 +85,15 @@ class EmbeddingTable:
     # token id -> float32 row, least recently returned first
     self._recent: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
     self._recent_max = max(1, ROW_CACHE_BYTES // (int(entry["shape"][1]) * 4))
+
+  def read_all(self) -> np.ndarray:
+    """The whole table [vocab, hidden] in its own dtype (an engine without a memory budget
+    holds it: engine/weights.embedding_rows)."""
+    try:
+      return np.asarray(self.array.read().result())
+    except Exception as e:  # pylint: disable=broad-except
+      raise StoreError(f"reading the embedding table failed ({e}); the store is damaged: "
+                       "re-convert with --overwrite.") from e
 
   def rows(self, ids: np.ndarray) -> np.ndarray:
     """float32 [len(ids), hidden]: the rows of `ids` (repeats allowed), read in one call."""
