@@ -124,7 +124,7 @@ struct Scratch {
   std::vector<float> q, sc, o, run_max, run_sum, dec;
   std::vector<uint8_t> idx;
   Scratch(const Problem& pr) : q(pr.M() * pr.D), sc(pr.M() * kBlock), o(pr.M() * pr.Dv),
-      run_max(pr.M()), run_sum(pr.M()), dec(kBlock * pr.D), idx(pr.D) {}
+      run_max(pr.M()), run_sum(pr.M()), dec(kBlock * pr.D), idx(kBlock * pr.D) {}
 };
 
 // ---- the cache kinds -----------------------------------------------------------------------
@@ -171,35 +171,48 @@ struct TqSide {
   std::vector<Group> groups;
   bool covers_all = true;  // every channel in some group (else the rest read zero)
 
-  float norm_at(const Problem& pr, int64_t b, int64_t kh, int64_t p) const {
-    return half_to_float(norm.at<uint16_t>(b)[kh * pr.S + p]);
+  // The norms of positions [s0, s0 + n) into out (contiguous f16 in the cache).
+  void norms(const Problem& pr, int64_t b, int64_t kh, int64_t s0, int n, float* out) const {
+    pr.ops->halves(norm.at<uint16_t>(b) + kh * pr.S + s0, n, out);
   }
 
-  // The rotated unit vectors of positions [s0, s0 + n) into s.dec [n, D]: per position, the
-  // indices unpacked to bytes, then looked up in the group's codebook (in registers).
+  // Unpacks the `bits`-bit indices of n channels from g's fields at row `row` (n a multiple of
+  // a row's channels: consecutive rows are consecutive in every field) into idx.
+  void unpack(const Problem& pr, const Group& g, int64_t b, int64_t row, int n, uint8_t* idx) const {
+    const int nch = int(g.b - g.a);
+    if (g.bits == 4) {
+      pr.ops->unpack4(g.fields[0].second.at<uint8_t>(b) + row * (nch / 2), n, idx);
+      return;
+    }
+    std::fill(idx, idx + n, uint8_t(0));
+    int shift = 0;
+    for (const auto& [w, op] : g.fields) {
+      const uint8_t* f = op.at<uint8_t>(b) + row * (nch * w / 8);
+      const int per = 8 / w, mask = (1 << w) - 1;
+      for (int i = 0; i < n; ++i) idx[i] |= uint8_t(((f[i / per] >> ((i % per) * w)) & mask) << shift);
+      shift += w;
+    }
+  }
+
+  // The rotated unit vectors of positions [s0, s0 + n) into s.dec [n, D]: the indices unpacked
+  // to bytes, then looked up in the group's codebook (in registers). One group of every
+  // channel (the usual case) is one run over the whole block; otherwise per position.
   void decode(const Problem& pr, Scratch& s, int64_t b, int64_t kh, int64_t s0, int n) const {
     const int64_t D = pr.D;
+    if (groups.size() == 1 && covers_all) {
+      const Group& g = groups[0];
+      unpack(pr, g, b, kh * pr.S + s0, int(n * D), s.idx.data());
+      pr.ops->lookup(s.idx.data(), int(n * D), g.codebook, g.bits, s.dec.data());
+      return;
+    }
     for (int j = 0; j < n; ++j) {
       float* c = s.dec.data() + j * D;
       if (!covers_all) std::fill(c, c + D, 0.f);
       const int64_t row = kh * pr.S + s0 + j;
       for (const Group& g : groups) {
         const int nch = int(g.b - g.a);
-        uint8_t* idx = s.idx.data();
-        if (g.bits == 4) {
-          pr.ops->unpack4(g.fields[0].second.at<uint8_t>(b) + row * (nch / 2), nch, idx);
-        } else {
-          std::fill(idx, idx + nch, uint8_t(0));
-          int shift = 0;
-          for (const auto& [w, op] : g.fields) {
-            const uint8_t* f = op.at<uint8_t>(b) + row * (nch * w / 8);
-            const int per = 8 / w, mask = (1 << w) - 1;
-            for (int i = 0; i < nch; ++i)
-              idx[i] |= uint8_t(((f[i / per] >> ((i % per) * w)) & mask) << shift);
-            shift += w;
-          }
-        }
-        pr.ops->lookup(idx, nch, g.codebook, g.bits, c + g.a);
+        unpack(pr, g, b, row, nch, s.idx.data());
+        pr.ops->lookup(s.idx.data(), nch, g.codebook, g.bits, c + g.a);
       }
     }
   }
@@ -216,7 +229,7 @@ struct TqCache {
     const int M = pr.M();
     pr.ops->scores_sd(s.q.data(), M, int(pr.D), s.dec.data(), n, s.sc.data(), kBlock);
     float nrm[kBlock];
-    for (int j = 0; j < n; ++j) nrm[j] = k.norm_at(pr, b, kh, s0 + j);
+    k.norms(pr, b, kh, s0, n, nrm);
     const float* bias = qbias.at<float>(b);
     for (int m = 0; m < M; ++m) {
       const float bm = bias[(m / pr.G) * pr.H + kh * pr.G + m % pr.G];
@@ -227,7 +240,7 @@ struct TqCache {
   void values(const Problem& pr, Scratch& s, int64_t b, int64_t kh, int64_t s0, int n) const {
     v.decode(pr, s, b, kh, s0, n);
     float nrm[kBlock];
-    for (int j = 0; j < n; ++j) nrm[j] = v.norm_at(pr, b, kh, s0 + j);
+    v.norms(pr, b, kh, s0, n, nrm);
     for (int m = 0; m < pr.M(); ++m) {
       float* row = s.sc.data() + m * kBlock;
       for (int j = 0; j < n; ++j) row[j] *= nrm[j];

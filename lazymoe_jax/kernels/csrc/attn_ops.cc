@@ -75,9 +75,13 @@ void unpack4_portable(const uint8_t* bytes, int n, uint8_t* idx) {
   }
 }
 
+void halves_portable(const uint16_t* h, int n, float* out) {
+  for (int i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
 const AttnOps kPortableOps = {scores_kd_portable, scores_sd_portable, accum_sd_portable,
                               accum_ds_portable,  exp_sum_portable,   lookup_portable,
-                              unpack4_portable};
+                              unpack4_portable,   halves_portable};
 
 #ifdef LAZYMOE_X86
 // ---- AVX2 --------------------------------------------------------------------------------
@@ -304,8 +308,16 @@ TGT2 void unpack4_avx2(const uint8_t* bytes, int n, uint8_t* idx) {
   unpack4_portable(bytes + i / 2, n - i, idx + i);
 }
 
+// vcvtph2ps (F16C: every AVX2 CPU has it, and the AVX2 expert kernels use it too).
+__attribute__((target("avx2,fma,f16c"))) void halves_avx2(const uint16_t* h, int n, float* out) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  halves_portable(h + i, n - i, out + i);
+}
+
 const AttnOps kAvx2Ops = {scores_kd_avx2, scores_sd_avx2, accum_sd_avx2, accum_ds_avx2,
-                          exp_sum_avx2,   lookup_avx2,    unpack4_avx2};
+                          exp_sum_avx2,   lookup_avx2,    unpack4_avx2,  halves_avx2};
 #endif
 
 }  // namespace

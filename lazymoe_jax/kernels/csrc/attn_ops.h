@@ -29,6 +29,8 @@ struct AttnOps {
   void (*lookup)(const uint8_t* idx, int n, const float* table, int bits, float* out);
   // idx[2i] = low nibble, idx[2i + 1] = high nibble of bytes[i], i < n / 2 (n even).
   void (*unpack4)(const uint8_t* bytes, int n, uint8_t* idx);
+  // out[i] = the IEEE float16 h[i] as float32, i < n (TurboQuant norms).
+  void (*halves)(const uint16_t* h, int n, float* out);
 };
 
 // The table of variant `isa` (rowdot.h's Isa; every x86 variant takes the AVX2 table).
