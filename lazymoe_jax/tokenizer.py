@@ -20,7 +20,11 @@ class SentencePieceTokenizer:
     return [self.bos_id] + ids if self.add_bos else ids
 
   def decode(self, ids: list[int]) -> str:
-    return self.sp.decode([int(i) for i in ids])
+    """Text of ids; ids past the tokenizer's pieces decode to nothing. Checkpoints often pad
+    the vocabulary beyond the tokenizer, and a model can sample such an id; sentencepiece
+    would raise, ending the stream."""
+    n = self.sp.get_piece_size()
+    return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
 
 class JsonTokenizer:

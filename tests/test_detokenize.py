@@ -144,3 +144,16 @@ def test_token_bytes_and_id_only_stores():
   assert b"".join(detokenize.token_bytes(sp, t) for t in ids) == b"a b\n"  # no dummy prefix
   dec = detokenize.IncrementalDecoder(tokenizer.NoTokenizer(), [1, 2])
   assert dec.push(5) + dec.push(6) + dec.flush() == "5 6 "
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(tok):
+  """A vocabulary padded beyond the tokenizer (many checkpoints') lets a model sample an id the
+  tokenizer has no piece for: it decodes to nothing, in the whole and in the increments (the
+  server's stream of such a model used to end its engine thread)."""
+  past = 10 ** 6
+  ids = tok.encode("Hello world, once more")
+  mixed = ids[:2] + [past] + ids[2:] + [past]
+  assert tok.decode(mixed) == tok.decode(ids)
+  dec = detokenize.IncrementalDecoder(tok, ids[:1])
+  assert "".join(dec.push(t) for t in mixed[1:]) + dec.flush() == tok.decode(ids)[
+      len(tok.decode(ids[:1])):]

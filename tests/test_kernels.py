@@ -144,15 +144,17 @@ def test_moe_ffn_equals_xla(isa, name, act, t):
 
 @pytest.mark.skipif("avx2-vnni" not in ISAS, reason="this CPU has no AVX512-VL + VNNI")
 @pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g128", "mxfp4"])
-@pytest.mark.parametrize("t", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 64])
 def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
   """avx2-vnni changes only the integer dot of the integer loops (vpdpbusd for vpmaddubsw +
   vpmaddwd in int4 / mxfp4; vpdpwssd, over 4 accumulators, for vpmaddwd + vpaddd in int8),
   which gives the same int32 sums: outputs must be equal bit for bit. int8 at 2100 columns
-  crosses the 2048-column flush and ends in a scalar tail (2100 = 131 x 16 + 4)."""
+  crosses the 2048-column flush and ends in a scalar tail (2100 = 131 x 16 + 4); 5 tokens and
+  an odd row count (37) reach its tiles of two (row, token) pairs (2 accumulators)."""
   rng = np.random.default_rng(t + 7)
   h, i = {"int8": (2100, 200), "int4-g32": (288, 160), "mxfp4": (288, 160)}.get(name, (384, 256))
   exs = _experts(name, h, i, 2, rng, bias=name == "mxfp4")
+  odd = _encode(name, rng.standard_normal((37, h), dtype=np.float32))
   x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32))
   w = jnp.asarray(rng.random((t, 2), dtype=np.float32))
   act = ACTS["clamped_swiglu" if name == "mxfp4" else "silu"]
@@ -161,7 +163,7 @@ def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
   for variant in ("avx2", "avx2-vnni"):
     monkeypatch.setenv("LAZYMOE_KERNELS_ISA", variant)
     out[variant] = (np.asarray(_moe(name, exs, x, w, act)),
-                    _linear(name, exs[0]["w_down"], x[:, :i] * 3.0))
+                    _linear(name, exs[0]["w_down"], x[:, :i] * 3.0), _linear(name, odd, x))
   for a, b in zip(out["avx2"], out["avx2-vnni"]):
     np.testing.assert_array_equal(a, b)
 

@@ -138,7 +138,6 @@ _CHILD = r"""
 import json, os, sys
 import lazymoe_jax
 from lazymoe_jax.engine import budget
-from lazymoe_jax.engine.weights import ResidentRows, StoredRows
 store, cg = sys.argv[1], sys.argv[2]
 try:
   budget.plan_store(store, 0.01, budget.runtime_bytes(), max_context=64)

@@ -93,9 +93,16 @@ class Engine:
       self.max_context = self.plan.max_context
     glob, layers = weights.load(store_dir, spec, options.dense_dtype, self.manifest)
     memory.return_freed_memory()  # what the load freed goes back before the pool is made
-    # without a budget the store's embedding table is held whole (weights.embedding_rows)
-    self.embed = weights.embedding_rows(store_dir, self.manifest, spec, glob,
-                                        hold=self.plan is None)
+    # without a budget, the store's embedding table is held whole where it and every expert
+    # fit the share of free RAM the default pool may take: the model is then resident and a
+    # row read per token is only overhead; a model larger than that keeps reading rows
+    # (weights.embedding_rows), its RAM going to expert slots
+    hold = self.plan is None and (
+        budget.embedding_table_bytes(self.manifest) + total * self.experts.bytes_per_expert
+        <= memory.available_ram() * DEFAULT_RAM_FRACTION)
+    self.embed = weights.embedding_rows(store_dir, self.manifest, spec, glob, hold=hold)
+    if hold:
+      memory.return_freed_memory()  # the read's buffers, before the pool is sized
     held = [self.embed.table] if isinstance(self.embed, weights.ResidentRows) and not any(
         self.embed.table is a for a in jax.tree.leaves(glob)) else []  # a table read whole
     self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers, held)))
@@ -322,7 +329,8 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
 
   memory_budget_gb: plan dense params + KV cache + expert pool to fit (instead of
   expert_slots: slots of the pool shared by all layers, at least num_experts_per_tok; default
-  as many as half the free RAM holds). kv_bits (or k_bits / v_bits separately): TurboQuant KV
+  as many as half the free RAM holds). Without a budget, a model whose experts and embedding
+  table fit that half of free RAM also holds the table (else rows are read per token). kv_bits (or k_bits / v_bits separately): TurboQuant KV
   cache at 1-4 bits per coordinate (2.5 and 3.5 too); None keeps a float32 cache. prefetch: in
   decode, start reading the experts the next layers' routers predict while this layer's
   experts run. cache_policy: which pool slot a miss refills, "lru", "lfu" or "layer"

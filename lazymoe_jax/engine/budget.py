@@ -256,6 +256,14 @@ def dense_sizes(store_dir: str, manifest: dict, spec: ModelSpec,
   return resident, max(0, peak - resident) + 2 * dense_store.SAVE_CHUNK_BYTES
 
 
+def embedding_table_bytes(manifest: dict) -> int:
+  """Bytes of a version 5 store's embedding table on disk (0 where there is none)."""
+  entry = manifest.get("embedding")
+  if not entry:
+    return 0
+  return int(np.prod(entry["shape"])) * fmt.numpy_dtype(entry["dtype"]).itemsize
+
+
 def bytes_per_expert(manifest: dict) -> int:
   """One expert's bytes, all its arrays (store/experts.py counts the same from the same specs)."""
   return sum(int(np.prod(s["shape"][2:])) * fmt.numpy_dtype(s["dtype"]).itemsize

@@ -209,7 +209,7 @@ class Forward:
     Padding slots (not in rows) are never routed and their outputs are meaningless.
     Returns (x [slots, H], stack)."""
     spec = self.spec
-    pos = jnp.asarray(positions)
+    pos = np.asarray(positions, np.int32)  # host arrays: the programs take them as is
     x = self.embed(np.asarray(tokens, np.int32))
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
@@ -249,8 +249,8 @@ class Forward:
   def head_rows(self, x: jax.Array, n: int) -> np.ndarray:
     """float32 logits of the first n rows of x, the head applied in blocks of rows ([T, vocab]
     temporaries of a 200k vocabulary are gigabytes)."""
-    if n == x.shape[0] <= HEAD_ROWS:  # one block, as it is (a slice is a dispatch of its own)
-      return np.asarray(steps.head(self.spec, self.globals, x))
+    if n == x.shape[0] <= HEAD_ROWS:  # one block, as it is (a slice is a dispatch of its own);
+      return np.array(steps.head(self.spec, self.globals, x))  # a writable host copy
     out = np.empty((n, self.spec.vocab_size), np.float32)
     for r in range(0, n, HEAD_ROWS):
       out[r:r + HEAD_ROWS] = np.asarray(

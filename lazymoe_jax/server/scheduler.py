@@ -302,7 +302,16 @@ class Scheduler:
     self._refresh_stats()
 
   def _on_logits(self, job: Job, logits: np.ndarray) -> None:
-    """Samples the next token of job and emits what it shows; ends the job when done."""
+    """Samples the next token of job and emits what it shows; ends the job when done. A
+    failure here (the sampler, or a tokenizer that cannot decode the model's token, as in a
+    store whose tokenizer has fewer pieces than the model's vocabulary) fails this job alone;
+    before, it ended the engine thread and every client waited forever."""
+    try:
+      self._sample_and_emit(job, logits)
+    except Exception as e:  # pylint: disable=broad-except  (one job fails, the server goes on)
+      self._fail(job, e)
+
+  def _sample_and_emit(self, job: Job, logits: np.ndarray) -> None:
     step = len(job.generated)
     tok = job.sampler(logits, step)
     job.generated.append(tok)

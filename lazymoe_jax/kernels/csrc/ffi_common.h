@@ -266,10 +266,10 @@ inline ffi::Future run_phases(ffi::ThreadPool& pool, int parts, std::vector<Phas
         ctl->trace += line;
       }
     });
-  const double sched_us = std::chrono::duration<double, std::micro>(
-                              std::chrono::steady_clock::now() - ctl->t0).count();
+  const double sched_us = trace_phases() ? std::chrono::duration<double, std::micro>(
+                              std::chrono::steady_clock::now() - ctl->t0).count() : 0.0;
   std::string line = worker(0);
-  if (trace_phases()) {
+  if (trace_phases() && parts > 1) {
     char buf[48];
     snprintf(buf, sizeof buf, " scheduled@%.0f", sched_us);
     line += buf;

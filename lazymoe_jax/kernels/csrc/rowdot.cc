@@ -395,7 +395,7 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
     int64_t c = cb;
     const int64_t cu = cb + (ce - cb) / (16 * U) * (16 * U);
     for (; c < cu; c += 16 * U) {
-      if (U == 4 || ((c - cb) & 63) == 0)
+      if (((c - cb) & 63) == 0)
         for (int r = 0; r < R; ++r) pf(wr[r] + ahead + c);  // a row's next line, R rows on
       for (int u = 0; u < U; ++u) {
         __m256i wv[R];
@@ -1069,7 +1069,9 @@ bool isa_supported(int isa) {
   if (isa == kPortable) return true;
 #ifdef LAZYMOE_X86
   __builtin_cpu_init();
-  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == kAvx2)  // F16C: the int4 scales and TurboQuant norms (every AVX2 CPU has it)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
   if (isa == kAvx2Vnni)
     return isa_supported(kAvx2) && __builtin_cpu_supports("f16c") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
