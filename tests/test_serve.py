@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import lazymoe_jax
@@ -369,3 +370,82 @@ def test_scheduler_returns_freed_heap_after_warmup_and_finished_requests(tiny_st
     assert len(trims) > after_warmup  # the finished request's cache was freed, then trimmed
   finally:
     sch.stop()
+
+
+@pytest.mark.parametrize("budget,parallel", [(False, 3), (True, 4)])
+def test_warmup_compiles_every_batch_shape_the_server_runs(tmp_path, budget, parallel):
+  """After the server's warm-up, batched decode as the server runs it (sessions of
+  prompt + max_tokens positions: caches of 256, 512 and max_context=600 positions; 1 to
+  --parallel of them together; joining one per step with full caches) compiles no new
+  program of batched decode, whatever slot count the stack takes: --parallel=3 without a plan
+  puts 3 sequences in 4 slots, and under a plan full caches take exactly their count (3 of
+  --parallel=4). The old warm-up compiled powers of two up to --parallel at 256 positions."""
+  from lazymoe_jax.engine import batch as batch_lib, forward  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax.engine import budget as budget_lib  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax.model import steps  # pylint: disable=import-outside-toplevel
+  from lazymoe_jax.server import scheduler as scheduler_lib  # pylint: disable=import-outside-toplevel
+  from tests.checkpoints import write_checkpoint  # pylint: disable=import-outside-toplevel
+  from tests.conftest import convert_cli, token_ids  # pylint: disable=import-outside-toplevel
+  hf = write_checkpoint(tmp_path / "hf", "mixtral", max_position_embeddings=600)
+  store = str(tmp_path / "store")
+  res = convert_cli(hf, store)
+  assert res.returncode == 0, res.stderr[-3000:]
+  opts = dict(max_context=600, parallel=parallel)
+  if budget:  # a budget above this process's resident memory: the KV term is parallel's
+    opts["memory_budget_gb"] = round(budget_lib.runtime_bytes() / 1e9 + 2.0, 2)
+  else:
+    opts["expert_slots"] = 1000  # every expert resident, as under the budget
+  sch = scheduler_lib.Scheduler(lambda: lazymoe_jax.load(store, **opts), parallel=parallel,
+                                prefill_chunk=8)
+  sch.start()
+  assert sch.ready.wait(300), sch.load_error
+  sch.stop()  # the engine thread has ended: the engine is this thread's now
+  eng = sch.engine
+  assert eng.pool.holds_all(eng.forward.moe_order)  # the routers' guesses stay off
+  programs = {"attention_batch": steps.attention_batch, "route_block": steps.route_block,
+              "expert_scatter_add": steps.expert_scatter_add, "moe_finish": steps.moe_finish,
+              "head": steps.head, "empty_layer": forward.empty_layer,
+              "_put_slot": batch_lib._put_slot}  # pylint: disable=protected-access
+  compiled = {name: 0 for name in programs}
+  shapes = set()
+  rng = np.random.RandomState(0)
+
+  def step(seqs):  # pylint: disable=protected-access  (_cache_size: the jit's own count)
+    before = {name: f._cache_size() for name, f in programs.items()}
+    eng.feed_batch(seqs, rng.randint(3, 96, len(seqs)).tolist())
+    for name, f in programs.items():
+      compiled[name] += f._cache_size() - before[name]
+    shapes.add((len(seqs), eng.batch.num_slots, eng.batch.capacity))
+
+  def sessions(n, m):
+    seqs = [eng.session(n) for _ in range(m)]
+    for i, s in enumerate(seqs):
+      s.feed(token_ids(3 + i, seed=i))
+    return seqs
+
+  for n in (20, 300, 600):  # prompt + max_tokens: caches of 256, 512, 600 positions
+    for m in range(1, parallel + 1):
+      seqs = sessions(n, m)
+      step(seqs)
+      step(seqs)
+      for s in seqs:
+        s.close()
+  seqs = sessions(600, parallel)  # full caches joining one per step
+  for j in range(1, parallel + 1):
+    step(seqs[:j])
+  step(seqs)
+  for s in seqs:
+    s.close()
+  seqs = sessions(20, parallel - 1) + sessions(600, 1)  # mixed: the largest capacity rules
+  step(seqs)
+  for s in seqs:
+    s.close()
+  assert compiled == {name: 0 for name in programs}, (compiled, sorted(shapes))
+  if budget:  # exactly 3 slots for 3 full caches; a power of two where it fits the plan
+    assert (3, 3, 600) in shapes and (3, 4, 256) in shapes
+    assert eng.batch.shapes(parallel) == [(1, 256), (1, 512), (1, 600), (2, 256), (2, 512),
+                                          (2, 600), (3, 512), (3, 600), (4, 256), (4, 512),
+                                          (4, 600)]
+  else:  # 3 sequences in 4 slots
+    assert (3, 4, 600) in shapes
+    assert eng.batch.shapes(parallel) == [(s, c) for s in (1, 2, 4) for c in (256, 512, 600)]

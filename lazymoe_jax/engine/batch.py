@@ -20,6 +20,11 @@ larger of before and after, never two stacks. The slot count is a power of two (
 shapes as sequences join and leave) where that fits the memory plan beside the other
 sessions' caches (engine.make_kv_room), else exactly the members: with a plan, the stack and
 the sessions' own caches never hold more than `MemoryPlan.kv_limit_bytes`.
+
+Every shape a stack can take under the engine's plan (`BatchCache.shapes`: the slot counts
+`_slot_count` gives for 1..parallel members, at every capacity `capacity_for` gives) is known
+before serving, so the server's warm-up compiles their programs (`BatchCache.warm`) from the
+same functions the stack is sized with.
 """
 
 from __future__ import annotations
@@ -66,6 +71,33 @@ def _put_slot(dst, src, dst_slot):
 def _take_slot(dst, src, src_slot):
   """dst = src[src_slot] (a slot out into an own cache layer)."""
   return jax.tree.map(lambda d, s: _corner(d, s, src_slot, None), dst, src)
+
+
+def session_capacities(max_context: int) -> list[int]:
+  """Every capacity a session's cache can have (capacity_for of 1..max_context), ascending;
+  a stack's capacity is its largest member's."""
+  caps, n = [], 1
+  while n <= max_context:
+    caps.append(capacity_for(n, max_context))
+    n = caps[-1] + 1
+  return caps
+
+
+class _OneLayerAtATime:
+  """A stand-in for a stack's list of layers that makes each layer empty when read and drops
+  it when written: run_batch over it compiles and runs a stack's programs holding one layer."""
+
+  def __init__(self, make, layers: int):
+    self.make, self.layers = make, layers
+
+  def __len__(self):
+    return self.layers
+
+  def __getitem__(self, layer):
+    return self.make()
+
+  def __setitem__(self, layer, value):
+    del layer, value
 
 
 class BatchCache:
@@ -156,14 +188,68 @@ class BatchCache:
     """bucket(len(members)) slots if a stack of them fits the plan beside the caches outside
     it and `extra` more bytes; else exactly len(members)."""
     m = len(members)
+    if bucket(m, 1) == m:
+      return m
+    return self._slot_count(m, self._capacity(members),
+                            self.engine.own_kv_bytes(exclude=members) + extra)
+
+  def _slot_count(self, m: int, capacity: int, outside: int) -> int:
+    """The slots of a stack of m members at `capacity` beside `outside` bytes of other KV
+    caches: bucket(m) if that fits the plan, else m (the rule of _slots_for and shapes)."""
     slots = bucket(m, 1)
-    if slots > m:
-      cap = self._capacity(members) + 1
-      outside = self.engine.own_kv_bytes(exclude=members)
-      if not self.engine.kv_fits_total(
-          self.engine.forward.cache_bytes(cap, slots) + outside + extra):
-        slots = m
+    if slots > m and not self.engine.kv_fits_total(
+        self.engine.forward.cache_bytes(capacity + 1, slots) + outside):
+      slots = m
     return slots
+
+  # ---- the shapes before serving ---------------------------------------------------------------
+  def shapes(self, parallel: int) -> list[tuple[int, int]]:
+    """(slots, capacity) of every stack that up to `parallel` sequences can make under the
+    engine's plan, ascending. For each member count m and each session capacity (the stack's
+    is its largest member's), the slot count `_slot_count` gives with no other cache, and with
+    the other `parallel` - m sequences' caches at their largest (the most that can sit outside
+    the stack, or beside a cache being made or moved out: between them every count the rule
+    can give). A stack keeping its slots as members leave has a count a rebuild gave. Shapes
+    that do not fit the plan even alone are left out: `_fit` refuses them."""
+    fwd, eng = self.engine.forward, self.engine
+    caps = session_capacities(eng.max_context)
+    out = set()
+    for m in range(1, parallel + 1):
+      for outside in (0, fwd.cache_bytes(caps[-1], parallel - m)):
+        for cap in caps:
+          slots = self._slot_count(m, cap, outside)
+          if eng.kv_fits_total(fwd.cache_bytes(cap + 1, slots)):
+            out.add((slots, cap))
+    return sorted(out)
+
+  def warm(self, parallel: int, rng: np.random.RandomState) -> list[tuple[int, int]]:
+    """Compiles the programs of batched decode at every shape of `shapes(parallel)`: one
+    step of run_batch with min(slots, parallel) live rows (the expert program at every token
+    bucket a row count can give, run with zero weights), the head over the slots, a stack's
+    empty layer, and a session's own cache of each capacity up to the stack's put into a slot
+    (a join). Holds one layer of a stack at a time. Needs an empty batch (before serving).
+    Returns the shapes."""
+    if self.layers is not None:
+      raise RuntimeError("BatchCache.warm needs an empty batch (no sequence in it).")
+    eng = self.engine
+    fwd, kv, spec = eng.forward, eng.kv, eng.spec
+    caps = session_capacities(eng.max_context)
+    shapes = self.shapes(parallel)
+    for slots, cap in shapes:
+      live = min(slots, parallel)
+      stack = _OneLayerAtATime(lambda s=slots, c=cap: empty_layer(kv, spec, c + 1, s),
+                               spec.num_hidden_layers)
+      tok = rng.randint(0, spec.vocab_size, slots).astype(np.int32)
+      pos = np.full(slots, cap, np.int32)  # as BatchCache.step: padding rows at the scratch
+      pos[:live] = rng.randint(0, cap, live)
+      x, _ = fwd.run_batch(tok, pos, np.arange(live, dtype=np.int32), stack, every_bucket=True)
+      fwd.head_rows(x, slots)
+      layer = empty_layer(kv, spec, cap + 1, slots)
+      for own in caps:
+        if own <= cap:
+          layer = _put_slot(layer, empty_layer(kv, spec, own, None), 0)
+      jax.block_until_ready(layer)
+    return shapes
 
   def _fit(self, joining: list["Session"]) -> None:
     """Makes the stack hold its members and `joining`: joiners go into free slots when the

@@ -201,12 +201,14 @@ class Forward:
 
   # ---- several sequences, one token each -----------------------------------------------------
   def run_batch(self, tokens: np.ndarray, positions: np.ndarray, rows: np.ndarray,
-                stack: list) -> tuple[jax.Array, list]:
+                stack: list, every_bucket: bool = False) -> tuple[jax.Array, list]:
     """One decode step of the sequences stacked in `stack` (per layer, their caches with a
     leading slot axis: engine/batch.py): tokens[r] at positions[r] for every slot r. Attention
     runs once per layer over all slots, each at its own position; the router once over the
     batch; each expert the live `rows` pick is acquired once and applied to its tokens.
     Padding slots (not in rows) are never routed and their outputs are meaningless.
+    every_bucket (warm-up, BatchCache.warm): each MoE layer also runs its expert program at
+    every token bucket len(rows) rows can give one expert, with zero weights.
     Returns (x [slots, H], stack)."""
     spec = self.spec
     pos = np.asarray(positions, np.int32)  # host arrays: the programs take them as is
@@ -225,7 +227,8 @@ class Forward:
         self.trace(layer, ids, h[rows])
       if self.prefetch:
         self.policy.observe(layer, ids.reshape(-1))
-      x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[rows], rows=rows)
+      x = self._moe_grouped(layer, h, xn, ids, np.asarray(weights)[rows], rows=rows,
+                            every_bucket=every_bucket)
       self._prefetch(layer, ahead, routed[1:], len(rows), "batch")
     return x, stack
 
@@ -283,7 +286,7 @@ class Forward:
 
   def _moe_grouped(self, layer: int, h, xn, ids: np.ndarray, weights: np.ndarray,
                    after_first_wave: Callable[[], None] | None = None,
-                   rows: np.ndarray | None = None):
+                   rows: np.ndarray | None = None, every_bucket: bool = False):
     """Each expert picked by any token is read once and applied to its tokens: ids, weights
     [n, k] of the rows of xn `rows` (None: the first n). The misses of a wave are read in
     ascending expert order (their order on disk), all in flight at once. `after_first_wave`
@@ -294,10 +297,15 @@ class Forward:
 
     Experts are applied in ascending id order whatever the pool size, so results are
     bit-identical between a minimal pool and an all-resident one.
+
+    every_bucket (warm-up): after the first wave, the expert program also runs at each token
+    bucket up to bucket(len(ids)) (all the rows on one expert) that the wave did not use, with
+    zero weights over the wave's first slot, so each is compiled.
     """
     experts = [int(e) for e in np.unique(ids)]
     acc = jnp.zeros(xn.shape, jnp.float32)
     many = len(experts) > self.pool.num_slots
+    used = set()  # the token buckets run
     guessed = self.pool.guesses(layer) & set(experts) if many else set()
     for i, (wave, later) in enumerate(waves(experts, guessed, self.pool.num_slots)):
       slots = self.pool.acquire(layer, wave, later)
@@ -311,5 +319,13 @@ class Forward:
         w = np.zeros(b, np.float32)
         w[:len(tok)] = weights[tok, kpos]
         acc = steps.expert_scatter_add(self.spec, acc, xn, idx, w, self.pool.arrays(slot))
+        used.add(b)
+      if every_bucket and i == 0:
+        b = 2
+        while b <= bucket(len(ids), 2):
+          if b not in used:
+            acc = steps.expert_scatter_add(self.spec, acc, xn, np.zeros(b, np.int32),
+                                           np.zeros(b, np.float32), self.pool.arrays(slots[0]))
+          b *= 2
       acc.block_until_ready()  # the next wave may refill these slots
     return steps.moe_finish(self.spec, self.shared[layer], h, xn, acc)

@@ -203,8 +203,9 @@ class Scheduler:
     memory.return_freed_memory()
 
   def _warm_up(self) -> None:
-    """Compiles the programs a request needs (prompt buckets up to one chunk, one decode step)
-    so that the first client does not wait for XLA (seconds on the demo model)."""
+    """Compiles the programs a request needs (prompt buckets up to one chunk, batched decode
+    at every shape the stack can take) so that no client waits for XLA (seconds on the demo
+    model)."""
     eng = self.engine
     n_max = min(self.prefill_chunk, eng.max_context - 2)
     # varied ids: prefill compiles one expert program per bucket of tokens an expert gets, so
@@ -221,18 +222,11 @@ class Scheduler:
       if n >= n_max:
         break
       size *= 2
-    # batched decode: one program set per power-of-two batch size up to --parallel (the
-    # memory plan holds --parallel sequences' caches, no more)
-    nb = 2
-    while nb <= self.parallel:
-      seqs = [eng.session(min(eng.max_context, 16)) for _ in range(nb)]
-      for seq in seqs:
-        seq.advance(rng.randint(0, eng.spec.vocab_size, 8).tolist())
-      eng.feed_batch(seqs, rng.randint(0, eng.spec.vocab_size, nb).tolist())
-      for seq in seqs:  # their slots are free again
-        seq.close()
-      self._return_freed_memory()
-      nb *= 2
+    # batched decode: the programs of every stack shape (slot count, capacity) a batch of up
+    # to --parallel sequences can take under the engine's memory plan, derived from the rules
+    # the stack is sized with (BatchCache.shapes); one layer of a stack held at a time
+    eng.batch.warm(self.parallel, rng)
+    self._return_freed_memory()
 
   def _admit(self) -> None:
     while self._queue and self._queue[0].cancelled:
