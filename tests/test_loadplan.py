@@ -52,7 +52,7 @@ def test_rows_from_the_store_equal_the_embedding(tiny_stores):
   assert isinstance(budgeted.forward.embed, StoredRows)
   assert "embed" not in budgeted.forward.globals
   np.testing.assert_array_equal(np.asarray(budgeted.forward.embed(ids)), ref[ids])
-  whole = lazymoe_jax.load(store, expert_slots=4)
+  whole = lazymoe_jax.load(store, expert_slots=budgeted.pool.num_slots, max_context=64)  # alike
   assert isinstance(whole.forward.embed, ResidentRows)
   itemsize = fmt.numpy_dtype(manifest["embedding"]["dtype"]).itemsize
   assert whole.dense_bytes == budgeted.dense_bytes + 96 * 32 * itemsize  # counted
