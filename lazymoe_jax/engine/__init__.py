@@ -103,9 +103,8 @@ class Engine:
     self.embed = weights.embedding_rows(store_dir, self.manifest, spec, glob, hold=hold)
     if hold:
       memory.return_freed_memory()  # the read's buffers, before the pool is sized
-    held = [self.embed.table] if isinstance(self.embed, weights.ResidentRows) and not any(
-        self.embed.table is a for a in jax.tree.leaves(glob)) else []  # a table read whole
-    self.dense_bytes = sum(a.nbytes for a in jax.tree.leaves((glob, layers, held)))
+    self.dense_bytes = (sum(a.nbytes for a in jax.tree.leaves((glob, layers)))
+                        + self.embed.held_bytes)
     if self.plan is not None:
       self.planned = self.plan
       self.plan = budget.after_load(self.plan, resident_bytes(), total,
@@ -330,8 +329,8 @@ def load(store_dir: str, memory_budget_gb: float | None = None, expert_slots: in
   memory_budget_gb: plan dense params + KV cache + expert pool to fit (instead of
   expert_slots: slots of the pool shared by all layers, at least num_experts_per_tok; default
   as many as half the free RAM holds). Without a budget, a model whose experts and embedding
-  table fit that half of free RAM also holds the table (else rows are read per token). kv_bits (or k_bits / v_bits separately): TurboQuant KV
-  cache at 1-4 bits per coordinate (2.5 and 3.5 too); None keeps a float32 cache. prefetch: in
+  table fit that half of free RAM also holds the table (else rows are read per token).
+  kv_bits (or k_bits / v_bits separately): TurboQuant KV cache at 1-4 bits per coordinate (2.5 and 3.5 too); None keeps a float32 cache. prefetch: in
   decode, start reading the experts the next layers' routers predict while this layer's
   experts run. cache_policy: which pool slot a miss refills, "lru", "lfu" or "layer"
   (store/pool.py). max_context: positions a sequence may reach (prompt + new tokens); default

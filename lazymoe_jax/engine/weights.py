@@ -91,8 +91,10 @@ class ResidentRows:
   kept in the embedding's own dtype (the same numbers; the table is the head, counted once, as
   the head), or a version 5 store's table read whole (an engine without a memory budget)."""
 
-  def __init__(self, table: jax.Array):
+  def __init__(self, table: jax.Array, read_whole: bool = False):
     self.table = table
+    # bytes beyond the dense params: a table read whole (the others are dense params)
+    self.held_bytes = table.nbytes if read_whole else 0
 
   def __call__(self, ids: np.ndarray) -> jax.Array:
     return steps.embed(self.table, np.asarray(ids, np.int32))  # [T, H] float32
@@ -103,6 +105,7 @@ class StoredRows:
 
   def __init__(self, table: embedding_store.EmbeddingTable):
     self.table = table
+    self.held_bytes = 0  # its row caches are the plan's (embedding_store.HELD_BYTES)
 
   def __call__(self, ids: np.ndarray) -> np.ndarray:
     return self.table.rows(ids)  # [T, H] float32 (host; the jitted programs take it as is)
@@ -111,8 +114,9 @@ class StoredRows:
 def embedding_rows(store_dir: str, manifest: dict, spec: ModelSpec, glob: dict, hold: bool):
   """Where embedding rows come from: a version 4 store's resident embedding; else the head,
   where it is tied and resident in the table's own dtype; else the store's table (version 5):
-  held whole when `hold` (no memory budget: a lookup is then a take, where a read through
-  tensorstore costs ~0.3-0.5 ms a decode token, BUILD_NOTES "session 14"), else read per call."""
+  held whole when `hold` (the engine's choice: no memory budget, and the model fits; a lookup
+  is then a take, where a read through tensorstore costs ~0.3-0.5 ms a decode token,
+  BUILD_NOTES "session 14"), else read per call."""
   if "embed" in glob:
     return ResidentRows(glob["embed"])
   entry = manifest["embedding"]
@@ -122,5 +126,5 @@ def embedding_rows(store_dir: str, manifest: dict, spec: ModelSpec, glob: dict, 
     return ResidentRows(head)
   table = embedding_store.EmbeddingTable(store_dir, entry)
   if hold:
-    return ResidentRows(jax.device_put(table.read_all()).block_until_ready())
+    return ResidentRows(jax.device_put(table.read_all()).block_until_ready(), read_whole=True)
   return StoredRows(table)

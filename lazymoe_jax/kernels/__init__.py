@@ -8,8 +8,9 @@ is read when a program is traced.
 
   LAZYMOE_KERNELS      native | xla   (default: native when the library loaded, else xla with
                                        a one-line warning; native without it is an error)
-  LAZYMOE_KERNELS_ISA  portable | avx2 | avx2-vnni | avx512  (default: the best this CPU runs; forcing a
-                                       lower one is how the tests cover every variant)
+  LAZYMOE_KERNELS_ISA  portable | avx2 | avx2-vnni | avx512  (default: avx2-vnni where the CPU
+                                       has it, else avx2 or portable; forcing another is how
+                                       the tests cover every variant)
 
 Activations are quantised to int8 for the integer weight encodings (one int8 step per token
 and column range; `ACT_LEVELS` levels: the value, then its residual): results differ from the
@@ -31,12 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx2-vnni": 3}
-# Variants chosen by default when the CPU has them. The AVX-512 variant compiles but has not
-# yet been run on an AVX-512 machine (the one it was written on turned out to have none):
-# it runs only when asked for (LAZYMOE_KERNELS_ISA=avx512) until tests/test_kernels.py has
-# passed on such a CPU (BUILD_NOTES.md, "Native kernels").
-# avx2-vnni is the AVX2 kernels with vpdpbusd on ymm in the int4 / mxfp4 loops, where the
-# CPU has AVX512-VL + VNNI: the same integer sums, faster (BUILD_NOTES "session 13").
+# Variants chosen by default when the CPU has them. The AVX-512 variant passes the kernel
+# tests on AVX-512 machines but measured no faster than AVX2 there (BUILD_NOTES, sessions 9-12):
+# it runs only when asked for (LAZYMOE_KERNELS_ISA=avx512). avx2-vnni is the AVX2 kernels with
+# vpdpbusd (int4 / mxfp4) and vpdpwssd (int8) on ymm where the CPU has AVX512-VL + VNNI: the
+# same integer sums, faster (BUILD_NOTES "session 13", "session 14").
 DEFAULT_ISAS = ("portable", "avx2", "avx2-vnni")
 _ENC_IDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3, "mxfp4": 4}
 ENCODINGS = ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128", "mxfp4")

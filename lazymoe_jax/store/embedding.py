@@ -1,6 +1,6 @@
-"""The input embedding as a table on disk: under a memory budget the rows a call needs are read,
-the table is never held (a 201,088 x 2880 bf16 table is 1.16 GB, about a seventh of an 8 GB
-budget); without one the engine reads it whole once (read_all) and holds it.
+"""The input embedding as a table on disk: the rows a call needs are read, the table is not
+held (a 201,088 x 2880 bf16 table is 1.16 GB, about a seventh of an 8 GB budget); only an
+engine without a memory budget whose whole model fits reads it once (read_all) and holds it.
 
 STORE/embed/ is a tensorstore zarr3 array [vocab, hidden] in the checkpoint's float dtype,
 sharded: a shard file holds SHARD_ROWS rows, read in inner chunks of CHUNK_ROWS rows (the
@@ -87,8 +87,8 @@ class EmbeddingTable:
     self._recent_max = max(1, ROW_CACHE_BYTES // (int(entry["shape"][1]) * 4))
 
   def read_all(self) -> np.ndarray:
-    """The whole table [vocab, hidden] in its own dtype (an engine without a memory budget
-    holds it: engine/weights.embedding_rows)."""
+    """The whole table [vocab, hidden] in its own dtype (for an engine that holds it:
+    engine/weights.embedding_rows)."""
     try:
       return np.asarray(self.array.read().result())
     except Exception as e:  # pylint: disable=broad-except

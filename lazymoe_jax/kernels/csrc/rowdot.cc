@@ -433,6 +433,15 @@ TGT2 void i8w_tile2(const Weight& w, const Act& a, const int16_t* q16, int64_t l
     }
 }
 
+// TILE<R, mt, V>(...) for the token tile mt in 1..4 (the AVX2 tiles with a VNNI flag).
+#define LAZYMOE_MT_SWITCH_V(TILE, R, V, ...)     \
+  switch (mt) {                                  \
+    case 1: TILE<R, 1, V>(__VA_ARGS__); break;   \
+    case 2: TILE<R, 2, V>(__VA_ARGS__); break;   \
+    case 3: TILE<R, 3, V>(__VA_ARGS__); break;   \
+    default: TILE<R, 4, V>(__VA_ARGS__); break;  \
+  }
+
 // Inlined into rows_avx2: as a call of its own, the plain AVX2 one-token loop fell from 32 to
 // 19-22 GB/s L2-hot (gcc then laid the tiles out differently).
 template <bool VNNI>
@@ -440,25 +449,14 @@ TGT2 inline __attribute__((always_inline)) void i8w_tiles2(int rr, int mt, const
                                                            const Act& a, const int16_t* q16,
                                                            int64_t ld16, int64_t o, int m0,
                                                            int64_t* raw, int M) {
-#define LAZYMOE_I8(R, MT) i8w_tile2<R, MT, VNNI>(w, a, q16, ld16, o, m0, raw, M)
   if (rr == 4) {
-    if (mt == 2) LAZYMOE_I8(4, 2); else LAZYMOE_I8(4, 1);
+    if (mt == 2) i8w_tile2<4, 2, VNNI>(w, a, q16, ld16, o, m0, raw, M);
+    else i8w_tile2<4, 1, VNNI>(w, a, q16, ld16, o, m0, raw, M);
   } else if (rr == 2) {
-    switch (mt) {
-      case 1: LAZYMOE_I8(2, 1); break;
-      case 2: LAZYMOE_I8(2, 2); break;
-      case 3: LAZYMOE_I8(2, 3); break;
-      default: LAZYMOE_I8(2, 4); break;
-    }
+    LAZYMOE_MT_SWITCH_V(i8w_tile2, 2, VNNI, w, a, q16, ld16, o, m0, raw, M)
   } else {
-    switch (mt) {
-      case 1: LAZYMOE_I8(1, 1); break;
-      case 2: LAZYMOE_I8(1, 2); break;
-      case 3: LAZYMOE_I8(1, 3); break;
-      default: LAZYMOE_I8(1, 4); break;
-    }
+    LAZYMOE_MT_SWITCH_V(i8w_tile2, 1, VNNI, w, a, q16, ld16, o, m0, raw, M)
   }
-#undef LAZYMOE_I8
 }
 
 // Activation layouts of the AVX2 int4 / mxfp4 tiles, made once in prepare() from Act
@@ -768,14 +766,7 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
             break;
           case kMXFP4:
             if (rr == 2) mx_tile2<2, 1, VNNI>(w, a, pa, ot, m0, rf + r0t * M, M);
-            else {
-              switch (mt) {
-                case 1: mx_tile2<1, 1, VNNI>(w, a, pa, ot, m0, rf + r0t * M, M); break;
-                case 2: mx_tile2<1, 2, VNNI>(w, a, pa, ot, m0, rf + r0t * M, M); break;
-                case 3: mx_tile2<1, 3, VNNI>(w, a, pa, ot, m0, rf + r0t * M, M); break;
-                default: mx_tile2<1, 4, VNNI>(w, a, pa, ot, m0, rf + r0t * M, M); break;
-              }
-            }
+            else { LAZYMOE_MT_SWITCH_V(mx_tile2, 1, VNNI, w, a, pa, ot, m0, rf + r0t * M, M) }
             break;
           default: break;
         }
