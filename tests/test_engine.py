@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import lazymoe_jax
+from lazymoe_jax import kernels
 from lazymoe_jax.engine import forward
-from tests.conftest import token_ids
+from tests.conftest import convert_cli, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,46 @@ def test_batched_greedy_decode_equals_generate(mixtral):
     for o, t in zip(out, toks):
       o.append(t)
   assert out == want
+
+
+@pytest.mark.parametrize("family,expert_dtype", [
+    ("mixtral", None), ("mixtral", "int8"), ("gpt_oss", "int4"), ("gpt_oss", "mxfp4"),
+    ("deepseek_v3", None), ("qwen2_moe", "int8")])  # biases, sinks; latent, dense layer; shared
+def test_a_resident_batch_decodes_in_one_program_bit_for_bit(tiny_stores, tmp_path, family,
+                                                             expert_dtype):
+  """Every expert resident: a batched decode step runs as one program
+  (steps.decode_batch_step, native kernels) and gives the layer loop's logits bit for bit,
+  with a padding slot (3 sequences in 4 slots) and the acquires counted as the loop counts
+  them."""
+  store = tiny_stores[family][1]
+  if expert_dtype is not None:
+    store = str(tmp_path / "store")
+    res = convert_cli(tiny_stores[family][0], store, f"--expert_dtype={expert_dtype}")
+    assert res.returncode == 0, res.stderr[-2000:]
+  engine = lazymoe_jax.load(store, prefetch=False)
+  assert engine.load_all_experts()
+  prompts = [token_ids(n, seed=s) for n, s in ((5, 1), (9, 2), (3, 3))]
+  steps = [token_ids(4, seed=20 + i) for i in range(4)]
+
+  def decode(whole_step):
+    engine.forward.whole_step = whole_step
+    seqs = [engine.session() for _ in prompts]
+    for s, p in zip(seqs, prompts):
+      s.feed(p)
+    hits, whole = engine.pool.hits, engine.stats()["whole_steps"]
+    out = [engine.feed_batch(seqs, step[:3]) for step in steps]
+    assert engine.batch.num_slots == 4
+    for s in seqs:
+      s.close()
+    return np.stack(out), engine.pool.hits - hits, engine.stats()["whole_steps"] - whole
+
+  loop, loop_hits, loop_whole = decode(False)
+  one, one_hits, one_whole = decode(True)
+  assert loop_whole == 0
+  assert one_whole == (4 * 3 if kernels.mode() == "native" else 0)
+  np.testing.assert_array_equal(one, loop)
+  assert one_hits == loop_hits and engine.stats()["expert_misses"] == \
+      len(engine.spec.moe_layers) * engine.spec.num_experts  # read once, by load_all_experts
 
 
 # dense / TurboQuant / sinks + window / latent caches

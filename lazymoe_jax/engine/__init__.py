@@ -166,6 +166,18 @@ class Engine:
     self.note_kv_bytes(self.batch.slot_bytes())
     return self.forward.head_rows(x, self.batch.num_slots)[rows]
 
+  def load_all_experts(self) -> bool:
+    """Reads every expert the pool lacks, when it has a slot for each: the model is then
+    resident, and every decode step runs as one program (steps.decode_step,
+    steps.decode_batch_step) from the first request on. Returns whether the pool holds every
+    expert; a pool with fewer slots is left as it is (experts are read as tokens pick them)."""
+    layers = self.forward.moe_order
+    if self.pool.num_slots < len(layers) * self.spec.num_experts:
+      return False
+    for layer in layers:
+      self.pool.acquire(layer, range(self.spec.num_experts))
+    return self.pool.holds_all(layers)
+
   # ---- whole-sequence calls --------------------------------------------------------------
   def logits(self, token_ids: Sequence[int]) -> np.ndarray:
     """Teacher-forced logits float32 [len(token_ids), vocab] with a fresh cache."""
@@ -241,7 +253,9 @@ class Engine:
         "whole_steps": self.forward.whole_steps,
         "io_wait_s": self.pool.io_wait_s,
         "disk_busy_s": self.experts.disk_busy.seconds(),
-        "dense_bytes": self.dense_bytes,
+        "dense_bytes": self.dense_bytes,  # the held embedding table included
+        "embedding_held_bytes": self.embed.held_bytes,
+        "expert_bytes": self.experts.bytes_per_expert,
         "peak_rss_bytes": memory.peak_rss(),
         **self._last,
     }

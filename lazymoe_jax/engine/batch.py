@@ -227,7 +227,9 @@ class BatchCache:
     step of run_batch with min(slots, parallel) live rows (the expert program at every token
     bucket a row count can give, run with zero weights), the head over the slots, a stack's
     empty layer, and a session's own cache of each capacity up to the stack's put into a slot
-    (a join). Holds one layer of a stack at a time. Needs an empty batch (before serving).
+    (a join). Holds one layer of a stack at a time, except where the pool holds every expert
+    and the step is one program (Forward.whole_step_ready): that program takes the whole
+    stack, which the plan holds at that shape. Needs an empty batch (before serving).
     Returns the shapes."""
     if self.layers is not None:
       raise RuntimeError("BatchCache.warm needs an empty batch (no sequence in it).")
@@ -237,12 +239,16 @@ class BatchCache:
     shapes = self.shapes(parallel)
     for slots, cap in shapes:
       live = min(slots, parallel)
-      stack = _OneLayerAtATime(lambda s=slots, c=cap: empty_layer(kv, spec, c + 1, s),
-                               spec.num_hidden_layers)
+      if fwd.whole_step_ready(slots):  # one program over the whole stack (a stack of the plan)
+        stack = [empty_layer(kv, spec, cap + 1, slots) for _ in range(spec.num_hidden_layers)]
+      else:
+        stack = _OneLayerAtATime(lambda s=slots, c=cap: empty_layer(kv, spec, c + 1, s),
+                                 spec.num_hidden_layers)
       tok = rng.randint(0, spec.vocab_size, slots).astype(np.int32)
       pos = np.full(slots, cap, np.int32)  # as BatchCache.step: padding rows at the scratch
       pos[:live] = rng.randint(0, cap, live)
       x, _ = fwd.run_batch(tok, pos, np.arange(live, dtype=np.int32), stack, every_bucket=True)
+      del stack
       fwd.head_rows(x, slots)
       layer = empty_layer(kv, spec, cap + 1, slots)
       for own in caps:

@@ -166,7 +166,7 @@ class Forward:
     padded[:n] = tokens
     pos = start + np.arange(tb, dtype=np.int32)  # host arrays: the programs take them as is
     x = self.embed(padded)
-    if n == 1 and self._whole_step_ready():
+    if n == 1 and self.whole_step_ready():
       x, caches = steps.decode_step(spec, self.kv, self.pool.arrays(0)["w_gate_up"].encoding.name,
                                     self.pool.layout(), tuple(self.layers), self._slot_table[1],
                                     self.pool.arena_array(), x, pos, tuple(cache))
@@ -213,6 +213,17 @@ class Forward:
     spec = self.spec
     pos = np.asarray(positions, np.int32)  # host arrays: the programs take them as is
     x = self.embed(np.asarray(tokens, np.int32))
+    if isinstance(stack, list) and self.whole_step_ready(len(tokens)):
+      live = np.zeros(len(tokens), bool)
+      live[rows] = True
+      x, layers, experts = steps.decode_batch_step(
+          spec, self.kv, self.pool.arrays(0)["w_gate_up"].encoding.name, self.pool.layout(),
+          tuple(self.layers), self._slot_table[1], self.pool.arena_array(), x, pos, live,
+          tuple(stack))
+      stack[:] = layers
+      self.whole_steps += len(rows)
+      self.pool.count_hits(int(np.asarray(experts).sum()))  # what run's acquires would count
+      return x, stack
     for layer, p in enumerate(self.layers):
       window = spec.layers[layer].window
       h, xn, stack[layer] = steps.attention_batch(spec, self.kv, window, p, x, pos, stack[layer])
@@ -233,16 +244,17 @@ class Forward:
     return x, stack
 
   # ---- shared pieces -----------------------------------------------------------------------
-  def _whole_step_ready(self) -> bool:
-    """Whether one decode token can run as steps.decode_step: every expert resident (nothing
-    to read, nothing to prefetch), the native expert kernels for one token, the arena aliased
+  def whole_step_ready(self, rows: int = 1) -> bool:
+    """Whether a decode step of `rows` tokens (one per sequence) can run as one program
+    (steps.decode_step, steps.decode_batch_step): every expert resident (nothing to read,
+    nothing to prefetch), the native expert kernels for that many tokens, the arena aliased
     as one device array, and no observer of the routers (self.trace). Keeps the copy of the
     pool's slot table current."""
     if not (self.whole_step and self.trace is None and self.moe_order
             and self.pool.holds_all(self.moe_order)):
       return False
     enc = self.pool.arrays(0)["w_gate_up"].encoding.name
-    if not kernels.native_for(enc, 1) or self.pool.arena_array() is None:
+    if not kernels.native_for(enc, rows) or self.pool.arena_array() is None:
       return False
     if self._slot_table is None or self._slot_table[0] != self.pool.version:
       # kept on the host (a few KB, copied in with each call): the device holds no state of it

@@ -227,8 +227,11 @@ def moe_ffn_pooled(encoding: str, arena: jax.Array, layout: tuple, slots: jax.Ar
   arena: the pool's slots as one uint8 [bytes] array (ExpertPool.arena_array); layout =
   (inter, slot_bytes, offsets): the expert width, the bytes between slots, and the byte offsets
   inside a slot of w_gate_up, its scale, w_down, its scale, b_gate_up, b_down (-1: absent;
-  ExpertPool.layout); slots int32 [k], computed inside the program (a decode step that picks
-  its experts on the device); x [T, H], weights [T, k]."""
+  ExpertPool.layout); slots int32, computed inside the program (a decode step that picks its
+  experts on the device): [k], the experts of every token, or [T, k], each token's own (-1:
+  none), each distinct slot's expert then run once over the tokens that name it (one decode
+  token of each of T sequences; a token's result is the same whichever others share the
+  call); x [T, H], weights [T, k] (a token's picks are summed in their order)."""
   kind_act, alpha, limit = act
   if kind_act not in ACTIVATIONS:
     raise ValueError(f"unknown expert activation {kind_act!r}; choose one of {list(ACTIVATIONS)}.")

@@ -192,3 +192,41 @@ def decode_step(spec: ModelSpec, kv, encoding: str, layout: tuple, ps: tuple, ta
     x = h + (routed + _shared(spec.moe, shared_params(p), xn))
     m += 1
   return x, tuple(caches)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "kv", "encoding", "layout"),
+                   donate_argnames=("stack",))
+def decode_batch_step(spec: ModelSpec, kv, encoding: str, layout: tuple, ps: tuple,
+                      table: jax.Array, arena: jax.Array, x: jax.Array, pos: jax.Array,
+                      live: jax.Array, stack: tuple):
+  """One decode token of each of N sequences through every layer, every expert resident: the
+  same operations as attention_batch, route_block (or dense_mlp) and the grouped experts then
+  moe_finish layer by layer, in one program. Each row's picks go in ascending expert order,
+  the order the layer loop adds them in (results equal it bit for bit), as slots of `table`
+  (decode_step) to kernels.moe_ffn_pooled, which runs each expert the batch picks once over
+  its rows; rows not `live` (bool [N], padding) pick none. x [N, H], pos [N], stack: every
+  layer's stacked caches (engine/batch.py). Returns (x, stack, experts: int32 [MoE layers],
+  the distinct experts each layer ran: the acquires the layer loop would have made)."""
+  act = spec.moe.act
+  stack = list(stack)
+  experts = []
+  m = 0
+  for layer, p in enumerate(ps):
+    window = spec.layers[layer].window
+    h, xn, stack[layer] = _attention_residual(spec, kv, window, p, x, pos, stack[layer],
+                                              batched=True)
+    if spec.layers[layer].mlp == DENSE_MLP:
+      x = h + layers.swiglu(p["w_gate_up"], p["w_down"], xn)
+      continue
+    ids, weights = _route(spec.moe, p, xn)
+    order = jnp.argsort(ids, axis=1)
+    ids = jnp.take_along_axis(ids, order, axis=1)
+    weights = jnp.take_along_axis(weights, order, axis=1)
+    slots = jnp.where(live[:, None], table[m][ids], -1)
+    routed = kernels.moe_ffn_pooled(encoding, arena, layout, slots, xn, weights,
+                                    (act.kind, act.alpha, act.limit))
+    x = h + (routed + _shared(spec.moe, shared_params(p), xn))
+    picked = jnp.zeros(spec.num_experts, jnp.int32).at[ids].max(live[:, None].astype(jnp.int32))
+    experts.append(picked.sum())
+    m += 1
+  return x, tuple(stack), jnp.stack(experts)

@@ -456,6 +456,8 @@ def stats_json(state: ServerState) -> dict:
       "pool_slots": eng_stats.get("pool_slots", 0),
       "pool_bytes": eng_stats.get("pool_bytes", 0),
       "dense_bytes": eng_stats.get("dense_bytes", 0),
+      "embedding_held_bytes": eng_stats.get("embedding_held_bytes", 0),
+      "expert_bytes": eng_stats.get("expert_bytes", 0),
       "peak_rss_bytes": eng_stats.get("peak_rss_bytes", 0),
       "max_context": eng.max_context if eng is not None else None,
       "memory_plan": plan.describe() if plan is not None else None,
@@ -498,6 +500,9 @@ class _EngineCollector:
     yield gauge("prompt_tokens_per_second", "Prefill tokens/s over the last chunks.",
                 s["prompt_tokens_per_s"])
     yield gauge("mean_batch", "Mean sequences per decode step (last steps).", s["mean_batch"])
+    yield gauge("decode_experts_per_token", "Experts run per generated token, all MoE layers "
+                "(last steps; a batch runs each expert it picks once).",
+                s["decode_experts_per_token"])
     yield gauge("time_to_first_token_seconds", "Mean time to first token (last requests).",
                 s["time_to_first_token_s"])
     yield counter("expert_hits", "Expert lookups served by the pool.", s["expert_hits"])

@@ -91,7 +91,8 @@ class Scheduler:
     self._thread = threading.Thread(target=self._main, name="lazymoe-engine", daemon=True)
     # figures (written on the engine thread under _cond, read by snapshot())
     self._counts = collections.Counter()
-    self._decode_steps = collections.deque(maxlen=RATE_WINDOW_STEPS)  # (tokens, seconds)
+    # (tokens, seconds, experts the step ran: acquires, or the resident program's count)
+    self._decode_steps = collections.deque(maxlen=RATE_WINDOW_STEPS)
     self._prefill_steps = collections.deque(maxlen=RATE_WINDOW_STEPS)
     self._busy = collections.deque()  # (wall time, disk_busy_s)
     self._engine_stats: dict = {}
@@ -138,8 +139,9 @@ class Scheduler:
   def snapshot(self) -> dict:
     """The server's and the engine's figures, safe to call from any thread."""
     with self._cond:
-      dec_tok = sum(n for n, _ in self._decode_steps)
-      dec_s = sum(s for _, s in self._decode_steps)
+      dec_tok = sum(n for n, _, _ in self._decode_steps)
+      dec_s = sum(s for _, s, _ in self._decode_steps)
+      dec_experts = sum(e for _, _, e in self._decode_steps)
       pre_tok = sum(n for n, _ in self._prefill_steps)
       pre_s = sum(s for _, s in self._prefill_steps)
       busy = 0.0
@@ -162,6 +164,9 @@ class Scheduler:
           "decode_tokens_per_s": dec_tok / dec_s if dec_s else 0.0,
           "prompt_tokens_per_s": pre_tok / pre_s if pre_s else 0.0,
           "mean_batch": dec_tok / len(self._decode_steps) if self._decode_steps else 0.0,
+          # experts run per generated token over all MoE layers: what batching shares (a step
+          # runs each expert its sequences pick once)
+          "decode_experts_per_token": dec_experts / dec_tok if dec_tok else 0.0,
           "disk_busy_fraction": min(max(busy, 0.0), 1.0),
           "time_to_first_token_s": float(np.mean(self._ttft)) if self._ttft else 0.0,
           "kv_cache_bytes_active": self._kv_active,
@@ -211,6 +216,9 @@ class Scheduler:
     at every shape the stack can take) so that no client waits for XLA (seconds on the demo
     model)."""
     eng = self.engine
+    # a pool with a slot for every expert reads them all now, so that decode runs as one
+    # program per step (Forward.whole_step_ready) from the first request, and is compiled so
+    eng.load_all_experts()
     n_max = min(self.prefill_chunk, eng.max_context - 2)
     # varied ids: prefill compiles one expert program per bucket of tokens an expert gets, so
     # a prompt of one repeated token would compile only the largest
@@ -284,6 +292,7 @@ class Scheduler:
                                  f"{job.session.max_context} positions"))
       batch.remove(job)
     if batch:
+      acquires = eng.pool.hits + eng.pool.misses
       try:
         logits = eng.feed_batch([j.session for j in batch], [j.pending_token for j in batch])
       except Exception as e:  # pylint: disable=broad-except
@@ -295,7 +304,8 @@ class Scheduler:
         self._on_logits(job, row)
       if batch:
         with self._cond:
-          self._decode_steps.append((len(batch), t2 - t1))
+          self._decode_steps.append((len(batch), t2 - t1,
+                                     eng.pool.hits + eng.pool.misses - acquires))
           self._counts["decode_steps"] += 1
     self._refresh_stats()
 

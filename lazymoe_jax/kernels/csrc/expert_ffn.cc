@@ -2,6 +2,12 @@
 //   out = sum_j weights[:, j] * (W_down_j act(W_gate_up_j x + b_gate_up_j) + b_down_j)
 // with w_gate_up [2I, H] (gate rows, then up rows), w_down [H, I], in one encoding.
 //
+// The experts either all see every token (moe_ffn; moe_ffn_pooled with slots [k]) or each
+// sees only the tokens that picked it (moe_ffn_pooled with slots [T, k]: one decode token of
+// each of T sequences, grouped by expert as prefill groups a prompt); then a phase (0) first
+// gathers and prepares each expert's tokens, and every token's sum runs over its own picks in
+// their order. A token's result does not depend on which other tokens share the call.
+//
 // Work split in four claimed phases (run_phases): (1) row chunks of every expert's gate and
 // up products, each finished by the activation into the expert's hidden row [T, I]; (2) the
 // hidden rows prepared for the down product, one unit per expert, over the whole expert width;
@@ -11,6 +17,7 @@
 // share of a phase is one stream per expert (run_phases; reading each output chunk across
 // the k experts, as (3) did before, made k short streams per unit). Each output element is
 // written by one unit, and the result does not depend on the number of threads.
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <utility>
@@ -25,25 +32,44 @@ enum ActKind : int { kSilu = 0, kClampedSwiglu = 1 };
 struct MoeJob {
   int isa = 0, enc = 0, group = 0, levels = 2, act = kSilu;
   float alpha = 1.702f, limit = 7.0f;
-  int64_t t = 0, h = 0, inter = 0, k = 0;
+  int64_t t = 0, h = 0, inter = 0;
+  int64_t k = 0;   // experts in the call
+  int64_t kt = 0;  // picks per token: the columns of weights (k unless grouped)
   std::vector<Weight> gu, dn;
   std::vector<const float*> b_gu, b_dn;
-  const float* weights = nullptr;  // [T, k]
+  const float* x = nullptr;        // [T, H]
+  const float* weights = nullptr;  // [T, kt]
   float* out = nullptr;            // [T, H]
-  Act ax;                          // x prepared for the gate_up rows
-  std::vector<std::vector<float>> hid;  // per expert [T, I]
+  // grouped: the tokens of expert j (ascending); empty: every expert sees every token
+  std::vector<std::vector<int32_t>> members;
+  std::vector<int64_t> te;          // tokens of expert j
+  std::vector<int32_t> pick, row;   // [T, kt]: the expert of each pick (-1: none), its row there
+  std::vector<std::vector<float>> xg;   // grouped: expert j's tokens' rows of x [te, H]
+  std::vector<Act> ax;                  // x prepared for the gate_up rows: one, or per expert
+  std::vector<std::vector<float>> hid;  // per expert [te, I]
   std::vector<Act> ah;                  // hid prepared for the down rows
-  std::vector<std::vector<float>> ydn;  // per expert [T, H]: its down product plus bias
+  std::vector<std::vector<float>> ydn;  // per expert [te, H]: its down product plus bias
   int64_t chunk_i = 0, chunk_o = 0, units_i = 0, units_o = 0, chunk_s = 0;
+
+  const Act& x_of(int64_t j) const { return ax[ax.size() == 1 ? 0 : j]; }
+
+  // Phase 0 (grouped) unit j: expert j's tokens gathered and prepared for its gate_up rows.
+  void prepare_x(int64_t j) {
+    const int64_t n = te[j];
+    xg[j].resize(size_t(n * h));
+    for (int64_t r = 0; r < n; ++r)
+      std::copy(x + members[j][r] * h, x + (members[j][r] + 1) * h, xg[j].data() + r * h);
+    prepare(ax[j], isa, enc, gu[j].group, levels, xg[j].data(), h, int(n), 0, h);
+  }
 
   // Phase 1 unit u: gate / up rows [i0, i1) of expert u / units_i, then the activation.
   void gate_up(int64_t u) {
     const int64_t j = u / units_i, i0 = (u % units_i) * chunk_i;
-    const int64_t i1 = std::min(inter, i0 + chunk_i), n = i1 - i0;
-    std::vector<float> gate(t * n), up(t * n);
-    rows(gu[j], ax, i0, i1, gate.data(), n);
-    rows(gu[j], ax, inter + i0, inter + i1, up.data(), n);
-    for (int64_t tt = 0; tt < t; ++tt)
+    const int64_t i1 = std::min(inter, i0 + chunk_i), n = i1 - i0, tj = te[j];
+    std::vector<float> gate(tj * n), up(tj * n);
+    rows(gu[j], x_of(j), i0, i1, gate.data(), n);
+    rows(gu[j], x_of(j), inter + i0, inter + i1, up.data(), n);
+    for (int64_t tt = 0; tt < tj; ++tt)
       for (int64_t i = 0; i < n; ++i) {
         float g = gate[tt * n + i], uv = up[tt * n + i];
         if (b_gu[j]) {
@@ -63,7 +89,7 @@ struct MoeJob {
   }
 
   void prepare_down(int64_t j) {
-    prepare(ah[j], isa, enc, group, levels, hid[j].data(), inter, int(t), 0, inter);
+    prepare(ah[j], isa, enc, group, levels, hid[j].data(), inter, int(te[j]), 0, inter);
   }
 
   // Phase 3 unit u: down rows [o0, o1) of expert u / units_o, plus its bias.
@@ -73,25 +99,28 @@ struct MoeJob {
     float* yd = ydn[j].data();
     rows(dn[j], ah[j], o0, o1, yd + o0, h);
     if (b_dn[j])
-      for (int64_t tt = 0; tt < t; ++tt)
+      for (int64_t tt = 0; tt < te[j]; ++tt)
         for (int64_t o = 0; o < n; ++o) yd[tt * h + o0 + o] += b_dn[j][o0 + o];
   }
 
-  // Phase 4 unit u: output rows [o0, o1), the weighted sum over the experts in order.
+  // Phase 4 unit u: output rows [o0, o1), the weighted sum over each token's picks in order.
   void sum(int64_t u) {
     const int64_t o0 = u * chunk_s, o1 = std::min(h, o0 + chunk_s);
     for (int64_t tt = 0; tt < t; ++tt) {
       float* y = out + tt * h;
       std::fill(y + o0, y + o1, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const float wj = weights[tt * k + j];
-        const float* d = ydn[j].data() + tt * h;
+      for (int64_t j = 0; j < kt; ++j) {
+        const int32_t e = pick[tt * kt + j];
+        if (e < 0) continue;
+        const float wj = weights[tt * kt + j];
+        const float* d = ydn[e].data() + int64_t(row[tt * kt + j]) * h;
         for (int64_t o = o0; o < o1; ++o) y[o] += wj * d[o];
       }
     }
   }
 };
 
+// Runs a job whose weights are bound; members empty: every expert sees every token.
 ffi::Future launch(ffi::ThreadPool pool, std::shared_ptr<MoeJob> job, const float* x,
                    const float* weights, float* out);
 
@@ -168,10 +197,12 @@ ffi::Future MoeFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return launch(pool, job, x.typed_data(), weights.typed_data(), y->typed_data());
 }
 
-// Runs a job whose weights are bound (gu, dn, b_gu, b_dn, t, h, inter, k and the attributes).
+// Runs a job whose weights are bound (gu, dn, b_gu, b_dn, t, h, inter, k, kt and the
+// attributes; members, pick and row when grouped).
 ffi::Future launch(ffi::ThreadPool pool, std::shared_ptr<MoeJob> job, const float* x,
                    const float* weights, float* out) {
   MoeJob& jb = *job;
+  jb.x = x;
   jb.weights = weights;
   jb.out = out;
   if (jb.t == 0) {
@@ -180,23 +211,49 @@ ffi::Future launch(ffi::ThreadPool pool, std::shared_ptr<MoeJob> job, const floa
     p.SetAvailable();
     return f;
   }
-  prepare(jb.ax, jb.isa, jb.enc, jb.gu[0].group, jb.levels, x, jb.h, int(jb.t), 0, jb.h);
-  const int parts = num_parts(pool, 3.0 * double(jb.inter) * jb.h * jb.k * jb.t);
+  const bool grouped = !jb.members.empty();
+  if (grouped) {
+    jb.te.resize(jb.k);
+    for (int64_t j = 0; j < jb.k; ++j) jb.te[j] = int64_t(jb.members[j].size());
+    jb.xg.resize(jb.k);
+    jb.ax.resize(jb.k);
+  } else {  // pick j of token t is expert j, row t
+    jb.kt = jb.k;
+    jb.te.assign(jb.k, jb.t);
+    jb.pick.resize(jb.t * jb.k);
+    jb.row.resize(jb.t * jb.k);
+    for (int64_t tt = 0; tt < jb.t; ++tt)
+      for (int64_t j = 0; j < jb.k; ++j) {
+        jb.pick[tt * jb.k + j] = int32_t(j);
+        jb.row[tt * jb.k + j] = int32_t(tt);
+      }
+    jb.ax.resize(1);
+    prepare(jb.ax[0], jb.isa, jb.enc, jb.gu[0].group, jb.levels, x, jb.h, int(jb.t), 0, jb.h);
+  }
+  int64_t pairs = 0;  // (token, expert) products
+  for (int64_t n : jb.te) pairs += n;
+  const int64_t tm = std::max<int64_t>(1, (pairs + jb.k - 1) / std::max<int64_t>(jb.k, 1));
+  const int parts = num_parts(pool, 3.0 * double(jb.inter) * jb.h * pairs);
   // units of ~256K weights: gate + up rows of H columns; down rows of I columns; output rows
-  // of k x T sums (~64K)
-  jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * jb.t, 262144.0, 16);
-  jb.chunk_o = rows_per_unit(jb.h, double(jb.inter) * jb.t, 262144.0, 4);
-  jb.chunk_s = rows_per_unit(jb.h, double(jb.k) * jb.t, 65536.0, 16);
+  // of kt x T sums (~64K); tm: an expert's tokens on average
+  jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * tm, 262144.0, 16);
+  jb.chunk_o = rows_per_unit(jb.h, double(jb.inter) * tm, 262144.0, 4);
+  jb.chunk_s = rows_per_unit(jb.h, double(jb.kt) * jb.t, 65536.0, 16);
   jb.units_i = (jb.inter + jb.chunk_i - 1) / jb.chunk_i;
   jb.units_o = (jb.h + jb.chunk_o - 1) / jb.chunk_o;
-  jb.hid.assign(jb.k, std::vector<float>(size_t(jb.t * jb.inter)));
+  jb.hid.resize(jb.k);
+  jb.ydn.resize(jb.k);
+  for (int64_t j = 0; j < jb.k; ++j) {
+    jb.hid[j].assign(size_t(jb.te[j] * jb.inter), 0.0f);
+    jb.ydn[j].assign(size_t(jb.te[j] * jb.h), 0.0f);
+  }
   jb.ah.resize(jb.k);
-  jb.ydn.assign(jb.k, std::vector<float>(size_t(jb.t * jb.h)));
-  std::vector<Phase> phases(4);
-  phases[0] = {jb.k * jb.units_i, [job](int64_t u) { job->gate_up(u); }};
-  phases[1] = {jb.k, [job](int64_t j) { job->prepare_down(j); }};
-  phases[2] = {jb.k * jb.units_o, [job](int64_t u) { job->down(u); }};
-  phases[3] = {(jb.h + jb.chunk_s - 1) / jb.chunk_s, [job](int64_t u) { job->sum(u); }};
+  std::vector<Phase> phases;
+  if (grouped) phases.push_back({jb.k, [job](int64_t j) { job->prepare_x(j); }});
+  phases.push_back({jb.k * jb.units_i, [job](int64_t u) { job->gate_up(u); }});
+  phases.push_back({jb.k, [job](int64_t j) { job->prepare_down(j); }});
+  phases.push_back({jb.k * jb.units_o, [job](int64_t u) { job->down(u); }});
+  phases.push_back({(jb.h + jb.chunk_s - 1) / jb.chunk_s, [job](int64_t u) { job->sum(u); }});
   return run_phases(pool, parts, std::move(phases), [] {});
 }
 
@@ -212,9 +269,11 @@ void weight_bytes(int enc, int group, int64_t rows, int64_t cols, int64_t* data,
 }
 
 // The same experts, located in the expert pool's arena (store/pool.py: every slot's arrays
-// carved out of one mapping, `slot_bytes` apart) by the slot indices `slots` [k], an input
-// of the program: a decode step can pick its experts without a round trip to the host.
-// offsets = the byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
+// carved out of one mapping, `slot_bytes` apart) by slot indices, an input of the program:
+// a decode step can pick its experts without a round trip to the host. slots [k]: every token
+// runs through the k experts; slots [T, k]: token t through its own row, -1 for no expert
+// (a batch's padding rows), each distinct slot's expert run once over the tokens naming it,
+// the slots in ascending order. offsets = the byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
 // b_gate_up, b_down (-1: absent).
 ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> slots,
@@ -224,7 +283,10 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Span<const int64_t> offsets) {
   auto xd = x.dimensions(), wd = weights.dimensions(), sd = slots.dimensions();
   if (xd.size() != 2) return failed("moe_ffn_pooled: x must be [T, H], got " + dims_str(xd));
-  if (sd.size() != 1) return failed("moe_ffn_pooled: slots must be [k], got " + dims_str(sd));
+  if (sd.size() != 1 && !(sd.size() == 2 && sd[0] == xd[0]))
+    return failed("moe_ffn_pooled: slots must be [k] or [T, k] with T = " +
+                  std::to_string(xd[0]) + " (x's rows), got " + dims_str(sd));
+  const bool grouped = sd.size() == 2;
   auto job = std::make_shared<MoeJob>();
   MoeJob& jb = *job;
   std::string err = set_attrs(jb, enc, group, isa, levels, act, alpha, limit);
@@ -235,15 +297,15 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return failed("moe_ffn_pooled: int4 group must be 32, 64 or 128");
   jb.t = xd[0];
   jb.h = xd[1];
-  jb.k = sd[0];
+  jb.kt = sd[sd.size() - 1];
   jb.inter = inter;
-  if (jb.k <= 0) return failed("moe_ffn_pooled: slots must name at least one expert");
+  if (jb.kt <= 0) return failed("moe_ffn_pooled: slots must name at least one expert");
   constexpr int64_t kMaxWidth = int64_t(1) << 24;  // as read_weight's column limit
   if (jb.h > kMaxWidth || inter > kMaxWidth)
     return failed("moe_ffn_pooled: expert sizes out of range");
-  if (wd.size() != 2 || wd[0] != jb.t || wd[1] != jb.k)
+  if (wd.size() != 2 || wd[0] != jb.t || wd[1] != jb.kt)
     return failed("moe_ffn_pooled: weights must be [T, k] = [" + std::to_string(jb.t) + ", " +
-                  std::to_string(jb.k) + "], got " + dims_str(wd));
+                  std::to_string(jb.kt) + "], got " + dims_str(wd));
   auto yd = y->dimensions();
   if (yd.size() != 2 || yd[0] != jb.t || yd[1] != jb.h)
     return failed("moe_ffn_pooled: output shape " + dims_str(yd) + " is not [T, H]");
@@ -275,12 +337,47 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t num_slots = slot_bytes > 0 ? arena.dimensions()[0] / slot_bytes : 0;
   const uint8_t* base = static_cast<const uint8_t*>(arena.untyped_data());
   const int32_t* sl = slots.typed_data();
+  const int64_t count = grouped ? jb.t * jb.kt : jb.kt;
+  for (int64_t i = 0; i < count; ++i)
+    if (sl[i] < (grouped ? -1 : 0) || sl[i] >= num_slots)
+      return failed("moe_ffn_pooled: slot " + std::to_string(sl[i]) + " of " +
+                    (grouped ? "token " + std::to_string(i / jb.kt) + ", pick " +
+                                   std::to_string(i % jb.kt)
+                             : "expert " + std::to_string(i)) +
+                    " is outside the pool's " + std::to_string(num_slots) + " slots" +
+                    (grouped ? " (-1: none)" : ""));
+  std::vector<int32_t> used(sl, sl + jb.kt);  // the experts' slots, in the call's order
+  if (grouped) {  // distinct slots ascending; each token's picks mapped to (expert, row)
+    used.assign(sl, sl + count);
+    std::sort(used.begin(), used.end());
+    used.erase(std::unique(used.begin(), used.end()), used.end());
+    if (!used.empty() && used[0] < 0) used.erase(used.begin());
+    jb.members.assign(used.size(), {});
+    jb.pick.assign(size_t(count), -1);
+    jb.row.assign(size_t(count), 0);
+    for (int64_t tt = 0; tt < jb.t; ++tt)
+      for (int64_t j = 0; j < jb.kt; ++j) {
+        const int32_t s = sl[tt * jb.kt + j];
+        if (s < 0) continue;
+        const int32_t e = int32_t(std::lower_bound(used.begin(), used.end(), s) - used.begin());
+        jb.pick[tt * jb.kt + j] = e;
+        jb.row[tt * jb.kt + j] = int32_t(jb.members[e].size());
+        jb.members[e].push_back(int32_t(tt));
+      }
+    // float rows of a single token sum in another order than tiles of several (rowdot.cc): an
+    // expert one token picked runs over that row twice, as the layer loop runs every expert
+    // over two rows at least, so the results equal it bit for bit
+    if (enc == kF32 || enc == kBF16)
+      for (auto& m : jb.members)
+        if (m.size() == 1) m.push_back(m[0]);
+  }
+  jb.k = int64_t(used.size());
+  if (jb.k == 0) {  // every row padding: zeros
+    std::fill(y->typed_data(), y->typed_data() + jb.t * jb.h, 0.0f);
+    jb.t = 0;
+  }
   for (int64_t j = 0; j < jb.k; ++j) {
-    if (sl[j] < 0 || sl[j] >= num_slots)
-      return failed("moe_ffn_pooled: slot " + std::to_string(sl[j]) + " of expert " +
-                    std::to_string(j) + " is outside the pool's " + std::to_string(num_slots) +
-                    " slots");
-    const uint8_t* s0 = base + int64_t(sl[j]) * slot_bytes;
+    const uint8_t* s0 = base + int64_t(used[j]) * slot_bytes;
     Weight g, d;
     g.enc = d.enc = int(enc);
     g.group = d.group = enc == kI4 ? int(group) : (enc == kMXFP4 ? 32 : 0);
