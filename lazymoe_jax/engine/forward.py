@@ -6,9 +6,10 @@ tokens by expert so that each selected expert is read once per layer for the who
 waves when the pool is smaller than the set of experts the prompt needs. Batched decode (one
 token of each of N sequences) runs attention once per layer over the sequences' stacked
 caches (engine/batch.py) and the experts grouped, like prefill: each expert the batch picks is
-read once per layer. Once the pool holds every expert, a decode token runs through all layers
-as one program instead (steps.decode_step: its slots are looked up on the device), with no
-host round trip per layer; the layer loop stays the path whenever the pool may miss.
+read once per layer. Once the pool holds every expert, a decode step runs through all layers
+as one program instead (steps.decode_step for one sequence, steps.decode_batch_step for a
+batch: the slots are looked up on the device), with no host round trip per layer, bit for bit
+as the layer loop; the layer loop stays the path whenever the pool may miss.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ shared expert's, if any), since a program's launch costs time per argument leaf 
 When the pool holds every expert and the native kernels run, one decode token goes through
 all layers in one program, `decode_step`: the router's ids pick slots from a device table and
 the native expert kernel finds them in the pool's arena, so the step has no host round trip
-(BUILD_NOTES "The whole decode step in one program").
+(BUILD_NOTES "The whole decode step in one program"). `decode_batch_step` does the same for a
+batch, each expert the batch picks run once over its rows (BUILD_NOTES "session 15").
 """
 
 import functools
