@@ -13,10 +13,12 @@ count N sends N greedy streaming /v1/completions at once (different prompts) and
   bytes/token    expert bytes read from disk during the round / completion tokens
   experts/tok    experts the decode steps ran per generated token, all MoE layers (a batch
                  runs each expert its sequences pick once; the server's figure)
-  active MB/tok  what a decode token reads from memory: the dense weights once per step (the
-                 held embedding table left out: one row a token) / mean batch, plus
-                 experts/tok x the bytes of an expert; `bound` = one stream's active MB/tok
-                 / this row's: the most batching can gain where decode is bandwidth-bound
+  weights MB/tok the weights a decode token reads: the dense weights once per step (the held
+                 embedding table left out: one row a token) / mean batch, plus experts/tok x
+                 the bytes of an expert (KV reads not counted); `bound` = the first row's
+                 (one stream's, with the default --streams) weights MB/tok / this row's: the
+                 most batching can gain where decode is bound by reading the weights
+  (mean batch, experts/tok and decode tok/s are the server's figures over its last 64 steps)
   TTFT           time to the first text chunk per stream: min / mean / max
 No --model: the shipped demo model (all experts resident unless a budget or slots are given).
 A store without a tokenizer (bench.make_synthetic) gets prompts as token ids (the demo
@@ -108,11 +110,11 @@ def run_round(url: str, port: int, n: int, max_tokens: int, prompts: list) -> di
           "bytes_per_token": (after["bytes_read"] - before["bytes_read"]) / max(tokens, 1),
           "ttft_min": min(ttfts), "ttft_mean": sum(ttfts) / n, "ttft_max": max(ttfts),
           "experts_per_token": after["decode_experts_per_token"],
-          "active_bytes_per_token": active_bytes(after)}
+          "weight_bytes_per_token": weight_bytes(after)}
 
 
-def active_bytes(stats: dict) -> float:
-  """Bytes a decode token reads from memory (see the module doc): dense per step / batch
+def weight_bytes(stats: dict) -> float:
+  """Weight bytes a decode token reads (see the module doc): dense per step / batch
   plus experts per token x bytes per expert."""
   dense = stats["dense_bytes"] - stats["embedding_held_bytes"]
   return (dense / max(stats["mean_batch"], 1e-9) +
@@ -176,7 +178,7 @@ def serve(proc, port: int, counts: list[int], prompts: list, cg) -> None:
     run_round(url, port, min(2, max(counts)), 8, prompts)  # compiles what warm-up did not
     print(f"load average {os.getloadavg()[0]:.1f}; {http('GET', url + '/stats')[1]['memory_plan']}")
     print(f"{'streams':>7} {'tokens':>6} {'wall s':>7} {'wall tok/s':>10} {'decode tok/s':>12} "
-          f"{'batch':>5} {'KB read/tok':>11} {'experts/tok':>11} {'active MB/tok':>13} "
+          f"{'batch':>5} {'KB read/tok':>11} {'experts/tok':>11} {'weights MB/tok':>14} "
           f"{'bound':>5} {'TTFT min/mean/max s':>20}")
     rows = []
     for n in counts:
@@ -185,8 +187,8 @@ def serve(proc, port: int, counts: list[int], prompts: list, cg) -> None:
       print(f"{n:>7} {r['tokens']:>6} {r['wall_s']:>7.2f} {r['wall_tok_s']:>10.1f} "
             f"{r['decode_tok_s']:>12.1f} {r['mean_batch']:>5.2f} "
             f"{r['bytes_per_token'] / 1e3:>11.1f} {r['experts_per_token']:>11.2f} "
-            f"{r['active_bytes_per_token'] / 1e6:>13.1f} "
-            f"{rows[0]['active_bytes_per_token'] / r['active_bytes_per_token']:>4.2f}x "
+            f"{r['weight_bytes_per_token'] / 1e6:>14.1f} "
+            f"{rows[0]['weight_bytes_per_token'] / r['weight_bytes_per_token']:>4.2f}x "
             f"{r['ttft_min']:>6.2f}/{r['ttft_mean']:.2f}/{r['ttft_max']:.2f}", flush=True)
     for key in ("wall_tok_s", "decode_tok_s"):
       base = rows[0][key]

@@ -133,6 +133,8 @@ def test_a_resident_batch_decodes_in_one_program_bit_for_bit(tiny_stores, tmp_pa
       s.close()
     return np.stack(out), engine.pool.hits - hits, engine.stats()["whole_steps"] - whole
 
+  small = lazymoe_jax.load(store, expert_slots=engine.spec.num_experts)  # one layer's worth
+  assert not small.load_all_experts() and small.stats()["expert_misses"] == 0  # nothing read
   loop, loop_hits, loop_whole = decode(False)
   one, one_hits, one_whole = decode(True)
   assert loop_whole == 0
@@ -140,6 +142,32 @@ def test_a_resident_batch_decodes_in_one_program_bit_for_bit(tiny_stores, tmp_pa
   np.testing.assert_array_equal(one, loop)
   assert one_hits == loop_hits and engine.stats()["expert_misses"] == \
       len(engine.spec.moe_layers) * engine.spec.num_experts  # read once, by load_all_experts
+
+
+def test_warm_holds_one_stack_at_a_time_when_resident(mixtral, monkeypatch):
+  """BatchCache.warm with every expert resident runs the one-program step over a whole stack
+  of each shape; live device memory never holds more than the largest stack and one layer
+  (beside what was live before): each stack is freed before the next is made."""
+  from lazymoe_jax.engine import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  engine = lazymoe_jax.load(mixtral, prefetch=False, max_context=256)
+  assert engine.load_all_experts()
+  live = lambda: sum(a.nbytes for a in jax.live_arrays())  # noqa: E731
+  base, peak = live(), [0]
+  make = batch_lib.empty_layer
+
+  def empty_layer(*args):  # each new layer: the live bytes above the base, before and after
+    peak[0] = max(peak[0], live() - base)
+    out = make(*args)
+    peak[0] = max(peak[0], live() - base)
+    return out
+  monkeypatch.setattr(batch_lib, "empty_layer", empty_layer)
+  shapes = engine.batch.warm(4, np.random.RandomState(0))
+  assert len(shapes) == 3  # 1, 2 and 4 slots of 256 positions
+  fwd = engine.forward
+  largest = max(fwd.cache_bytes(c + 1, s) for s, c in shapes)
+  layer = max(fwd.cache_bytes(c + 1, s) for s, c in shapes) // engine.spec.num_hidden_layers
+  assert peak[0] <= largest + layer, (peak[0], largest, layer)
+  assert live() - base <= layer  # and nothing of a stack is left
 
 
 # dense / TurboQuant / sinks + window / latent caches

@@ -312,16 +312,18 @@ def test_moe_ffn_pooled_equals_moe_ffn(isa, name, t):
 @pytest.mark.parametrize("name", FLOAT + QUANT)
 def test_moe_ffn_pooled_with_slots_per_token(isa, name):
   """slots [T, k]: each token through its own experts (-1: none), each expert run once over
-  the tokens that pick it. Every row equals that token alone through moe_ffn: exactly for the
-  integer encodings, whose rows do not depend on the tokens beside them; within float32
-  rounding for float weights (a one-token float product sums in another order)."""
+  the tokens that pick it. Every row equals, bit for bit, that token through moe_ffn among
+  others (the token twice): a token's result does not depend on which tokens share the call,
+  also for an expert only one token picks (run over two rows where a one-token product sums
+  in another order: kernels/csrc/rowdot.h)."""
   rng = np.random.default_rng(11)
   h, i = (160, 96) if name not in ("int4-g64", "int4-g128") else (256, 128)
   bias = name in ("bfloat16", "mxfp4")
-  exs = _experts(name, h, i, 4, rng, bias=bias)
+  exs = _experts(name, h, i, 5, rng, bias=bias)
   arena, (per_slot, offsets) = _arena(exs)
   act = ACTS["clamped_swiglu" if bias else "silu"]
-  picks = np.array([[3, 1], [0, 3], [-1, -1], [2, 1], [1, -1], [3, 0], [2, 0]], np.int32)
+  # expert 4 is picked by token 4 alone
+  picks = np.array([[3, 1], [0, 3], [-1, -1], [2, 1], [4, -1], [3, 0], [2, 0]], np.int32)
   t = len(picks)
   x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32))
   w = jnp.asarray(rng.random((t, 2), dtype=np.float32))
@@ -329,19 +331,17 @@ def test_moe_ffn_pooled_with_slots_per_token(isa, name):
                                                       w, act))
   y = np.asarray(fn(jnp.asarray(picks), x, w))
   for r, row in enumerate(picks):
-    used = [j for j in range(2) if row[j] >= 0]
-    if not used:
+    used = np.array([j for j in range(2) if row[j] >= 0])
+    if not len(used):
       np.testing.assert_array_equal(y[r], 0.0)
       continue
-    want = np.asarray(_moe(name, tuple(exs[row[j]] for j in used), x[r:r + 1],
-                           w[r:r + 1, np.array(used)], act))[0]
-    if name in FLOAT:
-      np.testing.assert_allclose(y[r], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    else:
-      np.testing.assert_array_equal(y[r], want, err_msg=f"token {r}")
+    twice = np.array([r, r])
+    want = np.asarray(_moe(name, tuple(exs[row[j]] for j in used), x[twice],
+                           w[twice][:, used], act))[0]
+    np.testing.assert_array_equal(y[r], want, err_msg=f"token {r}")
   np.testing.assert_array_equal(np.asarray(fn(jnp.full((t, 2), -1, jnp.int32), x, w)), 0.0)
-  with pytest.raises(Exception, match="slot 4 of token 1, pick 0 is outside the pool's 4"):
-    np.asarray(fn(jnp.asarray(np.where(picks == 0, 4, picks)), x, w))
+  with pytest.raises(Exception, match="slot 5 of token 1, pick 0 is outside the pool's 5"):
+    np.asarray(fn(jnp.asarray(np.where(picks == 0, 5, picks)), x, w))
   with pytest.raises(Exception, match="slot -2 of token 0, pick 1"):
     np.asarray(fn(jnp.asarray(np.where(picks == 1, -2, picks)), x, w))
   with pytest.raises(Exception, match=r"slots must be \[k\] or \[T, k\] with T = 7"):

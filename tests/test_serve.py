@@ -130,7 +130,7 @@ def test_stop_strings_hold_back_and_cut(client):
   assert "".join(c.choices[0].text for c in chunks) == cut
 
 
-def test_batch_invariance_8_concurrent_greedy(client, engine):
+def test_batch_invariance_8_concurrent_greedy(server, client, engine):
   alone = [_greedy_ids(client, p) for p in PROMPTS]
   for p, (ids, _, _) in zip(PROMPTS, alone):  # alone through the server == engine.generate
     want = engine.generate(engine.tokenizer.encode(p), 24)
@@ -144,13 +144,18 @@ def test_batch_invariance_8_concurrent_greedy(client, engine):
     batched = list(pool.map(together, PROMPTS))
   flips = [i for i, (a, b) in enumerate(zip(alone, batched)) if a[0] != b[0]]
   # batched, the attention is one vmapped program over the stacked caches and each expert runs
-  # over its token bucket (native kernels up to kernels.NATIVE_MAX_TOKENS rows, else XLA): exact
-  # on the demo model on both paths (BUILD_NOTES "Stacked-cache batched decode"); a flip names
-  # the kernels in use
+  # over its tokens (the demo model is resident: with native kernels the whole step is one
+  # program, steps.decode_batch_step, each expert over its rows in moe_ffn_pooled; on the XLA
+  # path expert_scatter_add per token bucket): exact on the demo model on both paths
+  # (BUILD_NOTES "Stacked-cache batched decode", "session 15"); a flip names the kernels
   from lazymoe_jax import kernels  # pylint: disable=import-outside-toplevel
   assert not flips, (f"prompts {flips} differ between alone and batched (kernels: "
                      f"{kernels.mode()}: batched attention = vmap of kv.attend, experts = "
-                     "expert_scatter_add per token bucket)")
+                     f"{'moe_ffn_pooled' if kernels.mode() == 'native' else 'expert_scatter_add'})")
+  # what the batch shared: experts run per generated token, at most every MoE layer's top-k
+  spec = engine.spec
+  per_token = http("GET", server.url + "/stats")[1]["decode_experts_per_token"]
+  assert 0 < per_token <= len(spec.moe_layers) * spec.num_experts_per_tok
 
 
 BAD = [
@@ -404,6 +409,7 @@ def test_warmup_compiles_every_batch_shape_the_server_runs(tmp_path, budget, par
   assert eng.pool.holds_all(eng.forward.moe_order)  # the routers' guesses stay off
   programs = {"attention_batch": steps.attention_batch, "route_block": steps.route_block,
               "expert_scatter_add": steps.expert_scatter_add, "moe_finish": steps.moe_finish,
+              "decode_batch_step": steps.decode_batch_step,  # the resident one-program step
               "head": steps.head, "empty_layer": forward.empty_layer,
               "_put_slot": batch_lib._put_slot}  # pylint: disable=protected-access
   compiled = {name: 0 for name in programs}
@@ -441,6 +447,9 @@ def test_warmup_compiles_every_batch_shape_the_server_runs(tmp_path, budget, par
   for s in seqs:
     s.close()
   assert compiled == {name: 0 for name in programs}, (compiled, sorted(shapes))
+  from lazymoe_jax import kernels  # pylint: disable=import-outside-toplevel
+  # with native kernels the resident steps ran as one program, compiled in the warm-up
+  assert (steps.decode_batch_step._cache_size() > 0) == (kernels.mode() == "native")
   if budget:  # exactly 3 slots for 3 full caches; a power of two where it fits the plan
     assert (3, 3, 600) in shapes and (3, 4, 256) in shapes
     assert eng.batch.shapes(parallel) == [(1, 256), (1, 512), (1, 600), (2, 256), (2, 512),

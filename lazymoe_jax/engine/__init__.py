@@ -168,8 +168,9 @@ class Engine:
 
   def load_all_experts(self) -> bool:
     """Reads every expert the pool lacks, when it has a slot for each: the model is then
-    resident, and every decode step runs as one program (steps.decode_step,
-    steps.decode_batch_step) from the first request on. Returns whether the pool holds every
+    resident, and decode steps run as one program (steps.decode_step,
+    steps.decode_batch_step, where the native kernels serve that many rows:
+    Forward.whole_step_ready) from the first request on. Returns whether the pool holds every
     expert; a pool with fewer slots is left as it is (experts are read as tokens pick them)."""
     layers = self.forward.moe_order
     if self.pool.num_slots < len(layers) * self.spec.num_experts:

@@ -229,7 +229,8 @@ class BatchCache:
     empty layer, and a session's own cache of each capacity up to the stack's put into a slot
     (a join). Holds one layer of a stack at a time, except where the pool holds every expert
     and the step is one program (Forward.whole_step_ready): that program takes the whole
-    stack, which the plan holds at that shape. Needs an empty batch (before serving).
+    stack, which the plan holds at that shape (one stack at a time, plus a layer), and only
+    it is compiled for that shape. Needs an empty batch (before serving).
     Returns the shapes."""
     if self.layers is not None:
       raise RuntimeError("BatchCache.warm needs an empty batch (no sequence in it).")
@@ -247,7 +248,9 @@ class BatchCache:
       tok = rng.randint(0, spec.vocab_size, slots).astype(np.int32)
       pos = np.full(slots, cap, np.int32)  # as BatchCache.step: padding rows at the scratch
       pos[:live] = rng.randint(0, cap, live)
-      x, _ = fwd.run_batch(tok, pos, np.arange(live, dtype=np.int32), stack, every_bucket=True)
+      # the stack run_batch returns is `stack` itself: only x is kept, and the stack is
+      # freed before the next shape's is made
+      x = fwd.run_batch(tok, pos, np.arange(live, dtype=np.int32), stack, every_bucket=True)[0]
       del stack
       fwd.head_rows(x, slots)
       layer = empty_layer(kv, spec, cap + 1, slots)
@@ -255,6 +258,7 @@ class BatchCache:
         if own <= cap:
           layer = _put_slot(layer, empty_layer(kv, spec, own, None), 0)
       jax.block_until_ready(layer)
+      del layer
     return shapes
 
   def _fit(self, joining: list["Session"]) -> None:

@@ -210,7 +210,10 @@ class Forward:
     Padding slots (not in rows) are never routed and their outputs are meaningless.
     every_bucket (warm-up, BatchCache.warm): each MoE layer also runs its expert program at
     every token bucket len(rows) rows can give one expert, with zero weights.
-    Returns (x [slots, H], stack)."""
+    When every expert is resident (whole_step_ready) and `stack` is a list of every layer's
+    stack, the step runs as one program instead (steps.decode_batch_step: the same results,
+    bit for bit; no acquires, the hits counted as the layer loop would count them;
+    every_bucket has nothing to compile there). Returns (x [slots, H], stack)."""
     spec = self.spec
     pos = np.asarray(positions, np.int32)  # host arrays: the programs take them as is
     x = self.embed(np.asarray(tokens, np.int32))

@@ -223,7 +223,10 @@ def decode_batch_step(spec: ModelSpec, kv, encoding: str, layout: tuple, ps: tup
     order = jnp.argsort(ids, axis=1)
     ids = jnp.take_along_axis(ids, order, axis=1)
     weights = jnp.take_along_axis(weights, order, axis=1)
-    slots = jnp.where(live[:, None], table[m][ids], -1)
+    slots = table[m][ids]
+    # -1 is the kernel's "no expert" (padding rows); an expert the table does not hold (-1
+    # there too, which holds_all rules out) becomes a slot the kernel refuses, never a skip
+    slots = jnp.where(live[:, None], jnp.where(slots < 0, jnp.iinfo(jnp.int32).max, slots), -1)
     routed = kernels.moe_ffn_pooled(encoding, arena, layout, slots, xn, weights,
                                     (act.kind, act.alpha, act.limit))
     x = h + (routed + _shared(spec.moe, shared_params(p), xn))

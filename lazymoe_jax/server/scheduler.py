@@ -236,7 +236,8 @@ class Scheduler:
       size *= 2
     # batched decode: the programs of every stack shape (slot count, capacity) a batch of up
     # to --parallel sequences can take under the engine's memory plan, derived from the rules
-    # the stack is sized with (BatchCache.shapes); one layer of a stack held at a time
+    # the stack is sized with (BatchCache.shapes); one layer of a stack held at a time, or one
+    # whole stack where the step is one program (every expert resident)
     eng.batch.warm(self.parallel, rng)
     self._return_freed_memory()
 

@@ -8,15 +8,16 @@
 // gathers and prepares each expert's tokens, and every token's sum runs over its own picks in
 // their order. A token's result does not depend on which other tokens share the call.
 //
-// Work split in four claimed phases (run_phases): (1) row chunks of every expert's gate and
-// up products, each finished by the activation into the expert's hidden row [T, I]; (2) the
-// hidden rows prepared for the down product, one unit per expert, over the whole expert width;
-// (3) row chunks of every expert's down product (plus its bias) into the expert's own output
-// [T, H]; (4) chunks of output rows, each the weighted sum of its rows over the k experts in
-// order. Units of (1) and (3) follow the experts' weights in memory order, so a worker's
-// share of a phase is one stream per expert (run_phases; reading each output chunk across
-// the k experts, as (3) did before, made k short streams per unit). Each output element is
-// written by one unit, and the result does not depend on the number of threads.
+// Work split in four claimed phases (run_phases), after the grouped form's phase 0: (1) row
+// chunks of every expert's gate and up products, each finished by the activation into the
+// expert's hidden rows [tokens of the expert, I]; (2) the hidden rows prepared for the down
+// product, one unit per expert, over the whole expert width; (3) row chunks of every expert's
+// down product (plus its bias) into the expert's own output [tokens of the expert, H]; (4)
+// chunks of output rows, each token's weighted sum over its picks in order. Units of (1) and
+// (3) follow the experts' weights in memory order, so a worker's share of a phase is one
+// stream per expert (run_phases; reading each output chunk across the k experts, as (3) did
+// before, made k short streams per unit). Each output element is written by one unit, and
+// the result does not depend on the number of threads.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -270,11 +271,11 @@ void weight_bytes(int enc, int group, int64_t rows, int64_t cols, int64_t* data,
 
 // The same experts, located in the expert pool's arena (store/pool.py: every slot's arrays
 // carved out of one mapping, `slot_bytes` apart) by slot indices, an input of the program:
-// a decode step can pick its experts without a round trip to the host. slots [k]: every token
-// runs through the k experts; slots [T, k]: token t through its own row, -1 for no expert
-// (a batch's padding rows), each distinct slot's expert run once over the tokens naming it,
-// the slots in ascending order. offsets = the byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
-// b_gate_up, b_down (-1: absent).
+// a decode step can pick its experts without a round trip to the host. slots [k]: every
+// token runs through the k experts; slots [T, k]: token t through its own row, -1 for no
+// expert (a batch's padding rows), each distinct slot's expert run once over the tokens
+// naming it, the slots in ascending order. offsets = the byte offsets inside a slot of
+// w_gate_up, its scale, w_down, its scale, b_gate_up, b_down (-1: absent).
 ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> slots,
                              ffi::AnyBuffer arena, ffi::Result<ffi::Buffer<ffi::F32>> y,
@@ -364,10 +365,11 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         jb.row[tt * jb.kt + j] = int32_t(jb.members[e].size());
         jb.members[e].push_back(int32_t(tt));
       }
-    // float rows of a single token sum in another order than tiles of several (rowdot.cc): an
-    // expert one token picked runs over that row twice, as the layer loop runs every expert
-    // over two rows at least, so the results equal it bit for bit
-    if (enc == kF32 || enc == kBF16)
+    // where a single token's product sums in another order than several tokens' (rowdot.h),
+    // an expert that one token picked runs over that row twice: the layer loop runs every
+    // expert over two rows at least, and the results equal it bit for bit
+    if (one_token_sums_apart(int(isa), int(enc), jb.h) ||
+        one_token_sums_apart(int(isa), int(enc), inter))
       for (auto& m : jb.members)
         if (m.size() == 1) m.push_back(m[0]);
   }

@@ -1191,6 +1191,11 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
 #endif
 }
 
+bool one_token_sums_apart(int isa, int enc, int64_t cols) {
+  // the condition under which rows_avx2 takes float_rows1
+  return avx2_family(isa) && (enc == kF32 || enc == kBF16) && cols * 4 <= kSeqXBytes;
+}
+
 void rows(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   if (r1 <= r0) return;
   const int isa = a.isa;

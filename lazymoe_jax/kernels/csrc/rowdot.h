@@ -112,4 +112,10 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
 // the kernels of the variant `a` was prepared for.
 void rows(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y, int64_t ldy);
 
+// Whether rows() of a single token over `cols` columns of an `enc` weight sums in another order
+// than the same token among several (the AVX2 family's one-token float loop); every other
+// product gives a token the same result whatever tokens share the call. A caller that needs
+// that invariance runs such a token over two rows (expert_ffn.cc, slots per token).
+bool one_token_sums_apart(int isa, int enc, int64_t cols);
+
 }  // namespace lazymoe
