@@ -144,6 +144,42 @@ def test_a_resident_batch_decodes_in_one_program_bit_for_bit(tiny_stores, tmp_pa
       len(engine.spec.moe_layers) * engine.spec.num_experts  # read once, by load_all_experts
 
 
+@pytest.mark.parametrize("family,expert_dtype", [
+    ("mixtral", None), ("mixtral", "int8"), ("gpt_oss", "int4"), ("gpt_oss", "mxfp4"),
+    ("deepseek_v3", None), ("qwen2_moe", "int8")])
+def test_pooled_waves_equal_expert_by_expert(tiny_stores, tmp_path, family, expert_dtype):
+  """A wave of grouped experts in one native call (steps.experts_pooled_add) gives what one
+  program per expert gives, bit for bit: a 40-token prompt and a batched step, through a
+  minimal pool (many waves, reads) and a resident one (one wave), the layer loop throughout."""
+  from lazymoe_jax.model import steps  # pylint: disable=import-outside-toplevel
+  store = tiny_stores[family][1]
+  if expert_dtype is not None:
+    store = str(tmp_path / "store")
+    res = convert_cli(tiny_stores[family][0], store, f"--expert_dtype={expert_dtype}")
+    assert res.returncode == 0, res.stderr[-2000:]
+  prompt = token_ids(40, seed=3)
+  prompts = [token_ids(n, seed=s) for n, s in ((5, 1), (9, 2), (3, 3))]
+  got = {}
+  calls = steps.experts_pooled_add._cache_size()  # pylint: disable=protected-access
+  fewest = lazymoe_jax.load(store).spec.num_experts_per_tok  # the smallest pool allowed
+  for slots in (fewest, 1000):
+    engine = lazymoe_jax.load(store, prefetch=False, expert_slots=slots)
+    engine.forward.whole_step = False
+    for pooled in (False, True):
+      engine.forward.pooled_waves = pooled
+      seqs = [engine.session() for _ in prompts]
+      for q, p in zip(seqs, prompts):
+        q.feed(p)
+      got[slots, pooled] = (engine.logits(prompt), engine.feed_batch(seqs, [7, 8, 9]))
+      for q in seqs:
+        q.close()
+  want = got[1000, False]
+  for key, (logits, batch) in got.items():
+    np.testing.assert_array_equal(logits, want[0], err_msg=str(key))
+    np.testing.assert_array_equal(batch, want[1], err_msg=str(key))
+  assert (steps.experts_pooled_add._cache_size() > calls) == (kernels.mode() == "native")
+
+
 def test_warm_holds_one_stack_at_a_time_when_resident(mixtral, monkeypatch):
   """BatchCache.warm with every expert resident runs the one-program step over a whole stack
   of each shape; live device memory never holds more than the largest stack and one layer

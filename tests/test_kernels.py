@@ -170,8 +170,8 @@ def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
 
 @pytest.mark.parametrize("name", ["bfloat16", "int8", "int4-g32", "mxfp4"])
 def test_moe_ffn_many_tokens(isa, name):
-  """The kernel itself at 64 tokens (the engine sends bf16, int4 and mxfp4 groups of up to 64
-  rows to it, int8 up to 16: kernels.NATIVE_MAX_TOKENS)."""
+  """The kernel itself at 64 tokens (the engine sends groups of up to
+  kernels.NATIVE_MAX_TOKENS rows to it)."""
   rng = np.random.default_rng(64)
   exs = _experts(name, 160, 96, 2, rng, bias=False)
   x = jnp.asarray(rng.standard_normal((64, 160), dtype=np.float32))

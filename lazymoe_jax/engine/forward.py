@@ -15,6 +15,7 @@ as the layer loop; the layer loop stays the path whenever the pool may miss.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 
 import jax
@@ -123,6 +124,9 @@ class Forward:
     # expert: the pool's slot table, rebuilt when the pool's version moves
     self.whole_step = True
     self.whole_steps = 0  # decode tokens that ran as one program (stats()["whole_steps"])
+    # a run of a wave's experts that the native kernels serve goes as one call
+    # (steps.experts_pooled_add) instead of one program per expert: the same sums, bit for bit
+    self.pooled_waves = True
     self._slot_table: tuple[int, np.ndarray] | None = None
 
   # ---- caches ------------------------------------------------------------------------------
@@ -323,20 +327,46 @@ class Forward:
     many = len(experts) > self.pool.num_slots
     used = set()  # the token buckets run
     guessed = self.pool.guesses(layer) & set(experts) if many else set()
+    enc = self.pool.arrays(0)["w_gate_up"].encoding.name
+    counts = np.bincount(ids.reshape(-1), minlength=self.spec.num_experts)
+    pooled = self.pooled_waves and self.pool.arena_array() is not None
+    if pooled:  # each row's picks in ascending expert order, the order the experts add in
+      order = np.argsort(ids, axis=1, kind="stable")
+      ids_up = np.take_along_axis(ids, order, axis=1)
+      w_up = np.take_along_axis(np.asarray(weights, np.float32), order, axis=1)
+      at = np.arange(len(ids)) if rows is None else rows  # the rows of xn they are
     for i, (wave, later) in enumerate(waves(experts, guessed, self.pool.num_slots)):
       slots = self.pool.acquire(layer, wave, later)
       if i == 0 and after_first_wave is not None:
         after_first_wave()
-      for e, slot in zip(wave, slots):
-        tok, kpos = np.nonzero(ids == e)
-        b = bucket(len(tok), 2)
-        idx = np.zeros(b, np.int32)
-        idx[:len(tok)] = tok if rows is None else rows[tok]
-        w = np.zeros(b, np.float32)
-        w[:len(tok)] = weights[tok, kpos]
-        acc = steps.expert_scatter_add(self.spec, acc, xn, idx, w, self.pool.arrays(slot))
-        used.add(b)
-      if every_bucket and i == 0:
+      # runs of the wave's experts in order: those the native kernels take (by their token
+      # count) in one call, the others one program each; every row's picks add in ascending
+      # expert order either way
+      for native, run in itertools.groupby(
+          zip(wave, slots), lambda es: pooled and kernels.native_for(enc, int(counts[es[0]]))):
+        run = list(run)
+        if native:  # one call: no padding to token buckets, one program for the run
+          slot_of = np.full(self.spec.num_experts, -1, np.int32)
+          for e, slot in run:
+            slot_of[e] = slot
+          sl = np.full((xn.shape[0], ids.shape[1]), -1, np.int32)
+          wt = np.zeros((xn.shape[0], ids.shape[1]), np.float32)
+          sl[at], wt[at] = slot_of[ids_up], w_up
+          acc = steps.experts_pooled_add(self.spec, enc, self.pool.layout(), acc, xn, sl, wt,
+                                         self.pool.arena_array())
+          continue
+        for e, slot in run:
+          tok, kpos = np.nonzero(ids == e)
+          b = bucket(len(tok), 2)
+          idx = np.zeros(b, np.int32)
+          idx[:len(tok)] = tok if rows is None else rows[tok]
+          w = np.zeros(b, np.float32)
+          w[:len(tok)] = weights[tok, kpos]
+          acc = steps.expert_scatter_add(self.spec, acc, xn, idx, w, self.pool.arrays(slot))
+          used.add(b)
+      if every_bucket and i == 0 and not (pooled and kernels.native_for(enc, len(ids))):
+        # (a wave runs expert by expert only where an expert may get more rows than the
+        # native kernels take, or without the pooled call)
         b = 2
         while b <= bucket(len(ids), 2):
           if b not in used:

@@ -221,7 +221,8 @@ def moe_ffn(encoding: str, experts: tuple[dict, ...], x: jax.Array, weights: jax
 
 def moe_ffn_pooled(encoding: str, arena: jax.Array, layout: tuple, slots: jax.Array,
                    x: jax.Array, weights: jax.Array,
-                   act: tuple[str, float, float] = ("silu", 1.702, 7.0)) -> jax.Array:
+                   act: tuple[str, float, float] = ("silu", 1.702, 7.0),
+                   init: jax.Array | None = None) -> jax.Array:
   """moe_ffn over experts found in the expert pool's arena by slot index (native only).
 
   arena: the pool's slots as one uint8 [bytes] array (ExpertPool.arena_array); layout =
@@ -231,7 +232,9 @@ def moe_ffn_pooled(encoding: str, arena: jax.Array, layout: tuple, slots: jax.Ar
   experts on the device): [k], the experts of every token, or [T, k], each token's own (-1:
   none), each distinct slot's expert then run once over the tokens that name it (one decode
   token of each of T sequences; a token's result is the same whichever others share the
-  call); x [T, H], weights [T, k] (a token's picks are summed in their order)."""
+  call); x [T, H], weights [T, k] (a token's picks are summed in their order, onto its row
+  of `init` [T, H] float32: the sums of earlier experts, updated in place when donated;
+  None: zeros)."""
   kind_act, alpha, limit = act
   if kind_act not in ACTIVATIONS:
     raise ValueError(f"unknown expert activation {kind_act!r}; choose one of {list(ACTIVATIONS)}.")
@@ -240,8 +243,10 @@ def moe_ffn_pooled(encoding: str, arena: jax.Array, layout: tuple, slots: jax.Ar
   kind, enc, group = _encoding(encoding)
   inter, slot_bytes, offsets = layout
   x = jnp.asarray(x, jnp.float32)
-  return jax.ffi.ffi_call("lazymoe_moe_ffn_pooled", jax.ShapeDtypeStruct(x.shape, jnp.float32))(
-      x, jnp.asarray(weights, jnp.float32), jnp.asarray(slots, jnp.int32), arena,
+  init = jnp.zeros(x.shape, jnp.float32) if init is None else jnp.asarray(init, jnp.float32)
+  return jax.ffi.ffi_call("lazymoe_moe_ffn_pooled", jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          input_output_aliases={4: 0})(
+      x, jnp.asarray(weights, jnp.float32), jnp.asarray(slots, jnp.int32), arena, init,
       **_attrs(kind, enc, group), act=np.int64(ACTIVATIONS[kind_act]), alpha=np.float32(alpha),
       limit=np.float32(limit), inter=np.int64(inter), slot_bytes=np.int64(slot_bytes),
       offsets=np.asarray(offsets, np.int64))
@@ -264,10 +269,12 @@ def error_bound(encoding: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
   return half * w.sum(axis=1)[None, :] + fp
 
 
-# Above this many rows the XLA dots (YNNPACK) serve prefill, per encoding kind: measured at
-# 16-64 tokens, XLA's float32 and int8 dots are as fast or faster, while bf16, int4 and mxfp4
-# are 1.4-5x faster native (BUILD_NOTES "session 10").
-NATIVE_MAX_TOKENS = {"float32": 16, "int8": 16, "bfloat16": 64, "int4": 64, "mxfp4": 64}
+# Above this many rows (of one product, or tokens of one expert) the XLA dots (YNNPACK) serve
+# prefill, per encoding kind: where the native kernels were measured as fast or faster (up to
+# 512 tokens for int8, bf16 and int4; float32 and mxfp4 are faster in XLA above 32 and 64).
+# Below it, the experts a prompt's tokens pick run unpadded, a run of them in one call
+# (Forward._moe_grouped); BUILD_NOTES "session 10", "session 15".
+NATIVE_MAX_TOKENS = {"float32": 32, "int8": 512, "bfloat16": 512, "int4": 512, "mxfp4": 64}
 
 
 def native_for(encoding: str, tokens: int) -> bool:

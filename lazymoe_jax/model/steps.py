@@ -162,6 +162,20 @@ def _native_experts(spec: ModelSpec, enc: str, experts: tuple, x: jax.Array,
                          x, weights, (act.kind, act.alpha, act.limit))
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "encoding", "layout"),
+                   donate_argnames=("acc",))
+def experts_pooled_add(spec: ModelSpec, encoding: str, layout: tuple, acc: jax.Array,
+                       xn: jax.Array, slots: jax.Array, weights: jax.Array,
+                       arena: jax.Array) -> jax.Array:
+  """acc + each row's picks through the pool's experts found by slot (slots, weights [T, k],
+  -1: none; kernels.moe_ffn_pooled), each expert run once over its rows, the picks added onto
+  acc in their order: what expert_scatter_add per expert adds, in one call (a wave of
+  Forward._moe_grouped)."""
+  act = spec.moe.act
+  return kernels.moe_ffn_pooled(encoding, arena, layout, slots, xn, weights,
+                                (act.kind, act.alpha, act.limit), init=acc)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def moe_finish(spec: ModelSpec, shared: dict, h: jax.Array, xn: jax.Array, routed: jax.Array):
   """h + routed + the shared experts (shared: the layer's shared_params)."""

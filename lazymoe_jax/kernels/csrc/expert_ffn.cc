@@ -40,6 +40,7 @@ struct MoeJob {
   std::vector<const float*> b_gu, b_dn;
   const float* x = nullptr;        // [T, H]
   const float* weights = nullptr;  // [T, kt]
+  const float* init = nullptr;     // [T, H] the sums start from (may be out itself), or zeros
   float* out = nullptr;            // [T, H]
   // grouped: the tokens of expert j (ascending); empty: every expert sees every token
   std::vector<std::vector<int32_t>> members;
@@ -109,7 +110,10 @@ struct MoeJob {
     const int64_t o0 = u * chunk_s, o1 = std::min(h, o0 + chunk_s);
     for (int64_t tt = 0; tt < t; ++tt) {
       float* y = out + tt * h;
-      std::fill(y + o0, y + o1, 0.0f);
+      if (!init)
+        std::fill(y + o0, y + o1, 0.0f);
+      else if (init != out)
+        std::copy(init + tt * h + o0, init + tt * h + o1, y + o0);
       for (int64_t j = 0; j < kt; ++j) {
         const int32_t e = pick[tt * kt + j];
         if (e < 0) continue;
@@ -274,11 +278,14 @@ void weight_bytes(int enc, int group, int64_t rows, int64_t cols, int64_t* data,
 // a decode step can pick its experts without a round trip to the host. slots [k]: every
 // token runs through the k experts; slots [T, k]: token t through its own row, -1 for no
 // expert (a batch's padding rows), each distinct slot's expert run once over the tokens
-// naming it, the slots in ascending order. offsets = the byte offsets inside a slot of
-// w_gate_up, its scale, w_down, its scale, b_gate_up, b_down (-1: absent).
+// naming it, the slots in ascending order. Each token's sum starts from its row of `init`
+// (zeros, or the sums of earlier experts: aliased to the output, it is added to in place).
+// offsets = the byte offsets inside a slot of w_gate_up, its scale, w_down, its scale,
+// b_gate_up, b_down (-1: absent).
 ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> slots,
-                             ffi::AnyBuffer arena, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                             ffi::AnyBuffer arena, ffi::Buffer<ffi::F32> init,
+                             ffi::Result<ffi::Buffer<ffi::F32>> y,
                              int64_t enc, int64_t group, int64_t isa, int64_t levels, int64_t act,
                              float alpha, float limit, int64_t inter, int64_t slot_bytes,
                              ffi::Span<const int64_t> offsets) {
@@ -310,6 +317,9 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto yd = y->dimensions();
   if (yd.size() != 2 || yd[0] != jb.t || yd[1] != jb.h)
     return failed("moe_ffn_pooled: output shape " + dims_str(yd) + " is not [T, H]");
+  auto id = init.dimensions();
+  if (id.size() != 2 || id[0] != jb.t || id[1] != jb.h)
+    return failed("moe_ffn_pooled: init shape " + dims_str(id) + " is not [T, H]");
   if (arena.element_type() != ffi::DataType::U8 || arena.dimensions().size() != 1)
     return failed("moe_ffn_pooled: the arena must be uint8 [bytes]");
   if (offsets.size() != 6) return failed("moe_ffn_pooled: offsets must have 6 entries");
@@ -374,10 +384,12 @@ ffi::Future MoeFfnPooledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         if (m.size() == 1) m.push_back(m[0]);
   }
   jb.k = int64_t(used.size());
-  if (jb.k == 0) {  // every row padding: zeros
-    std::fill(y->typed_data(), y->typed_data() + jb.t * jb.h, 0.0f);
+  if (jb.k == 0) {  // every row padding: the sums as they start
+    if (init.typed_data() != y->typed_data())
+      std::copy(init.typed_data(), init.typed_data() + jb.t * jb.h, y->typed_data());
     jb.t = 0;
   }
+  jb.init = init.typed_data();
   for (int64_t j = 0; j < jb.k; ++j) {
     const uint8_t* s0 = base + int64_t(used[j]) * slot_bytes;
     Weight g, d;
@@ -433,6 +445,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LazymoeMoeFfnPooled, lazymoe::MoeFfnPooledImpl,
                                             .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // weights [T, k]
                                             .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // slots [k]
                                             .Arg<xla::ffi::AnyBuffer>()  // arena uint8 [bytes]
+                                            .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // init [T, H]
                                             .Ret<xla::ffi::Buffer<xla::ffi::F32>>())  // [T, H]
                                   .Attr<int64_t>("inter")
                                   .Attr<int64_t>("slot_bytes")
