@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lazymoe_jax
+from lazymoe_jax import kernels
 from lazymoe_jax.model import encodings
 from lazymoe_jax.store import format as fmt
 from tests.checkpoints import hf_config, write_checkpoint
@@ -193,7 +194,11 @@ def test_quantised_experts_end_to_end(tiny_stores, tmp_path, dtype, args, monkey
   assert manifest["experts"]["encoding"] == dtype
   assert {t["dtype"] for t in manifest["experts"]["tensors"].values()} >= {"int8"}
   # a prompt long enough for prefill's many-token products (experts get > 16 tokens), in
-  # blocks of 8 rows so the loop runs; fresh compilations see the small blocks
+  # blocks of 8 rows so the loop runs; fresh compilations see the small blocks. The native
+  # kernels take up to kernels.NATIVE_MAX_TOKENS rows: limited here to 16, so that the XLA
+  # products past it run on both paths
+  for kind in ("int8", "int4"):
+    monkeypatch.setitem(kernels.NATIVE_MAX_TOKENS, kind, 16)
   blocks = collections.Counter()
   by_row_blocks = encodings._by_row_blocks
 

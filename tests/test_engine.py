@@ -147,10 +147,12 @@ def test_a_resident_batch_decodes_in_one_program_bit_for_bit(tiny_stores, tmp_pa
 @pytest.mark.parametrize("family,expert_dtype", [
     ("mixtral", None), ("mixtral", "int8"), ("gpt_oss", "int4"), ("gpt_oss", "mxfp4"),
     ("deepseek_v3", None), ("qwen2_moe", "int8")])
-def test_pooled_waves_equal_expert_by_expert(tiny_stores, tmp_path, family, expert_dtype):
+def test_pooled_waves_equal_expert_by_expert(tiny_stores, tmp_path, family, expert_dtype,
+                                            monkeypatch):
   """A wave of grouped experts in one native call (steps.experts_pooled_add) gives what one
   program per expert gives, bit for bit: a 40-token prompt and a batched step, through a
-  minimal pool (many waves, reads) and a resident one (one wave), the layer loop throughout."""
+  minimal pool (many waves, reads) and a resident one (one wave), the layer loop throughout;
+  also with the calls split to one expert each (forward.POOLED_CALL_BYTES)."""
   from lazymoe_jax.model import steps  # pylint: disable=import-outside-toplevel
   store = tiny_stores[family][1]
   if expert_dtype is not None:
@@ -162,8 +164,11 @@ def test_pooled_waves_equal_expert_by_expert(tiny_stores, tmp_path, family, expe
   got = {}
   calls = steps.experts_pooled_add._cache_size()  # pylint: disable=protected-access
   fewest = lazymoe_jax.load(store).spec.num_experts_per_tok  # the smallest pool allowed
-  for slots in (fewest, 1000):
-    engine = lazymoe_jax.load(store, prefetch=False, expert_slots=slots)
+  for slots in (fewest, 1000, "split"):
+    if slots == "split":
+      monkeypatch.setattr(forward, "POOLED_CALL_BYTES", 1)
+    engine = lazymoe_jax.load(store, prefetch=False, expert_slots=1000 if slots == "split"
+                              else slots)
     engine.forward.whole_step = False
     for pooled in (False, True):
       engine.forward.pooled_waves = pooled

@@ -33,6 +33,9 @@ from lazymoe_jax.store.pool import ExpertPool
 HEAD_ROWS = 256  # the output head is applied to this many rows at a time
 PREFETCH_DEPTH = 3  # MoE layers ahead whose experts decode prefetches (BUILD_NOTES "Lookahead prefetch")
 KV_ROUND = 256  # cache capacity granularity: few distinct shapes, few compilations
+# working memory of one native call over grouped experts (Forward._pooled_calls): about what
+# one per-expert program over 512 padded rows of a Mixtral-sized expert takes
+POOLED_CALL_BYTES = 64 << 20
 
 
 class KVCache(list):
@@ -280,6 +283,22 @@ class Forward:
           steps.head(self.spec, self.globals, x[r:r + HEAD_ROWS]))[:n - r]
     return out
 
+  def _pooled_calls(self, run: list, counts: np.ndarray) -> list[list]:
+    """A run of (expert, slot) split, in order, into calls whose working memory (each
+    expert's hidden and output rows, float32, for its tokens: expert_ffn.cc) stays within
+    POOLED_CALL_BYTES, so that a long prompt's transients stay near the per-expert
+    programs'; one expert a call at least."""
+    per_token = 4 * (2 * self.spec.moe.width + self.spec.hidden_size)
+    calls, size = [[]], 0
+    for e, slot in run:
+      need = int(counts[e]) * per_token
+      if calls[-1] and size + need > POOLED_CALL_BYTES:
+        calls.append([])
+        size = 0
+      calls[-1].append((e, slot))
+      size += need
+    return calls
+
   def _layers_ahead(self, layer: int) -> list[int]:
     """The MoE layers whose experts a decode step at `layer` guesses and prefetches: the next
     `prefetch_depth`, less those the pool holds whole (a guess could only hit there; without
@@ -345,15 +364,16 @@ class Forward:
       for native, run in itertools.groupby(
           zip(wave, slots), lambda es: pooled and kernels.native_for(enc, int(counts[es[0]]))):
         run = list(run)
-        if native:  # one call: no padding to token buckets, one program for the run
-          slot_of = np.full(self.spec.num_experts, -1, np.int32)
-          for e, slot in run:
-            slot_of[e] = slot
-          sl = np.full((xn.shape[0], ids.shape[1]), -1, np.int32)
-          wt = np.zeros((xn.shape[0], ids.shape[1]), np.float32)
-          sl[at], wt[at] = slot_of[ids_up], w_up
-          acc = steps.experts_pooled_add(self.spec, enc, self.pool.layout(), acc, xn, sl, wt,
-                                         self.pool.arena_array())
+        if native:  # no padding to token buckets, one program a call
+          for part in self._pooled_calls(run, counts):
+            slot_of = np.full(self.spec.num_experts, -1, np.int32)
+            for e, slot in part:
+              slot_of[e] = slot
+            sl = np.full((xn.shape[0], ids.shape[1]), -1, np.int32)
+            wt = np.zeros((xn.shape[0], ids.shape[1]), np.float32)
+            sl[at], wt[at] = slot_of[ids_up], w_up
+            acc = steps.experts_pooled_add(self.spec, enc, self.pool.layout(), acc, xn, sl,
+                                           wt, self.pool.arena_array())
           continue
         for e, slot in run:
           tok, kpos = np.nonzero(ids == e)
