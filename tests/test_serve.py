@@ -410,6 +410,7 @@ def test_warmup_compiles_every_batch_shape_the_server_runs(tmp_path, budget, par
   programs = {"attention_batch": steps.attention_batch, "route_block": steps.route_block,
               "expert_scatter_add": steps.expert_scatter_add, "moe_finish": steps.moe_finish,
               "decode_batch_step": steps.decode_batch_step,  # the resident one-program step
+              "experts_pooled_add": steps.experts_pooled_add,
               "head": steps.head, "empty_layer": forward.empty_layer,
               "_put_slot": batch_lib._put_slot}  # pylint: disable=protected-access
   compiled = {name: 0 for name in programs}

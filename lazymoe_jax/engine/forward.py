@@ -284,11 +284,12 @@ class Forward:
     return out
 
   def _pooled_calls(self, run: list, counts: np.ndarray) -> list[list]:
-    """A run of (expert, slot) split, in order, into calls whose working memory (each
-    expert's hidden and output rows, float32, for its tokens: expert_ffn.cc) stays within
-    POOLED_CALL_BYTES, so that a long prompt's transients stay near the per-expert
-    programs'; one expert a call at least."""
-    per_token = 4 * (2 * self.spec.moe.width + self.spec.hidden_size)
+    """A run of (expert, slot) split, in order, into calls whose working memory stays
+    within POOLED_CALL_BYTES, so that a long prompt's transients stay near the per-expert
+    programs'; one expert a call at least. Per token an expert runs over, the kernel holds
+    (expert_ffn.cc) its gathered input and output rows and its hidden row in float32, plus the
+    prepared (quantised) forms of input and hidden: counted as 4 x (3 H + 2 I) bytes."""
+    per_token = 4 * (3 * self.spec.hidden_size + 2 * self.spec.moe.width)
     calls, size = [[]], 0
     for e, slot in run:
       need = int(counts[e]) * per_token
@@ -335,11 +336,14 @@ class Forward:
     each is read once, and counted used, not unused.
 
     Experts are applied in ascending id order whatever the pool size, so results are
-    bit-identical between a minimal pool and an all-resident one.
+    bit-identical between a minimal pool and an all-resident one. Consecutive experts of a
+    wave that the native kernels take (by their token count) run in one call
+    (steps.experts_pooled_add, split by POOLED_CALL_BYTES), the others one program each.
 
-    every_bucket (warm-up): after the first wave, the expert program also runs at each token
-    bucket up to bucket(len(ids)) (all the rows on one expert) that the wave did not use, with
-    zero weights over the wave's first slot, so each is compiled.
+    every_bucket (warm-up): where an expert may get more rows than the native kernels take
+    (or without the pooled call), after the first wave the expert program also runs at each
+    token bucket up to bucket(len(ids)) (all the rows on one expert) that the wave did not
+    use, with zero weights over the wave's first slot, so each is compiled.
     """
     experts = [int(e) for e in np.unique(ids)]
     acc = jnp.zeros(xn.shape, jnp.float32)
