@@ -680,6 +680,247 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     for (int m = 0; m < MT; ++m) raw[r * M + m0 + m] = hsum8(accf[r][m]);
 }
 
+// ---- many tokens: decoded panels (int4, mxfp4) ----------------------------------------------
+// The tiles above decode a row's codes again for every 1-4 tokens they run. From kPanelTokens
+// tokens on, a chunk of 1-2 rows (32 groups / 8 blocks) is decoded once into vectors whose
+// dwords each hold 4 codes of one group / block, and every token then runs over them: the
+// integer step is a load and a vpdpbusd. Each (row, token) gets the same int32 group / block
+// sums as in the tiles, and the same float operations in the same order (per chunk, the 4
+// vectors of 8 groups, or the 8 blocks, one FMA each, then hsum8): results are the tiles' bit
+// for bit, so a token's product does not depend on how many tokens share the call.
+constexpr int kPanelTokens = 4;
+constexpr int kPanelMT = 4;  // tokens a step: R x 4 accumulators, R weight vectors, 1 of x: no spills in 16 ymm
+
+// Dwords of 4 vectors, each [block 2k: dwords s0..s3 | block 2k + 1: s0..s3] (k = 0..3), to 4
+// vectors of one s each whose 8 dwords are the 8 blocks in kMxPerm order.
+TGT2 inline void transpose_blocks(const __m256i u[4], __m256i* out) {
+  const __m256i t0 = _mm256_unpacklo_epi32(u[0], u[1]), t1 = _mm256_unpacklo_epi32(u[2], u[3]);
+  const __m256i t2 = _mm256_unpackhi_epi32(u[0], u[1]), t3 = _mm256_unpackhi_epi32(u[2], u[3]);
+  out[0] = _mm256_unpacklo_epi64(t0, t1);
+  out[1] = _mm256_unpackhi_epi64(t0, t1);
+  out[2] = _mm256_unpacklo_epi64(t2, t3);
+  out[3] = _mm256_unpackhi_epi64(t2, t3);
+}
+
+// mxfp4 activation codes in the panel's order: per 8 blocks, for s = 0..7, the dword of
+// columns 4s..4s+3 of each block (kMxPerm order), from Act's even / odd column codes.
+TGT2 void mx_panel_form(const Act& a, int M, Avx2Form& p) {
+  const int64_t nb8 = a.ldq / 32;  // Act pads to whole steps of 8 blocks
+  p.ldx = nb8 * 32;
+  p.qx.assign(size_t(M) * p.ldx, 0);
+  for (int m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb8; b += 8) {
+      __m256i lo[4], hi[4];
+      for (int k = 0; k < 4; ++k) {
+        const int8_t* q = a.q.data() + m * a.ldq + (b / 4) * 128 + (k >> 1) * 128 + (k & 1) * 32;
+        const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const __m256i od = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64));
+        lo[k] = _mm256_unpacklo_epi8(e, od);  // columns 0..15 of blocks 2k | 2k + 1
+        hi[k] = _mm256_unpackhi_epi8(e, od);  // columns 16..31
+      }
+      __m256i* out = reinterpret_cast<__m256i*>(p.qx.data() + m * p.ldx + b * 32);
+      __m256i v[8];
+      transpose_blocks(lo, v);
+      transpose_blocks(hi, v + 4);
+      for (int s = 0; s < 8; ++s) _mm256_storeu_si256(out + s, v[s]);
+    }
+}
+
+template <int R, int MT, bool VNNI>
+TGT2 inline void i4_panel_step(const __m256i* pan, const __m256* sf, const Avx2Form& p,
+                               int G, int64_t g, int m0, float* accf, int M) {
+  for (int d = 0; d < 4; ++d) {
+    __m256i acc[R][MT];
+    for (int m = 0; m < MT; ++m) {
+      const __m256i init = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(p.init.data() + (m0 + m) * p.ldi + g + 8 * d));
+      for (int r = 0; r < R; ++r) acc[r][m] = init;
+    }
+    const int8_t* q0 = p.q.data() + m0 * p.ldq + (g + 8 * d) * 4;
+    for (int jp = 0; jp < G / 4; ++jp) {
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_load_si256(pan + (r * (G / 4) + jp) * 4 + d);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xv = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(q0 + m * p.ldq + jp * p.ldi * 4));
+        for (int r = 0; r < R; ++r) acc[r][m] = dot_u8s8<VNNI>(acc[r][m], wv[r], xv);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) {
+        float* f = accf + (r * M + m0 + m) * 8;
+        _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), sf[r * 4 + d],
+                                            _mm256_loadu_ps(f)));
+      }
+  }
+}
+
+// int4, rows o..o+R-1, all M tokens: raw[r * M + m] as i4_tile2 leaves it. accf: R * M * 8.
+template <int R, bool VNNI>
+TGT2 void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
+                   int M, float* accf) {
+  const int G = w.group;
+  const int64_t N = w.cols / G, g0 = a.c0 / G, n = a.cn / G;
+  const int64_t rowb = w.cols / 2, end = w.rows * rowb;
+  const uint8_t* base[R];
+  const uint16_t* sc[R];
+  for (int r = 0; r < R; ++r) {
+    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
+    sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
+  }
+  const int64_t ahead = ahead_of(int64_t(R) * rowb, int64_t(R) * rowb);
+  const __m256i nib = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+  std::fill(accf, accf + size_t(R) * M * 8, 0.0f);
+  alignas(32) __m256i pan[R * 32 * 4];  // [R][G/4][4], G <= 128
+  __m256 sf[R * 4];
+  std::vector<uint8_t> tw[R];
+  for (int64_t g = 0; g < n; g += 32) {
+    const bool tail = g + 32 > n;
+    for (int r = 0; r < R; ++r) {  // decode as i4_tile2 does, once for every token
+      const uint8_t* wp = base[r] + g;
+      int64_t ld = N;
+      alignas(32) uint16_t ts[32];
+      const uint16_t* sp = sc[r] + g;
+      if (tail) {
+        std::memset(ts, 0, sizeof ts);
+        std::memcpy(ts, sp, (n - g) * 2);
+        sp = ts;
+        if ((o + r) * rowb + g0 + (G / 2 - 1) * N + g + 32 > end) {
+          tw[r].assign(size_t(G / 2) * 32, 0);
+          for (int j = 0; j < G / 2; ++j) std::memcpy(&tw[r][j * 32], wp + j * N, n - g);
+          wp = tw[r].data();
+          ld = 32;
+        }
+      }
+      for (int jp = 0; jp < G / 4; ++jp) {
+        const uint8_t* pj = wp + (2 * jp) * ld;
+        pf(pj + ahead);
+        pf(pj + ld + ahead);
+        const __m256i y0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj)), flip);
+        const __m256i y1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj + ld)), flip);
+        const __m256i l0 = _mm256_and_si256(y0, nib), h0 = _mm256_and_si256(_mm256_srli_epi16(y0, 4), nib);
+        const __m256i l1 = _mm256_and_si256(y1, nib), h1 = _mm256_and_si256(_mm256_srli_epi16(y1, 4), nib);
+        const __m256i a0 = _mm256_unpacklo_epi8(l0, h0), b0 = _mm256_unpackhi_epi8(l0, h0);
+        const __m256i a1 = _mm256_unpacklo_epi8(l1, h1), b1 = _mm256_unpackhi_epi8(l1, h1);
+        __m256i* dv = pan + (r * (G / 4) + jp) * 4;
+        _mm256_store_si256(dv + 0, _mm256_unpacklo_epi16(a0, a1));
+        _mm256_store_si256(dv + 1, _mm256_unpackhi_epi16(a0, a1));
+        _mm256_store_si256(dv + 2, _mm256_unpacklo_epi16(b0, b1));
+        _mm256_store_si256(dv + 3, _mm256_unpackhi_epi16(b0, b1));
+      }
+      for (int d = 0; d < 4; ++d)
+        sf[r * 4 + d] = _mm256_cvtph_ps(_mm_unpacklo_epi64(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp + 4 * d)),
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp + 16 + 4 * d))));
+    }
+    for (int m0 = 0; m0 < M; m0 += kPanelMT) {
+      switch (std::min(kPanelMT, M - m0)) {
+        case 1: i4_panel_step<R, 1, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
+        case 2: i4_panel_step<R, 2, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
+        case 3: i4_panel_step<R, 3, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
+        case 4: i4_panel_step<R, 4, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
+        case 5: i4_panel_step<R, 5, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
+        default: i4_panel_step<R, 6, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) raw[r * M + m] = hsum8(_mm256_loadu_ps(accf + (r * M + m) * 8));
+}
+
+template <int R, int MT, bool VNNI>
+TGT2 inline void mx_panel_step(const __m256i* pan, const __m256* sv, const Avx2Form& p,
+                               int64_t b, int m0, float* accf, int M) {
+  __m256i acc[R][MT];
+  for (int m = 0; m < MT; ++m) {
+    const __m256i init = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(p.init.data() + (m0 + m) * p.ldi + b));
+    for (int r = 0; r < R; ++r) acc[r][m] = init;
+  }
+  const int8_t* x0 = p.qx.data() + m0 * p.ldx + b * 32;
+  for (int s = 0; s < 8; ++s) {
+    __m256i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_load_si256(pan + r * 8 + s);
+    for (int m = 0; m < MT; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + m * p.ldx + s * 32));
+      for (int r = 0; r < R; ++r) acc[r][m] = dot_u8s8<VNNI>(acc[r][m], wv[r], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      float* f = accf + (r * M + m0 + m) * 8;
+      _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), sv[r], _mm256_loadu_ps(f)));
+    }
+}
+
+// mxfp4, rows o..o+R-1, all M tokens: raw[r * M + m] as mx_tile2 leaves it. accf: R * M * 8.
+template <int R, bool VNNI>
+TGT2 void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
+                   int M, float* accf) {
+  const int64_t nbt = w.cols / 32, nb = a.cn / 32, b0 = a.c0 / 32;
+  const uint8_t* base[R];
+  const uint8_t* sc[R];
+  for (int r = 0; r < R; ++r) {
+    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
+    sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * nbt + b0;
+  }
+  const int64_t ahead = ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2));
+  const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                       12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m128i sperm = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i lane_blk = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  std::fill(accf, accf + size_t(R) * M * 8, 0.0f);
+  alignas(32) __m256i pan[R * 8];
+  alignas(32) uint8_t tw[R][128], ts[R][16];
+  for (int64_t b = 0; b < nb; b += 8) {
+    __m256 sv[R];
+    for (int r = 0; r < R; ++r) {  // decode as mx_tile2 does, once for every token
+      const uint8_t* wp = base[r] + b * 16;
+      const uint8_t* sp = sc[r] + b;
+      if (b + 8 > nb && (o + r) * nbt + b0 + b + 8 > w.rows * nbt) {  // the last rows
+        std::memset(tw[r], 0, sizeof tw[r]);
+        std::memset(ts[r], 0, sizeof ts[r]);
+        std::memcpy(tw[r], wp, (nb - b) * 16);
+        std::memcpy(ts[r], sp, nb - b);
+        wp = tw[r];
+        sp = ts[r];
+      }
+      pf(wp + ahead);
+      pf(wp + ahead + 64);
+      const __m128i s8 = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)), sperm);
+      __m256i si = _mm256_slli_epi32(_mm256_cvtepu8_epi32(s8), 23);
+      if (b + 8 > nb)
+        si = _mm256_and_si256(si, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(nb - b)), lane_blk));
+      sv[r] = _mm256_castsi256_ps(si);
+      __m256i lo[4], hi[4];
+      for (int k = 0; k < 4; ++k) {
+        const __m256i raw8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * k));
+        const __m256i wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(raw8, low4));
+        const __m256i wh = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(raw8, 4), low4));
+        lo[k] = _mm256_unpacklo_epi8(wl, wh);
+        hi[k] = _mm256_unpackhi_epi8(wl, wh);
+      }
+      __m256i v[8];
+      transpose_blocks(lo, v);
+      transpose_blocks(hi, v + 4);
+      for (int s = 0; s < 8; ++s) _mm256_store_si256(pan + r * 8 + s, v[s]);
+    }
+    for (int m0 = 0; m0 < M; m0 += kPanelMT) {
+      switch (std::min(kPanelMT, M - m0)) {
+        case 1: mx_panel_step<R, 1, VNNI>(pan, sv, p, b, m0, accf, M); break;
+        case 2: mx_panel_step<R, 2, VNNI>(pan, sv, p, b, m0, accf, M); break;
+        case 3: mx_panel_step<R, 3, VNNI>(pan, sv, p, b, m0, accf, M); break;
+        case 4: mx_panel_step<R, 4, VNNI>(pan, sv, p, b, m0, accf, M); break;
+        case 5: mx_panel_step<R, 5, VNNI>(pan, sv, p, b, m0, accf, M); break;
+        default: mx_panel_step<R, 6, VNNI>(pan, sv, p, b, m0, accf, M); break;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) raw[r * M + m] = hsum8(_mm256_loadu_ps(accf + (r * M + m) * 8));
+}
+
 #define LAZYMOE_MT_SWITCH(TILE, R, ...)       \
   switch (mt) {                               \
     case 1: TILE<R, 1>(__VA_ARGS__); break;   \
@@ -707,6 +948,22 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
   // int8 weights: the int16 activations of prepare() (see i8w_tile2)
   const bool i8 = w.enc == kI8;
   const int M = i8 ? a.tokens : a.tokens * a.levels;
+  if ((w.enc == kI4 || w.enc == kMXFP4) && M >= kPanelTokens) {  // decoded panels
+    std::vector<float> raw(2 * size_t(M)), accf(2 * size_t(M) * 8);
+    for (int64_t o = r0; o < r1; o += 2) {
+      const bool two = r1 - o >= 2;
+      if (w.enc == kI4) {
+        if (two) i4_panel<2, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
+        else i4_panel<1, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
+        combine_grouped(a, raw.data(), two ? 2 : 1, o - r0, 1.0f, y, ldy);
+      } else {
+        if (two) mx_panel<2, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
+        else mx_panel<1, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
+        combine_grouped(a, raw.data(), two ? 2 : 1, o - r0, 0.5f, y, ldy);
+      }
+    }
+    return;
+  }
   const bool fl = w.enc == kF32 || w.enc == kBF16;
   std::vector<float> rawf(size_t(kRowTile) * M);
   std::vector<int64_t> raw64(size_t(kRowTile) * M);
@@ -1188,6 +1445,7 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
   }
 #ifdef LAZYMOE_X86
   avx2_form(a, a.tokens * a.levels, a.avx2);
+  if (enc == kMXFP4 && a.tokens * a.levels >= kPanelTokens) mx_panel_form(a, a.tokens * a.levels, a.avx2);
 #endif
 }
 

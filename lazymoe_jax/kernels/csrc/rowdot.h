@@ -80,6 +80,8 @@ struct Avx2Form {
   std::vector<int8_t> q;      // int4: [M][G/4][n32][4], groups in kI4Perm order per 32
   std::vector<int32_t> init;  // int4: [M][n32]; mxfp4: [M][nb8], blocks in kMxPerm order per 8
   int64_t ldq = 0, ldi = 0;
+  std::vector<int8_t> qx;     // mxfp4, kPanelTokens or more: [M][nb8 / 8][8][8 x 4] (rowdot.cc)
+  int64_t ldx = 0;
   std::vector<int16_t> q16;   // int8 weights: [tokens][ld16], step s16[t] = max|x| / 32767
   std::vector<float> s16;
   int64_t ld16 = 0;
