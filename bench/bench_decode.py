@@ -127,7 +127,7 @@ def main(argv) -> None:
   for enc in FLAGS.encodings:
     store = f"{hf}-{enc}"
     if not os.path.exists(os.path.join(store, "manifest.json")):
-      convert_hf.convert(hf, store, expert_dtype=CONVERTER_NAMES[enc], overwrite=True,
+      convert_hf.convert(hf, store, expert_dtype=CONVERTER_NAMES.get(enc, enc), overwrite=True,
                          log=lambda s: None)
     for dense_dtype in FLAGS.dense_dtypes:
       row = {"encoding": enc, "dense": dense_dtype, "numpy_gemv_GBps": ref}

@@ -175,7 +175,7 @@ class Forward:
     pos = start + np.arange(tb, dtype=np.int32)  # host arrays: the programs take them as is
     x = self.embed(padded)
     if n == 1 and self.whole_step_ready():
-      x, caches = steps.decode_step(spec, self.kv, self.pool.arrays(0)["w_gate_up"].encoding.name,
+      x, caches = steps.decode_step(spec, self.kv, self.expert_encoding,
                                     self.pool.layout(), tuple(self.layers), self._slot_table[1],
                                     self.pool.arena_array(), x, pos, tuple(cache))
       cache[:] = caches
@@ -228,7 +228,7 @@ class Forward:
       live = np.zeros(len(tokens), bool)
       live[rows] = True
       x, layers, experts = steps.decode_batch_step(
-          spec, self.kv, self.pool.arrays(0)["w_gate_up"].encoding.name, self.pool.layout(),
+          spec, self.kv, self.expert_encoding, self.pool.layout(),
           tuple(self.layers), self._slot_table[1], self.pool.arena_array(), x, pos, live,
           tuple(stack))
       stack[:] = layers
@@ -255,6 +255,11 @@ class Forward:
     return x, stack
 
   # ---- shared pieces -----------------------------------------------------------------------
+  @property
+  def expert_encoding(self) -> str:
+    """The experts' encoding name (every pool slot holds the same one)."""
+    return self.pool.arrays(0)["w_gate_up"].encoding.name
+
   def whole_step_ready(self, rows: int = 1) -> bool:
     """Whether a decode step of `rows` tokens (one per sequence) can run as one program
     (steps.decode_step, steps.decode_batch_step): every expert resident (nothing to read,
@@ -264,7 +269,7 @@ class Forward:
     if not (self.whole_step and self.trace is None and self.moe_order
             and self.pool.holds_all(self.moe_order)):
       return False
-    enc = self.pool.arrays(0)["w_gate_up"].encoding.name
+    enc = self.expert_encoding
     if not kernels.native_for(enc, rows) or self.pool.arena_array() is None:
       return False
     if self._slot_table is None or self._slot_table[0] != self.pool.version:
@@ -350,7 +355,7 @@ class Forward:
     many = len(experts) > self.pool.num_slots
     used = set()  # the token buckets run
     guessed = self.pool.guesses(layer) & set(experts) if many else set()
-    enc = self.pool.arrays(0)["w_gate_up"].encoding.name
+    enc = self.expert_encoding
     counts = np.bincount(ids.reshape(-1), minlength=self.spec.num_experts)
     pooled = self.pooled_waves and self.pool.arena_array() is not None
     if pooled:  # each row's picks in ascending expert order, the order the experts add in
