@@ -44,7 +44,8 @@ setup(
         language="c++",
         # -ffp-contract=off: no a * b + c fused behind the code's back. The kernels' results
         # are bit-identical across token counts and call splits only if every such sum rounds
-        # as written (BUILD_NOTES "session 16"); ISO -std=c++17 implies it, this says so.
+        # as written. Required: gcc's C++ front end fuses even with ISO -std=c++17
+        # (BUILD_NOTES "session 16").
         extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-Wno-uninitialized",
                             "-Wno-maybe-uninitialized"],
         optional=True,

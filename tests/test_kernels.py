@@ -91,14 +91,15 @@ def test_linear_quantised_within_bound(isa, name, o, c, t):
 
 
 @pytest.mark.parametrize("name", QUANT)
-@pytest.mark.parametrize("t", [2, 3, 4, 5, 7, 13, 64])
+@pytest.mark.parametrize("t", [2, 3, 4, 5, 6, 7, 13, 64])
 def test_linear_row_does_not_depend_on_the_tokens_beside_it(isa, name, t):
   """Each token's product equals, bit for bit, the same token alone, on both sides of the
-  many-token panels' threshold (int4 / mxfp4 from 4 tokens, rowdot.cc kPanelTokens), with odd
-  row counts (a last single row), widths that end in a partial chunk of groups / blocks, and
-  the last rows of the array (the tails that copy)."""
+  many-token panels' threshold (int4 / mxfp4 from 4 tokens, rowdot.cc kPanelTokens; steps of
+  4 tokens with every remainder), with an odd row count (a last single row), widths of whole
+  chunks of groups / blocks and a partial one, and the last rows of the array (the tails that
+  copy)."""
   rng = np.random.default_rng(t + 3)
-  c = {"int4-g64": 448, "int4-g128": 640}.get(name, 2880)
+  c = {"int4-g64": 64 * 33, "int4-g128": 128 * 33}.get(name, 2880)  # whole chunks + a tail
   arrays = _encode(name, rng.standard_normal((37, c), dtype=np.float32))
   x = rng.standard_normal((t, c), dtype=np.float32)
   x[t // 2, :5] *= 30.0

@@ -270,11 +270,12 @@ def error_bound(encoding: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 # Above this many rows (of one product, or tokens of one expert) the XLA dots (YNNPACK) serve
-# prefill, per encoding kind: where the native kernels were measured as fast or faster (up to
-# 512 tokens for int8, bf16, int4 and mxfp4; float32 is faster in XLA above 32). Below it, the
-# experts a prompt's tokens pick run unpadded, a run of them in one call
-# (Forward._moe_grouped); BUILD_NOTES "session 10", "session 15", "session 16".
-NATIVE_MAX_TOKENS = {"float32": 32, "int8": 512, "bfloat16": 512, "int4": 512, "mxfp4": 512}
+# prefill, per encoding kind: where the native kernels were measured as fast or faster, on the
+# default avx2-vnni variant (up to 512 tokens for int8, bf16 and int4, 256 for mxfp4; float32
+# is faster in XLA above 32). Below it, the experts a prompt's tokens pick run unpadded, a run
+# of them in one call (Forward._moe_grouped); BUILD_NOTES "session 10", "session 15",
+# "session 16".
+NATIVE_MAX_TOKENS = {"float32": 32, "int8": 512, "bfloat16": 512, "int4": 512, "mxfp4": 256}
 
 
 def native_for(encoding: str, tokens: int) -> bool:

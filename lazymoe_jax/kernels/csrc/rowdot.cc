@@ -818,9 +818,7 @@ TGT2 void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
         case 1: i4_panel_step<R, 1, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
         case 2: i4_panel_step<R, 2, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
         case 3: i4_panel_step<R, 3, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
-        case 4: i4_panel_step<R, 4, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
-        case 5: i4_panel_step<R, 5, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
-        default: i4_panel_step<R, 6, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
+        default: i4_panel_step<R, 4, VNNI>(pan, sf, p, G, g, m0, accf, M); break;
       }
     }
   }
@@ -911,9 +909,7 @@ TGT2 void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
         case 1: mx_panel_step<R, 1, VNNI>(pan, sv, p, b, m0, accf, M); break;
         case 2: mx_panel_step<R, 2, VNNI>(pan, sv, p, b, m0, accf, M); break;
         case 3: mx_panel_step<R, 3, VNNI>(pan, sv, p, b, m0, accf, M); break;
-        case 4: mx_panel_step<R, 4, VNNI>(pan, sv, p, b, m0, accf, M); break;
-        case 5: mx_panel_step<R, 5, VNNI>(pan, sv, p, b, m0, accf, M); break;
-        default: mx_panel_step<R, 6, VNNI>(pan, sv, p, b, m0, accf, M); break;
+        default: mx_panel_step<R, 4, VNNI>(pan, sv, p, b, m0, accf, M); break;
       }
     }
   }
