@@ -587,6 +587,41 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     for (int m = 0; m < MT; ++m) raw[r * M + m0 + m] = hsum8(accf[r][m]);
 }
 
+// Rows o..o+R-1 of an int4 weight over the call's groups g0..g0+n-1 (i4_tile2, i4_panel): row
+// starts, scale starts, and the prefetch distance.
+template <int R>
+struct I4Rows {
+  int G;
+  int64_t N, g0, n, rowb, end, ahead;
+  const uint8_t* base[R];
+  const uint16_t* sc[R];
+  I4Rows(const Weight& w, const Act& a, int64_t o)
+      : G(w.group), N(w.cols / G), g0(a.c0 / G), n(a.cn / G), rowb(w.cols / 2),
+        end(w.rows * rowb), ahead(ahead_of(int64_t(R) * rowb, int64_t(R) * rowb)) {
+    for (int r = 0; r < R; ++r) {
+      base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
+      sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
+    }
+  }
+};
+
+// The 4 vectors of one pair of int4 nibble rows j, j + 1 (at pj, pj + ld; see i4_tile2): the
+// low / high nibbles (the high one + 8 by the xor 0x80), unpacked to bytes (lo, hi) then words
+// (j, j + 1), so that each dword holds the 4 unsigned codes of one group (order kI4Perm).
+TGT2 inline void i4_unpack(const uint8_t* pj, int64_t ld, __m256i* dv) {
+  const __m256i nib = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+  const __m256i y0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj)), flip);
+  const __m256i y1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj + ld)), flip);
+  const __m256i l0 = _mm256_and_si256(y0, nib), h0 = _mm256_and_si256(_mm256_srli_epi16(y0, 4), nib);
+  const __m256i l1 = _mm256_and_si256(y1, nib), h1 = _mm256_and_si256(_mm256_srli_epi16(y1, 4), nib);
+  const __m256i a0 = _mm256_unpacklo_epi8(l0, h0), b0 = _mm256_unpackhi_epi8(l0, h0);
+  const __m256i a1 = _mm256_unpacklo_epi8(l1, h1), b1 = _mm256_unpackhi_epi8(l1, h1);
+  dv[0] = _mm256_unpacklo_epi16(a0, a1);
+  dv[1] = _mm256_unpackhi_epi16(a0, a1);
+  dv[2] = _mm256_unpacklo_epi16(b0, b1);
+  dv[3] = _mm256_unpackhi_epi16(b0, b1);
+}
+
 // int4, 32 groups side by side per row: per pair of nibble rows j, j+1 (32 bytes each, N
 // apart in the stored [G/2, N] row) the low / high nibbles (the high one + 8 by the xor 0x80),
 // then unpack bytes (lo, hi) and words (j, j+1): 4 vectors whose dwords are the 4 unsigned
@@ -596,17 +631,11 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 template <int R, int MT, bool VNNI>
 TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, int m0,
                    float* raw, int M) {
-  const int G = w.group;
-  const int64_t N = w.cols / G, g0 = a.c0 / G, n = a.cn / G;
-  const int64_t rowb = w.cols / 2, end = w.rows * rowb;
-  const uint8_t* base[R];
-  const uint16_t* sc[R];
-  for (int r = 0; r < R; ++r) {
-    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
-    sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
-  }
-  const int64_t ahead = ahead_of(int64_t(R) * rowb, int64_t(R) * rowb);
-  const __m256i nib = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+  const I4Rows<R> ir(w, a, o);
+  const int G = ir.G;
+  const int64_t N = ir.N, g0 = ir.g0, n = ir.n, rowb = ir.rowb, end = ir.end, ahead = ir.ahead;
+  const uint8_t* const* base = ir.base;
+  const uint16_t* const* sc = ir.sc;
   __m256 accf[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) accf[r][m] = _mm256_setzero_ps();
@@ -646,16 +675,7 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
         const uint8_t* pj = wp[r] + (2 * jp) * ld[r];
         pf(pj + ahead);
         pf(pj + ld[r] + ahead);
-        const __m256i y0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj)), flip);
-        const __m256i y1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj + ld[r])), flip);
-        const __m256i l0 = _mm256_and_si256(y0, nib), h0 = _mm256_and_si256(_mm256_srli_epi16(y0, 4), nib);
-        const __m256i l1 = _mm256_and_si256(y1, nib), h1 = _mm256_and_si256(_mm256_srli_epi16(y1, 4), nib);
-        const __m256i a0 = _mm256_unpacklo_epi8(l0, h0), b0 = _mm256_unpackhi_epi8(l0, h0);
-        const __m256i a1 = _mm256_unpacklo_epi8(l1, h1), b1 = _mm256_unpackhi_epi8(l1, h1);
-        dv[r][0] = _mm256_unpacklo_epi16(a0, a1);
-        dv[r][1] = _mm256_unpackhi_epi16(a0, a1);
-        dv[r][2] = _mm256_unpacklo_epi16(b0, b1);
-        dv[r][3] = _mm256_unpackhi_epi16(b0, b1);
+        i4_unpack(pj, ld[r], dv[r]);
       }
       for (int m = 0; m < MT; ++m) {
         const int8_t* q = p.q.data() + (m0 + m) * p.ldq + (jp * p.ldi + g) * 4;
@@ -759,17 +779,11 @@ TGT2 inline void i4_panel_step(const __m256i* pan, const __m256* sf, const Avx2F
 template <int R, bool VNNI>
 TGT2 void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
                    int M, float* accf) {
-  const int G = w.group;
-  const int64_t N = w.cols / G, g0 = a.c0 / G, n = a.cn / G;
-  const int64_t rowb = w.cols / 2, end = w.rows * rowb;
-  const uint8_t* base[R];
-  const uint16_t* sc[R];
-  for (int r = 0; r < R; ++r) {
-    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
-    sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
-  }
-  const int64_t ahead = ahead_of(int64_t(R) * rowb, int64_t(R) * rowb);
-  const __m256i nib = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+  const I4Rows<R> ir(w, a, o);
+  const int G = ir.G;
+  const int64_t N = ir.N, g0 = ir.g0, n = ir.n, rowb = ir.rowb, end = ir.end, ahead = ir.ahead;
+  const uint8_t* const* base = ir.base;
+  const uint16_t* const* sc = ir.sc;
   std::fill(accf, accf + size_t(R) * M * 8, 0.0f);
   alignas(32) __m256i pan[R * 32 * 4];  // [R][G/4][4], G <= 128
   __m256 sf[R * 4];
@@ -796,17 +810,7 @@ TGT2 void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
         const uint8_t* pj = wp + (2 * jp) * ld;
         pf(pj + ahead);
         pf(pj + ld + ahead);
-        const __m256i y0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj)), flip);
-        const __m256i y1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pj + ld)), flip);
-        const __m256i l0 = _mm256_and_si256(y0, nib), h0 = _mm256_and_si256(_mm256_srli_epi16(y0, 4), nib);
-        const __m256i l1 = _mm256_and_si256(y1, nib), h1 = _mm256_and_si256(_mm256_srli_epi16(y1, 4), nib);
-        const __m256i a0 = _mm256_unpacklo_epi8(l0, h0), b0 = _mm256_unpackhi_epi8(l0, h0);
-        const __m256i a1 = _mm256_unpacklo_epi8(l1, h1), b1 = _mm256_unpackhi_epi8(l1, h1);
-        __m256i* dv = pan + (r * (G / 4) + jp) * 4;
-        _mm256_store_si256(dv + 0, _mm256_unpacklo_epi16(a0, a1));
-        _mm256_store_si256(dv + 1, _mm256_unpackhi_epi16(a0, a1));
-        _mm256_store_si256(dv + 2, _mm256_unpacklo_epi16(b0, b1));
-        _mm256_store_si256(dv + 3, _mm256_unpackhi_epi16(b0, b1));
+        i4_unpack(pj, ld, pan + (r * (G / 4) + jp) * 4);
       }
       for (int d = 0; d < 4; ++d)
         sf[r * 4 + d] = _mm256_cvtph_ps(_mm_unpacklo_epi64(
