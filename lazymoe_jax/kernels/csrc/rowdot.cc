@@ -498,6 +498,48 @@ void avx2_form(const Act& a, int M, Avx2Form& p) {
   }
 }
 
+// Rows o..o+R-1 of an mxfp4 weight over the call's blocks b0..b0+nb-1 (mx_tile2, mx_panel).
+template <int R>
+struct MxRows {
+  int64_t nbt, nb, b0, rows, ahead;
+  const uint8_t* base[R];
+  const uint8_t* sc[R];
+  int64_t o;
+  MxRows(const Weight& w, const Act& a, int64_t o_)
+      : nbt(w.cols / 32), nb(a.cn / 32), b0(a.c0 / 32), rows(w.rows),
+        ahead(ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2))), o(o_) {
+    for (int r = 0; r < R; ++r) {
+      base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
+      sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * nbt + b0;
+    }
+  }
+  // Row r's codes of blocks b..b+7 (copied into tw / ts, zero padded, where reading on would
+  // pass the array's end), prefetching later rows; *sv: the 8 e8m0 scales as floats in kMxPerm
+  // order (s << 23), those past the call's blocks 0.
+  TGT2 const uint8_t* chunk(int r, int64_t b, uint8_t* tw, uint8_t* ts, __m256* sv) const {
+    const uint8_t* wp = base[r] + b * 16;
+    const uint8_t* sp = sc[r] + b;
+    if (b + 8 > nb && (o + r) * nbt + b0 + b + 8 > rows * nbt) {  // the last rows
+      std::memset(tw, 0, 128);
+      std::memset(ts, 0, 16);
+      std::memcpy(tw, wp, (nb - b) * 16);
+      std::memcpy(ts, sp, nb - b);
+      wp = tw;
+      sp = ts;
+    }
+    pf(wp + ahead);
+    pf(wp + ahead + 64);
+    const __m128i sperm = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i lane_blk = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m128i s8 = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)), sperm);
+    __m256i si = _mm256_slli_epi32(_mm256_cvtepu8_epi32(s8), 23);
+    if (b + 8 > nb)
+      si = _mm256_and_si256(si, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(nb - b)), lane_blk));
+    *sv = _mm256_castsi256_ps(si);
+    return wp;
+  }
+};
+
 // mxfp4, 8 blocks (128 bytes, 256 weights) a step per row: nibbles through the vpshufb table
 // of 2 x e2m1 + 12, vpmaddubsw against the signed codes, vpmaddwd by ones, then two levels of
 // vphaddd fold the 4 vectors of 2 blocks into one int32 per block, so the correction, the
@@ -507,19 +549,11 @@ void avx2_form(const Act& a, int M, Avx2Form& p) {
 template <int R, int MT, bool VNNI>
 TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, int m0,
                    float* raw, int M) {
-  const int64_t nbt = w.cols / 32, nb = a.cn / 32, b0 = a.c0 / 32;
-  const uint8_t* base[R];
-  const uint8_t* sc[R];
-  for (int r = 0; r < R; ++r) {
-    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
-    sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * nbt + b0;
-  }
-  const int64_t ahead = ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2));
+  const MxRows<R> mr(w, a, o);
+  const int64_t nb = mr.nb;
   const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
                                        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  const __m128i sperm = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i lane_blk = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   __m256 accf[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) accf[r][m] = _mm256_setzero_ps();
@@ -527,25 +561,7 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
   for (int64_t b = 0; b < nb; b += 8) {
     __m256 sv[R];
     const uint8_t* wp[R];
-    for (int r = 0; r < R; ++r) {
-      wp[r] = base[r] + b * 16;
-      const uint8_t* sp = sc[r] + b;
-      if (b + 8 > nb && (o + r) * nbt + b0 + b + 8 > w.rows * nbt) {  // the last rows
-        std::memset(tw[r], 0, sizeof tw[r]);
-        std::memset(ts[r], 0, sizeof ts[r]);
-        std::memcpy(tw[r], wp[r], (nb - b) * 16);
-        std::memcpy(ts[r], sp, nb - b);
-        wp[r] = tw[r];
-        sp = ts[r];
-      }
-      pf(wp[r] + ahead);
-      pf(wp[r] + ahead + 64);
-      const __m128i s8 = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)), sperm);
-      __m256i si = _mm256_slli_epi32(_mm256_cvtepu8_epi32(s8), 23);
-      if (b + 8 > nb)
-        si = _mm256_and_si256(si, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(nb - b)), lane_blk));
-      sv[r] = _mm256_castsi256_ps(si);
-    }
+    for (int r = 0; r < R; ++r) wp[r] = mr.chunk(r, b, tw[r], ts[r], &sv[r]);
     __m256i h01[R][MT], h2[R][MT];
     for (int k = 0; k < 4; ++k) {
       __m256i wl[R], wh[R];
@@ -859,42 +875,18 @@ TGT2 inline void mx_panel_step(const __m256i* pan, const __m256* sv, const Avx2F
 template <int R, bool VNNI>
 TGT2 void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
                    int M, float* accf) {
-  const int64_t nbt = w.cols / 32, nb = a.cn / 32, b0 = a.c0 / 32;
-  const uint8_t* base[R];
-  const uint8_t* sc[R];
-  for (int r = 0; r < R; ++r) {
-    base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
-    sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * nbt + b0;
-  }
-  const int64_t ahead = ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2));
+  const MxRows<R> mr(w, a, o);
+  const int64_t nb = mr.nb;
   const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
                                        12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
   const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m128i sperm = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i lane_blk = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   std::fill(accf, accf + size_t(R) * M * 8, 0.0f);
   alignas(32) __m256i pan[R * 8];
   alignas(32) uint8_t tw[R][128], ts[R][16];
   for (int64_t b = 0; b < nb; b += 8) {
     __m256 sv[R];
     for (int r = 0; r < R; ++r) {  // decode as mx_tile2 does, once for every token
-      const uint8_t* wp = base[r] + b * 16;
-      const uint8_t* sp = sc[r] + b;
-      if (b + 8 > nb && (o + r) * nbt + b0 + b + 8 > w.rows * nbt) {  // the last rows
-        std::memset(tw[r], 0, sizeof tw[r]);
-        std::memset(ts[r], 0, sizeof ts[r]);
-        std::memcpy(tw[r], wp, (nb - b) * 16);
-        std::memcpy(ts[r], sp, nb - b);
-        wp = tw[r];
-        sp = ts[r];
-      }
-      pf(wp + ahead);
-      pf(wp + ahead + 64);
-      const __m128i s8 = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)), sperm);
-      __m256i si = _mm256_slli_epi32(_mm256_cvtepu8_epi32(s8), 23);
-      if (b + 8 > nb)
-        si = _mm256_and_si256(si, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(nb - b)), lane_blk));
-      sv[r] = _mm256_castsi256_ps(si);
+      const uint8_t* wp = mr.chunk(r, b, tw[r], ts[r], &sv[r]);
       __m256i lo[4], hi[4];
       for (int k = 0; k < 4; ++k) {
         const __m256i raw8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * k));
