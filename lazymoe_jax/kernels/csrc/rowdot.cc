@@ -608,16 +608,38 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 template <int R>
 struct I4Rows {
   int G;
-  int64_t N, g0, n, rowb, end, ahead;
+  int64_t N, g0, n, rowb, end, ahead, o;
   const uint8_t* base[R];
   const uint16_t* sc[R];
-  I4Rows(const Weight& w, const Act& a, int64_t o)
+  I4Rows(const Weight& w, const Act& a, int64_t o_)
       : G(w.group), N(w.cols / G), g0(a.c0 / G), n(a.cn / G), rowb(w.cols / 2),
-        end(w.rows * rowb), ahead(ahead_of(int64_t(R) * rowb, int64_t(R) * rowb)) {
+        end(w.rows * rowb), ahead(ahead_of(int64_t(R) * rowb, int64_t(R) * rowb)), o(o_) {
     for (int r = 0; r < R; ++r) {
       base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
       sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
     }
+  }
+  // Row r's nibble rows of groups g..g+31 (returned; *ld apart) and their f16 scales (*sp). In
+  // the last chunk the scales of the groups past n read as 0 from ts (the codes there meet zero
+  // activations); where reading on would pass the array's end, the codes are first copied into
+  // tw ([G/2][32]).
+  const uint8_t* chunk(int r, int64_t g, std::vector<uint8_t>& tw, uint16_t* ts, int64_t* ld,
+                       const uint16_t** sp) const {
+    const uint8_t* wp = base[r] + g;
+    *ld = N;
+    *sp = sc[r] + g;
+    if (g + 32 > n) {
+      std::memset(ts, 0, 32 * sizeof(uint16_t));
+      std::memcpy(ts, *sp, (n - g) * 2);
+      *sp = ts;
+      if ((o + r) * rowb + g0 + (G / 2 - 1) * N + g + 32 > end) {
+        tw.assign(size_t(G / 2) * 32, 0);
+        for (int j = 0; j < G / 2; ++j) std::memcpy(&tw[j * 32], wp + j * N, n - g);
+        wp = tw.data();
+        *ld = 32;
+      }
+    }
+    return wp;
   }
 };
 
@@ -649,35 +671,17 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
                    float* raw, int M) {
   const I4Rows<R> ir(w, a, o);
   const int G = ir.G;
-  const int64_t N = ir.N, g0 = ir.g0, n = ir.n, rowb = ir.rowb, end = ir.end, ahead = ir.ahead;
-  const uint8_t* const* base = ir.base;
-  const uint16_t* const* sc = ir.sc;
+  const int64_t n = ir.n, ahead = ir.ahead;
   __m256 accf[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) accf[r][m] = _mm256_setzero_ps();
   std::vector<uint8_t> tw[R];  // a chunk copied at the array's end: [G/2][32]
   for (int64_t g = 0; g < n; g += 32) {
-    const bool tail = g + 32 > n;
     const uint8_t* wp[R];
     int64_t ld[R];
     alignas(32) uint16_t ts[R][32];
     const uint16_t* sp[R];
-    for (int r = 0; r < R; ++r) {
-      wp[r] = base[r] + g;
-      ld[r] = N;
-      sp[r] = sc[r] + g;
-      if (tail) {  // scales of the groups past n read as 0 (the codes there meet zero activations)
-        std::memset(ts[r], 0, sizeof ts[r]);
-        std::memcpy(ts[r], sp[r], (n - g) * 2);
-        sp[r] = ts[r];
-        if ((o + r) * rowb + g0 + (G / 2 - 1) * N + g + 32 > end) {
-          tw[r].assign(size_t(G / 2) * 32, 0);
-          for (int j = 0; j < G / 2; ++j) std::memcpy(&tw[r][j * 32], wp[r] + j * N, n - g);
-          wp[r] = tw[r].data();
-          ld[r] = 32;
-        }
-      }
-    }
+    for (int r = 0; r < R; ++r) wp[r] = ir.chunk(r, g, tw[r], ts[r], &ld[r], &sp[r]);
     __m256i acc[R][MT][4];
     for (int m = 0; m < MT; ++m)
       for (int d = 0; d < 4; ++d) {
@@ -725,7 +729,8 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 // vectors of 8 groups, or the 8 blocks, one FMA each, then hsum8): results are the tiles' bit
 // for bit, so a token's product does not depend on how many tokens share the call.
 constexpr int kPanelTokens = 4;
-constexpr int kPanelMT = 4;  // tokens a step: R x 4 accumulators, R weight vectors, 1 of x: no spills in 16 ymm
+// tokens a step: R x 4 accumulators, R weight vectors and 1 of x, with no spills in 16 ymm
+constexpr int kPanelMT = 4;
 
 // Dwords of 4 vectors, each [block 2k: dwords s0..s3 | block 2k + 1: s0..s3] (k = 0..3), to 4
 // vectors of one s each whose 8 dwords are the 8 blocks in kMxPerm order.
@@ -797,31 +802,17 @@ TGT2 void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
                    int M, float* accf) {
   const I4Rows<R> ir(w, a, o);
   const int G = ir.G;
-  const int64_t N = ir.N, g0 = ir.g0, n = ir.n, rowb = ir.rowb, end = ir.end, ahead = ir.ahead;
-  const uint8_t* const* base = ir.base;
-  const uint16_t* const* sc = ir.sc;
+  const int64_t n = ir.n, ahead = ir.ahead;
   std::fill(accf, accf + size_t(R) * M * 8, 0.0f);
   alignas(32) __m256i pan[R * 32 * 4];  // [R][G/4][4], G <= 128
   __m256 sf[R * 4];
   std::vector<uint8_t> tw[R];
   for (int64_t g = 0; g < n; g += 32) {
-    const bool tail = g + 32 > n;
     for (int r = 0; r < R; ++r) {  // decode as i4_tile2 does, once for every token
-      const uint8_t* wp = base[r] + g;
-      int64_t ld = N;
+      int64_t ld;
       alignas(32) uint16_t ts[32];
-      const uint16_t* sp = sc[r] + g;
-      if (tail) {
-        std::memset(ts, 0, sizeof ts);
-        std::memcpy(ts, sp, (n - g) * 2);
-        sp = ts;
-        if ((o + r) * rowb + g0 + (G / 2 - 1) * N + g + 32 > end) {
-          tw[r].assign(size_t(G / 2) * 32, 0);
-          for (int j = 0; j < G / 2; ++j) std::memcpy(&tw[r][j * 32], wp + j * N, n - g);
-          wp = tw[r].data();
-          ld = 32;
-        }
-      }
+      const uint16_t* sp;
+      const uint8_t* wp = ir.chunk(r, g, tw[r], ts, &ld, &sp);
       for (int jp = 0; jp < G / 4; ++jp) {
         const uint8_t* pj = wp + (2 * jp) * ld;
         pf(pj + ahead);
