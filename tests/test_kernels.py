@@ -109,6 +109,24 @@ def test_linear_row_does_not_depend_on_the_tokens_beside_it(isa, name, t):
                                   err_msg=f"token {r} of {t}")
 
 
+@pytest.mark.parametrize("name", FLOAT)
+@pytest.mark.parametrize("t", [4, 5, 6, 7, 13, 64, 70])
+def test_float_row_does_not_depend_on_the_tokens_beside_it(isa, name, t):
+  """float32 / bf16 from kPanelTokens tokens on (avx2-vnni: rowdot.cc's float panels, blocks of
+  8 rows, 64-column chunks, 64-token blocks, 6-token register tiles): each token equals, bit for
+  bit, the same token in a call of two (the float tiles). A token alone sums in another order
+  (rowdot.h, one_token_sums_apart). 1005 columns: 15 whole chunks, a partial one and a scalar
+  tail of 5; 37 rows: a last block of 5 (an odd pair); 70 tokens: a second token block."""
+  rng = np.random.default_rng(t + 11)
+  arrays = _encode(name, rng.standard_normal((37, 1005), dtype=np.float32))
+  x = rng.standard_normal((t, 1005), dtype=np.float32)
+  x[t // 2, :5] *= 30.0
+  y = _linear(name, arrays, jnp.asarray(x))
+  for r in range(t):
+    pair = _linear(name, arrays, jnp.asarray(np.stack([x[r], x[r]])))
+    np.testing.assert_array_equal(y[r], pair[0], err_msg=f"token {r} of {t}")
+
+
 def _experts(name, h, i, k, rng, bias):
   exs = []
   for _ in range(k):
@@ -162,16 +180,20 @@ def test_moe_ffn_equals_xla(isa, name, act, t):
 
 
 @pytest.mark.skipif("avx2-vnni" not in ISAS, reason="this CPU has no AVX512-VL + VNNI")
-@pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g64", "int4-g128", "mxfp4"])
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "int8", "int4-g32", "int4-g64",
+                                  "int4-g128", "mxfp4"])
 @pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 64])
 def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
   """avx2-vnni changes only the integer dot of the integer loops (vpdpbusd for vpmaddubsw +
   vpmaddwd in int4 / mxfp4; vpdpwssd, over 4 accumulators, for vpmaddwd + vpaddd in int8),
-  which gives the same int32 sums: outputs must be equal bit for bit. int8 at 2100 columns
+  which gives the same int32 sums, and runs float weights from 4 tokens on in zmm panels whose
+  lanes sum as the AVX2 tiles do: outputs must be equal bit for bit. int8 at 2100 columns
   crosses the 2048-column flush and ends in a scalar tail (2100 = 131 x 16 + 4); 5 tokens and
-  an odd row count (37) reach its tiles of two (row, token) pairs (2 accumulators)."""
+  an odd row count (37) reach its tiles of two (row, token) pairs (2 accumulators). Float
+  widths 389 / 203 end in scalar tails."""
   rng = np.random.default_rng(t + 7)
-  h, i = {"int8": (2100, 200), "int4-g32": (288, 160), "mxfp4": (288, 160)}.get(name, (384, 256))
+  h, i = {"int8": (2100, 200), "int4-g32": (288, 160), "mxfp4": (288, 160), "float32": (389, 203),
+          "bfloat16": (389, 203)}.get(name, (384, 256))
   exs = _experts(name, h, i, 2, rng, bias=name == "mxfp4")
   odd = _encode(name, rng.standard_normal((37, h), dtype=np.float32))
   x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32))

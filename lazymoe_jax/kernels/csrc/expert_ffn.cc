@@ -241,8 +241,8 @@ ffi::Future launch(ffi::ThreadPool pool, std::shared_ptr<MoeJob> job, const floa
   const int parts = num_parts(pool, 3.0 * double(jb.inter) * jb.h * pairs);
   // units of ~256K weights: gate + up rows of H columns; down rows of I columns; output rows
   // of kt x T sums (~64K); tm: an expert's tokens on average
-  jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * tm, 262144.0, 16);
-  jb.chunk_o = rows_per_unit(jb.h, double(jb.inter) * tm, 262144.0, 4);
+  jb.chunk_i = rows_per_unit(jb.inter, 2.0 * jb.h * tm, 262144.0, rows_align(jb.isa, jb.enc, tm, 16));
+  jb.chunk_o = rows_per_unit(jb.h, double(jb.inter) * tm, 262144.0, rows_align(jb.isa, jb.enc, tm, 4));
   jb.chunk_s = rows_per_unit(jb.h, double(jb.kt) * jb.t, 65536.0, 16);
   jb.units_i = (jb.inter + jb.chunk_i - 1) / jb.chunk_i;
   jb.units_o = (jb.h + jb.chunk_o - 1) / jb.chunk_o;

@@ -39,7 +39,7 @@ ffi::Future LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   // claimed units of ~64K weights x tokens (multiples of the 4-row tile): a worker that starts
   // late (a pool thread woken from sleep, tens of microseconds here) leaves its share to the
   // others
-  const int64_t per = rows_per_unit(o, double(c) * t, 65536.0, 4);
+  const int64_t per = rows_per_unit(o, double(c) * t, 65536.0, rows_align(int(isa), int(enc), t, 4));
   std::vector<Phase> phases(1);
   phases[0] = {(o + per - 1) / per, [job, per, o, out](int64_t u) {
                  const int64_t r0 = u * per, r1 = std::min(o, r0 + per);

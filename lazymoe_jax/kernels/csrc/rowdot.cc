@@ -904,6 +904,136 @@ TGT2 void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     for (int m = 0; m < M; ++m) raw[r * M + m] = hsum8(_mm256_loadu_ps(accf + (r * M + m) * 8));
 }
 
+// ---- many tokens, float32 / bf16 weights: float panels (avx2-vnni, zmm) ------------------------
+// The float tiles above reload 1-4 whole activation rows (4 B a column) for every 2-4 weight
+// rows: at 64 tokens of a 4096-column product, ~80 KB a tile from L2, at a third of the FMA
+// peak. From kPanelTokens tokens on, the avx2-vnni variant (whose CPUs have AVX-512F) runs the
+// product as a blocked matrix product in zmm registers (32 of them):
+// - a chunk of kFpK columns of every row of the call is decoded once into float32 pairs of
+//   rows, pan[pair][8 columns][row 2p: 8 | row 2p + 1: 8];
+// - the activations come by chunk, contiguous (Avx2Form::xc, prepare()); a block of kFpTB
+//   tokens' chunk (24 KB) stays in L1 while every group of 4 row pairs (an 8 KB slice of the
+//   panel, also in L1) runs over it in register tiles of 4 pairs x kFpMT tokens;
+// - the accumulators are kept in memory (accf) between chunks.
+// Each zmm half is one (row, token) accumulator of float_tile2 over the same columns in the
+// same order, reduced by the same hsum8 and the same scalar tail: results equal the tiles' bit
+// for bit, on either side of the threshold and on plain AVX2. The rows a call gets matter (the
+// activations are read once per chunk for all of them): the callers give calls of at least
+// 32 rows (rows_align).
+#define TGTZ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
+constexpr int kFpMT = 6;       // tokens a register tile (4 pairs x 6 tokens: 24 zmm)
+constexpr int kFpTB = 24;      // tokens a block (their chunk of activations: 24 KB)
+constexpr int64_t kFpK = 256;  // columns a chunk
+
+template <int RP, int MT>
+TGTZ void float_panel_tile(const float* pan, int64_t n8, const float* xc, float* accf,
+                           int64_t ldacc, bool first) {
+  __m512 acc[RP][MT];
+  for (int p = 0; p < RP; ++p)
+    for (int m = 0; m < MT; ++m)
+      acc[p][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accf + p * ldacc + m * 16);
+  for (int64_t s = 0; s < n8; ++s) {
+    __m512 wv[RP];
+    for (int p = 0; p < RP; ++p) wv[p] = _mm512_loadu_ps(pan + (p * (kFpK / 8) + s) * 16);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xv = _mm512_castpd_ps(  // vbroadcastf64x4: one load (AVX512F, not DQ)
+          _mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(xc + m * kFpK + s * 8))));
+      for (int p = 0; p < RP; ++p) acc[p][m] = _mm512_fmadd_ps(wv[p], xv, acc[p][m]);
+    }
+  }
+  for (int p = 0; p < RP; ++p)
+    for (int m = 0; m < MT; ++m) _mm512_storeu_ps(accf + p * ldacc + m * 16, acc[p][m]);
+}
+
+template <int RP>
+TGTZ void float_panel_tokens(int mt, const float* pan, int64_t n8, const float* xc, float* accf,
+                             int64_t ldacc, bool first) {
+#define LAZYMOE_FP(MT) float_panel_tile<RP, MT>(pan, n8, xc, accf, ldacc, first)
+  switch (mt) {
+    case 1: LAZYMOE_FP(1); break;
+    case 2: LAZYMOE_FP(2); break;
+    case 3: LAZYMOE_FP(3); break;
+    case 4: LAZYMOE_FP(4); break;
+    case 5: LAZYMOE_FP(5); break;
+    default: LAZYMOE_FP(6); break;
+  }
+#undef LAZYMOE_FP
+}
+
+// The activations by column chunk: xc[chunk][token][kFpK] (zero padded), so that a block of
+// tokens' chunk is one contiguous piece. Read in place, rows of a power-of-two width (4096 x
+// 4 B) fall in the same few L1 sets and evict each other.
+void float_panel_form(const Act& a, Avx2Form& p) {
+  const int M = a.tokens;
+  const int64_t cv = a.cn / 8 * 8, nch = (cv + kFpK - 1) / kFpK;
+  p.xc.assign(size_t(nch) * M * kFpK, 0.0f);
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t c0 = ch * kFpK, n = std::min<int64_t>(kFpK, cv - c0);
+    for (int m = 0; m < M; ++m)
+      std::memcpy(p.xc.data() + (size_t(ch) * M + m) * kFpK, a.xf + m * a.ldf + c0, n * 4);
+  }
+}
+
+// Rows r0..r1 of a float32 (KIND 0) or bf16 (KIND 1) weight, all tokens, into y (rows_avx2's
+// many-token float path on the avx2-vnni variant).
+template <int KIND>
+TGTZ void float_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
+                       int64_t ldy) {
+  constexpr int64_t kEl = KIND == 1 ? 2 : 4;
+  const int M = a.tokens;
+  const int64_t R = r1 - r0, NP = (R + 1) / 2;
+  const int64_t cn = a.cn, cv = cn / 8 * 8;
+  const char* base = static_cast<const char*>(w.w);
+  std::vector<float> pan(size_t(NP) * kFpK * 2);
+  std::vector<float> accf(size_t(NP) * M * 16);  // [pair][token][16]
+  const int64_t ldacc = int64_t(M) * 16;
+  for (int64_t c0 = 0; c0 < cv; c0 += kFpK) {
+    const int64_t n8 = std::min<int64_t>(kFpK, cv - c0) / 8;
+    for (int64_t p = 0; p < NP; ++p) {  // pair p: rows r0 + 2p, r0 + 2p + 1 (zeros past r1)
+      const char* ra = base + ((r0 + 2 * p) * w.cols + a.c0 + c0) * kEl;
+      const bool two = 2 * p + 1 < R;
+      const char* rb = ra + w.cols * kEl;
+      float* dst = pan.data() + p * kFpK * 2;
+      for (int64_t s = 0; s < n8; ++s) {
+        _mm256_storeu_ps(dst + s * 16, load8f<KIND>(ra, s * 8));
+        _mm256_storeu_ps(dst + s * 16 + 8, two ? load8f<KIND>(rb, s * 8) : _mm256_setzero_ps());
+      }
+    }
+    const float* xch = a.avx2.xc.data() + size_t(c0 / kFpK) * M * kFpK;
+    for (int tb = 0; tb < M; tb += kFpTB) {
+      const int tn = std::min(kFpTB, M - tb);
+      for (int64_t p0 = 0; p0 < NP; p0 += 4) {
+        const int rp = int(std::min<int64_t>(4, NP - p0));
+        for (int m0 = tb; m0 < tb + tn; m0 += kFpMT) {
+          const int mt = std::min(kFpMT, tb + tn - m0);
+          const float* pp = pan.data() + p0 * kFpK * 2;
+          const float* xm = xch + size_t(m0) * kFpK;
+          float* am = accf.data() + p0 * ldacc + m0 * 16;
+          switch (rp) {
+            case 1: float_panel_tokens<1>(mt, pp, n8, xm, am, ldacc, c0 == 0); break;
+            case 2: float_panel_tokens<2>(mt, pp, n8, xm, am, ldacc, c0 == 0); break;
+            case 3: float_panel_tokens<3>(mt, pp, n8, xm, am, ldacc, c0 == 0); break;
+            default: float_panel_tokens<4>(mt, pp, n8, xm, am, ldacc, c0 == 0); break;
+          }
+        }
+      }
+    }
+  }
+  // reduce each half as float_tile2 does: hsum8, then the scalar tail
+  for (int64_t r = 0; r < R; ++r) {
+    const char* row = base + ((r0 + r) * w.cols + a.c0) * kEl;
+    for (int m = 0; m < M; ++m) {
+      float s = cv ? hsum8(_mm256_loadu_ps(accf.data() + (r / 2) * ldacc + m * 16 + (r & 1) * 8))
+                   : hsum8(_mm256_setzero_ps());
+      const float* xm = a.xf + m * a.ldf;
+      for (int64_t c = cv; c < cn; ++c)
+        s += (KIND == 1 ? bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[c])
+                        : reinterpret_cast<const float*>(row)[c]) * xm[c];
+      y[m * ldy + r] = s;
+    }
+  }
+}
+
 #define LAZYMOE_MT_SWITCH(TILE, R, ...)       \
   switch (mt) {                               \
     case 1: TILE<R, 1>(__VA_ARGS__); break;   \
@@ -926,6 +1056,10 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
                     int64_t ldy) {
   if ((w.enc == kF32 || w.enc == kBF16) && a.tokens == 1 && a.cn * 4 <= kSeqXBytes) {
     if (w.enc == kF32) float_rows1<0>(w, a, r0, r1, y); else float_rows1<1>(w, a, r0, r1, y);
+    return;
+  }
+  if (VNNI && (w.enc == kF32 || w.enc == kBF16) && a.tokens >= kPanelTokens) {  // float panels
+    if (w.enc == kF32) float_panels<0>(w, a, r0, r1, y, ldy); else float_panels<1>(w, a, r0, r1, y, ldy);
     return;
   }
   // int8 weights: the int16 activations of prepare() (see i8w_tile2)
@@ -1305,7 +1439,8 @@ bool isa_supported(int isa) {
            __builtin_cpu_supports("f16c");
   if (isa == kAvx2Vnni)
     return isa_supported(kAvx2) && __builtin_cpu_supports("f16c") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
   if (isa == kAvx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -1421,6 +1556,10 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
              int tokens, int64_t c0, int64_t cn) {
   a.isa = isa;
   prepare_codes(a, enc, group, levels, x, ldx, tokens, c0, cn);
+#ifdef LAZYMOE_X86
+  if (isa == kAvx2Vnni && (enc == kF32 || enc == kBF16) && tokens >= kPanelTokens)
+    float_panel_form(a, a.avx2);
+#endif
   if (!avx2_family(isa) || enc == kF32 || enc == kBF16) return;
   if (enc == kI8) {
     int16_form(a, a.avx2);  // the AVX2 int8 kernel reads only these
@@ -1430,6 +1569,12 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
   avx2_form(a, a.tokens * a.levels, a.avx2);
   if (enc == kMXFP4 && a.tokens * a.levels >= kPanelTokens) mx_panel_form(a, a.tokens * a.levels, a.avx2);
 #endif
+}
+
+int64_t rows_align(int isa, int enc, int64_t tokens, int64_t align) {
+  // 32 rows: the activations' chunk is read from L2 once for 16 row pairs
+  const bool panels = isa == kAvx2Vnni && (enc == kF32 || enc == kBF16) && tokens >= kPanelTokens;
+  return panels ? std::max<int64_t>(align, 32) : align;
 }
 
 bool one_token_sums_apart(int isa, int enc, int64_t cols) {

@@ -82,6 +82,7 @@ struct Avx2Form {
   int64_t ldq = 0, ldi = 0;
   std::vector<int8_t> qx;     // mxfp4, kPanelTokens or more: [M][nb8 / 8][8][8 x 4] (rowdot.cc)
   int64_t ldx = 0;
+  std::vector<float> xc;      // float weights, kPanelTokens or more: [chunk][tokens][64] (rowdot.cc)
   std::vector<int16_t> q16;   // int8 weights: [tokens][ld16], step s16[t] = max|x| / 32767
   std::vector<float> s16;
   int64_t ld16 = 0;
@@ -113,6 +114,10 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
 // y[t * ldy + (o - r0)] = sum_c W[o, a.c0 + c] * x[t, c] for o in [r0, r1), all tokens, with
 // the kernels of the variant `a` was prepared for.
 void rows(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y, int64_t ldy);
+
+// The rows a rows() call should get at least (the callers' work units, otherwise `align`):
+// the float panels read the activations once a call, for all its rows (rowdot.cc).
+int64_t rows_align(int isa, int enc, int64_t tokens, int64_t align);
 
 // Whether rows() of a single token over `cols` columns of an `enc` weight sums in another order
 // than the same token among several (the AVX2 family's one-token float loop); every other
