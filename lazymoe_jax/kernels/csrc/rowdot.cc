@@ -925,6 +925,11 @@ constexpr int kFpMT = 6;       // tokens a register tile (4 pairs x 6 tokens: 24
 constexpr int kFpTB = 24;      // tokens a block (their chunk of activations: 24 KB)
 constexpr int64_t kFpK = 256;  // columns a chunk
 
+// Whether rows() takes the float panels (and prepare() builds Avx2Form::xc for them).
+inline bool float_panels_for(int isa, int enc, int64_t tokens) {
+  return isa == kAvx2Vnni && (enc == kF32 || enc == kBF16) && tokens >= kPanelTokens;
+}
+
 template <int RP, int MT>
 TGTZ void float_panel_tile(const float* pan, int64_t n8, const float* xc, float* accf,
                            int64_t ldacc, bool first) {
@@ -1024,7 +1029,7 @@ TGTZ void float_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
     const char* row = base + ((r0 + r) * w.cols + a.c0) * kEl;
     for (int m = 0; m < M; ++m) {
       float s = cv ? hsum8(_mm256_loadu_ps(accf.data() + (r / 2) * ldacc + m * 16 + (r & 1) * 8))
-                   : hsum8(_mm256_setzero_ps());
+                   : 0.0f;
       const float* xm = a.xf + m * a.ldf;
       for (int64_t c = cv; c < cn; ++c)
         s += (KIND == 1 ? bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[c])
@@ -1058,7 +1063,7 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     if (w.enc == kF32) float_rows1<0>(w, a, r0, r1, y); else float_rows1<1>(w, a, r0, r1, y);
     return;
   }
-  if (VNNI && (w.enc == kF32 || w.enc == kBF16) && a.tokens >= kPanelTokens) {  // float panels
+  if (float_panels_for(a.isa, w.enc, a.tokens)) {
     if (w.enc == kF32) float_panels<0>(w, a, r0, r1, y, ldy); else float_panels<1>(w, a, r0, r1, y, ldy);
     return;
   }
@@ -1557,8 +1562,7 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
   a.isa = isa;
   prepare_codes(a, enc, group, levels, x, ldx, tokens, c0, cn);
 #ifdef LAZYMOE_X86
-  if (isa == kAvx2Vnni && (enc == kF32 || enc == kBF16) && tokens >= kPanelTokens)
-    float_panel_form(a, a.avx2);
+  if (float_panels_for(isa, enc, tokens)) float_panel_form(a, a.avx2);
 #endif
   if (!avx2_family(isa) || enc == kF32 || enc == kBF16) return;
   if (enc == kI8) {
@@ -1572,9 +1576,11 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
 }
 
 int64_t rows_align(int isa, int enc, int64_t tokens, int64_t align) {
+#ifdef LAZYMOE_X86
   // 32 rows: the activations' chunk is read from L2 once for 16 row pairs
-  const bool panels = isa == kAvx2Vnni && (enc == kF32 || enc == kBF16) && tokens >= kPanelTokens;
-  return panels ? std::max<int64_t>(align, 32) : align;
+  if (float_panels_for(isa, enc, tokens)) return std::max<int64_t>(align, 32);
+#endif
+  return align;
 }
 
 bool one_token_sums_apart(int isa, int enc, int64_t cols) {

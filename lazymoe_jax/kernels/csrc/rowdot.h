@@ -82,7 +82,7 @@ struct Avx2Form {
   int64_t ldq = 0, ldi = 0;
   std::vector<int8_t> qx;     // mxfp4, kPanelTokens or more: [M][nb8 / 8][8][8 x 4] (rowdot.cc)
   int64_t ldx = 0;
-  std::vector<float> xc;      // float weights, kPanelTokens or more: [chunk][tokens][64] (rowdot.cc)
+  std::vector<float> xc;      // float weights, kPanelTokens or more: [chunk][tokens][256] (rowdot.cc)
   std::vector<int16_t> q16;   // int8 weights: [tokens][ld16], step s16[t] = max|x| / 32767
   std::vector<float> s16;
   int64_t ld16 = 0;
