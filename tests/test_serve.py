@@ -240,12 +240,16 @@ def test_disconnect_frees_the_sequence(server, client):
   conn.close()
   m = _wait_metric(server, "lazymoe_requests_cancelled_total", lambda v: v >= before + 1)
   assert m["lazymoe_active_sequences"] <= 2
-  # a non-streaming client that goes away is cancelled too
+  # a non-streaming client that goes away once its request is in is cancelled too
+  submitted = http("GET", server.url + "/stats")[1]["requests_submitted"]
   with socket.create_connection(("127.0.0.1", server.port)) as s:
-    body = b'{"prompt": "def main():", "max_tokens": 200, "temperature": 0}'
+    body = b'{"prompt": "def main():", "max_tokens": 240, "temperature": 0}'
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    time.sleep(0.5)
+    deadline = time.time() + 20
+    while http("GET", server.url + "/stats")[1]["requests_submitted"] == submitted:
+      assert time.time() < deadline, "the request never reached the scheduler"
+      time.sleep(0.002)
   _wait_metric(server, "lazymoe_requests_cancelled_total", lambda v: v >= before + 2)
   for t in others:
     t.join(120)
