@@ -94,8 +94,8 @@ def test_linear_quantised_within_bound(isa, name, o, c, t):
 @pytest.mark.parametrize("t", [2, 3, 4, 5, 6, 7, 13, 64])
 def test_linear_row_does_not_depend_on_the_tokens_beside_it(isa, name, t):
   """Each token's product equals, bit for bit, the same token alone, on both sides of the
-  many-token panels' threshold (int4 / mxfp4 from 4 tokens, rowdot.cc kPanelTokens; steps of
-  4 tokens with every remainder), with an odd row count (a last single row), widths of whole
+  many-token panels' threshold (int4 / mxfp4, and int8 on avx2-vnni, from 4 tokens, rowdot.cc
+  kPanelTokens; steps of 4 / 6 tokens with every remainder), with an odd row count (a last single row), widths of whole
   chunks of groups / blocks and a partial one, and the last rows of the array (the tails that
   copy)."""
   rng = np.random.default_rng(t + 3)
@@ -187,8 +187,9 @@ def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
   """avx2-vnni changes only the integer dot of the integer loops (vpdpbusd for vpmaddubsw +
   vpmaddwd in int4 / mxfp4; vpdpwssd, over 4 accumulators, for vpmaddwd + vpaddd in int8),
   which gives the same int32 sums, and runs float weights from 4 tokens on in zmm panels whose
-  lanes sum as the AVX2 tiles do: outputs must be equal bit for bit. int8 at 2100 columns
-  crosses the 2048-column flush and ends in a scalar tail (2100 = 131 x 16 + 4); 5 tokens and
+  lanes sum as the AVX2 tiles do, and int8 weights in zmm panels of exact int32 / int64 sums:
+  outputs must be equal bit for bit. int8 at 2100 columns crosses the 2048-column flush (the
+  panels' fold) and ends in a scalar tail (2100 = 131 x 16 + 4); 5 tokens and
   an odd row count (37) reach its tiles of two (row, token) pairs (2 accumulators). Float
   widths 389 / 203 end in scalar tails."""
   rng = np.random.default_rng(t + 7)

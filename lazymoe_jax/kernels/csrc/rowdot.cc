@@ -904,6 +904,15 @@ TGT2 void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     for (int m = 0; m < M; ++m) raw[r * M + m] = hsum8(_mm256_loadu_ps(accf + (r * M + m) * 8));
 }
 
+// A panel call's buffers, kept per thread (slot: which buffer of a type): a call takes
+// ~10 us, and allocating and zeroing its 20-100 KB each time cost a visible share of it.
+template <typename T, int Slot>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // ---- many tokens, float32 / bf16 weights: float panels (avx2-vnni, zmm) ------------------------
 // The float tiles above reload 1-4 whole activation rows (4 B a column) for every 2-4 weight
 // rows: at 64 tokens of a 4096-column product, ~80 KB a tile from L2, at a third of the FMA
@@ -921,6 +930,9 @@ TGT2 void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 // activations are read once per chunk for all of them): the callers give calls of at least
 // 32 rows (rows_align).
 #define TGTZ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
+// Full unrolling of the register tiles' fixed loops: without it gcc 12 keeps the accumulator
+// arrays on the stack (a load and a store around every FMA / vpdpwssd).
+#define LAZYMOE_UNROLL _Pragma("GCC unroll 8")
 constexpr int kFpMT = 6;       // tokens a register tile (4 pairs x 6 tokens: 24 zmm)
 constexpr int kFpTB = 24;      // tokens a block (their chunk of activations: 24 KB)
 constexpr int64_t kFpK = 256;  // columns a chunk
@@ -934,19 +946,26 @@ template <int RP, int MT>
 TGTZ void float_panel_tile(const float* pan, int64_t n8, const float* xc, float* accf,
                            int64_t ldacc, bool first) {
   __m512 acc[RP][MT];
+LAZYMOE_UNROLL
   for (int p = 0; p < RP; ++p)
+LAZYMOE_UNROLL
     for (int m = 0; m < MT; ++m)
       acc[p][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accf + p * ldacc + m * 16);
   for (int64_t s = 0; s < n8; ++s) {
     __m512 wv[RP];
+LAZYMOE_UNROLL
     for (int p = 0; p < RP; ++p) wv[p] = _mm512_loadu_ps(pan + (p * (kFpK / 8) + s) * 16);
+LAZYMOE_UNROLL
     for (int m = 0; m < MT; ++m) {
       const __m512 xv = _mm512_castpd_ps(  // vbroadcastf64x4: one load (AVX512F, not DQ)
           _mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(xc + m * kFpK + s * 8))));
+LAZYMOE_UNROLL
       for (int p = 0; p < RP; ++p) acc[p][m] = _mm512_fmadd_ps(wv[p], xv, acc[p][m]);
     }
   }
+LAZYMOE_UNROLL
   for (int p = 0; p < RP; ++p)
+LAZYMOE_UNROLL
     for (int m = 0; m < MT; ++m) _mm512_storeu_ps(accf + p * ldacc + m * 16, acc[p][m]);
 }
 
@@ -989,8 +1008,8 @@ TGTZ void float_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
   const int64_t R = r1 - r0, NP = (R + 1) / 2;
   const int64_t cn = a.cn, cv = cn / 8 * 8;
   const char* base = static_cast<const char*>(w.w);
-  std::vector<float> pan(size_t(NP) * kFpK * 2);
-  std::vector<float> accf(size_t(NP) * M * 16);  // [pair][token][16]
+  float* pan = scratch<float, 0>(size_t(NP) * kFpK * 2);
+  float* accf = scratch<float, 1>(size_t(NP) * M * 16);  // [pair][token][16], set by chunk 0
   const int64_t ldacc = int64_t(M) * 16;
   for (int64_t c0 = 0; c0 < cv; c0 += kFpK) {
     const int64_t n8 = std::min<int64_t>(kFpK, cv - c0) / 8;
@@ -998,7 +1017,7 @@ TGTZ void float_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
       const char* ra = base + ((r0 + 2 * p) * w.cols + a.c0 + c0) * kEl;
       const bool two = 2 * p + 1 < R;
       const char* rb = ra + w.cols * kEl;
-      float* dst = pan.data() + p * kFpK * 2;
+      float* dst = pan + p * kFpK * 2;
       for (int64_t s = 0; s < n8; ++s) {
         _mm256_storeu_ps(dst + s * 16, load8f<KIND>(ra, s * 8));
         _mm256_storeu_ps(dst + s * 16 + 8, two ? load8f<KIND>(rb, s * 8) : _mm256_setzero_ps());
@@ -1011,9 +1030,9 @@ TGTZ void float_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
         const int rp = int(std::min<int64_t>(4, NP - p0));
         for (int m0 = tb; m0 < tb + tn; m0 += kFpMT) {
           const int mt = std::min(kFpMT, tb + tn - m0);
-          const float* pp = pan.data() + p0 * kFpK * 2;
+          const float* pp = pan + p0 * kFpK * 2;
           const float* xm = xch + size_t(m0) * kFpK;
-          float* am = accf.data() + p0 * ldacc + m0 * 16;
+          float* am = accf + p0 * ldacc + m0 * 16;
           switch (rp) {
             case 1: float_panel_tokens<1>(mt, pp, n8, xm, am, ldacc, c0 == 0); break;
             case 2: float_panel_tokens<2>(mt, pp, n8, xm, am, ldacc, c0 == 0); break;
@@ -1028,13 +1047,166 @@ TGTZ void float_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
   for (int64_t r = 0; r < R; ++r) {
     const char* row = base + ((r0 + r) * w.cols + a.c0) * kEl;
     for (int m = 0; m < M; ++m) {
-      float s = cv ? hsum8(_mm256_loadu_ps(accf.data() + (r / 2) * ldacc + m * 16 + (r & 1) * 8))
+      float s = cv ? hsum8(_mm256_loadu_ps(accf + (r / 2) * ldacc + m * 16 + (r & 1) * 8))
                    : 0.0f;
       const float* xm = a.xf + m * a.ldf;
       for (int64_t c = cv; c < cn; ++c)
         s += (KIND == 1 ? bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[c])
                         : reinterpret_cast<const float*>(row)[c]) * xm[c];
       y[m * ldy + r] = s;
+    }
+  }
+}
+
+// ---- many tokens, int8 weights: int8 panels (avx2-vnni, zmm) ----------------------------------
+// The same blocked product as the float panels, in integers: a chunk of kI8K columns of every
+// row of the call is widened once to int16 row pairs, pan[pair][16 columns][row 2p: 16 | row
+// 2p + 1: 16]; the int16 activations (int16_form) come by chunk, contiguous (Avx2Form::xc16);
+// a block of kI8TB tokens' chunk (12 KB) stays in L1 while groups of 4 row pairs run over it in
+// register tiles of 4 pairs x kI8MT tokens of vpdpwssd (zmm: 16 int16 pairs of one row a
+// half). The int32 lanes are folded into int64 totals every kI8Fold columns, as i8w_tile2
+// folds its 2048-column blocks, so no lane can overflow (2048 / 8 = 256 products a lane, each
+// |w x| <= 127 x 32767: < 2^30). Integer sums do not depend on their order: the totals, and so
+// the results, equal the tiles' bit for bit.
+#define TGTZI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+constexpr int kI8MT = 6;          // tokens a register tile (4 pairs x 6 tokens: 24 zmm)
+constexpr int kI8TB = 24;         // tokens a block (their chunk of int16 activations: 12 KB)
+constexpr int64_t kI8K = 256;     // columns a chunk
+constexpr int64_t kI8Fold = 2048; // columns between folds of the int32 lanes
+
+// Whether rows() takes the int8 or float panels (and prepare() builds their activation form).
+inline bool zmm_panels_for(int isa, int enc, int64_t tokens) {
+  return float_panels_for(isa, enc, tokens) ||
+         (isa == kAvx2Vnni && enc == kI8 && tokens >= kPanelTokens);
+}
+
+template <int RP, int MT>
+TGTZI void int8_panel_tile(const int16_t* pan, int64_t n16, const int16_t* xc, int32_t* acc32,
+                           int64_t ldacc, bool first) {
+  __m512i acc[RP][MT];
+LAZYMOE_UNROLL
+  for (int p = 0; p < RP; ++p)
+LAZYMOE_UNROLL
+    for (int m = 0; m < MT; ++m)
+      acc[p][m] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(acc32 + p * ldacc + m * 16);
+  for (int64_t s = 0; s < n16; ++s) {
+    __m512i wv[RP];
+LAZYMOE_UNROLL
+    for (int p = 0; p < RP; ++p) wv[p] = _mm512_loadu_si512(pan + (p * (kI8K / 16) + s) * 32);
+LAZYMOE_UNROLL
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xv = _mm512_broadcast_i64x4(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + m * kI8K + s * 16)));
+      // inline asm, as madd16: with the intrinsic gcc 12 copies every accumulator through
+      // another register and the stack each step (2x slower)
+LAZYMOE_UNROLL
+      for (int p = 0; p < RP; ++p) asm("vpdpwssd %2, %1, %0" : "+v"(acc[p][m]) : "v"(wv[p]), "v"(xv));
+    }
+  }
+LAZYMOE_UNROLL
+  for (int p = 0; p < RP; ++p)
+LAZYMOE_UNROLL
+    for (int m = 0; m < MT; ++m) _mm512_storeu_si512(acc32 + p * ldacc + m * 16, acc[p][m]);
+}
+
+template <int RP>
+TGTZI void int8_panel_tokens(int mt, const int16_t* pan, int64_t n16, const int16_t* xc,
+                             int32_t* acc32, int64_t ldacc, bool first) {
+#define LAZYMOE_IP(MT) int8_panel_tile<RP, MT>(pan, n16, xc, acc32, ldacc, first)
+  switch (mt) {
+    case 1: LAZYMOE_IP(1); break;
+    case 2: LAZYMOE_IP(2); break;
+    case 3: LAZYMOE_IP(3); break;
+    case 4: LAZYMOE_IP(4); break;
+    case 5: LAZYMOE_IP(5); break;
+    default: LAZYMOE_IP(6); break;
+  }
+#undef LAZYMOE_IP
+}
+
+// The int16 activations by column chunk: xc16[chunk][token][kI8K] (zero padded).
+void int8_panel_form(const Act& a, Avx2Form& p) {
+  const int M = a.tokens;
+  const int64_t cv = a.cn / 16 * 16, nch = (cv + kI8K - 1) / kI8K;
+  p.xc16.assign(size_t(nch) * M * kI8K, 0);
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t c0 = ch * kI8K, n = std::min<int64_t>(kI8K, cv - c0);
+    for (int m = 0; m < M; ++m)
+      std::memcpy(p.xc16.data() + (size_t(ch) * M + m) * kI8K, p.q16.data() + m * p.ld16 + c0, n * 2);
+  }
+}
+
+// Rows r0..r1 of an int8 weight, all tokens, into y (rows_avx2's many-token int8 path on the
+// avx2-vnni variant).
+TGTZI void int8_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, float* y,
+                       int64_t ldy) {
+  const int M = a.tokens;
+  const int64_t R = r1 - r0, NP = (R + 1) / 2;
+  const int64_t cn = a.cn, cv = cn / 16 * 16;
+  const int8_t* base = static_cast<const int8_t*>(w.w);
+  const Avx2Form& pa = a.avx2;
+  int16_t* pan = scratch<int16_t, 0>(size_t(NP) * kI8K * 2);
+  int32_t* acc32 = scratch<int32_t, 0>(size_t(NP) * M * 16);  // [pair][token][16] (first)
+  int64_t* tot = scratch<int64_t, 0>(size_t(R) * M);          // [row][token]
+  std::fill(tot, tot + size_t(R) * M, int64_t(0));
+  const int64_t ldacc = int64_t(M) * 16;
+  for (int64_t c0 = 0; c0 < cv; c0 += kI8K) {
+    const int64_t n16 = std::min<int64_t>(kI8K, cv - c0) / 16;
+    for (int64_t p = 0; p < NP; ++p) {  // pair p: rows r0 + 2p, r0 + 2p + 1 (zeros past r1)
+      const int8_t* ra = base + (r0 + 2 * p) * w.cols + a.c0 + c0;
+      const bool two = 2 * p + 1 < R;
+      int16_t* dst = pan + p * kI8K * 2;
+      if (c0 + kI8K < cv)  // the pair's next chunk, into L2 (the rows are 128+ streams)
+        for (int64_t b = 0; b < kI8K; b += 64) {
+          pf(ra + kI8K + b);
+          if (two) pf(ra + w.cols + kI8K + b);
+        }
+      for (int64_t s = 0; s < n16; ++s) {
+        const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ra + s * 16)));
+        const __m256i vb = two ? _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                     reinterpret_cast<const __m128i*>(ra + w.cols + s * 16)))
+                               : _mm256_setzero_si256();
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s * 32), va);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s * 32 + 16), vb);
+      }
+    }
+    const bool first = c0 % kI8Fold == 0;
+    const int16_t* xch = pa.xc16.data() + size_t(c0 / kI8K) * M * kI8K;
+    for (int tb = 0; tb < M; tb += kI8TB) {
+      const int tn = std::min(kI8TB, M - tb);
+      for (int64_t p0 = 0; p0 < NP; p0 += 4) {
+        const int rp = int(std::min<int64_t>(4, NP - p0));
+        for (int m0 = tb; m0 < tb + tn; m0 += kI8MT) {
+          const int mt = std::min(kI8MT, tb + tn - m0);
+          const int16_t* pp = pan + p0 * kI8K * 2;
+          const int16_t* xm = xch + size_t(m0) * kI8K;
+          int32_t* am = acc32 + p0 * ldacc + m0 * 16;
+          switch (rp) {
+            case 1: int8_panel_tokens<1>(mt, pp, n16, xm, am, ldacc, first); break;
+            case 2: int8_panel_tokens<2>(mt, pp, n16, xm, am, ldacc, first); break;
+            case 3: int8_panel_tokens<3>(mt, pp, n16, xm, am, ldacc, first); break;
+            default: int8_panel_tokens<4>(mt, pp, n16, xm, am, ldacc, first); break;
+          }
+        }
+      }
+    }
+    if ((c0 + kI8K) % kI8Fold == 0 || c0 + kI8K >= cv)  // fold the lanes into the totals
+      for (int64_t r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) {
+          const int32_t* l = acc32 + (r / 2) * ldacc + m * 16 + (r & 1) * 8;
+          int64_t s = 0;
+          for (int k = 0; k < 8; ++k) s += l[k];
+          tot[r * M + m] += s;
+        }
+  }
+  const float* sw = static_cast<const float*>(w.scale);
+  for (int64_t r = 0; r < R; ++r) {
+    const int8_t* row = base + (r0 + r) * w.cols + a.c0;
+    for (int m = 0; m < M; ++m) {
+      int64_t t = tot[r * M + m];
+      const int16_t* xm = pa.q16.data() + m * pa.ld16;
+      for (int64_t c = cv; c < cn; ++c) t += int32_t(row[c]) * int32_t(xm[c]);
+      y[m * ldy + r] = (pa.s16[m] * float(t)) * sw[r0 + r];
     }
   }
 }
@@ -1063,8 +1235,10 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     if (w.enc == kF32) float_rows1<0>(w, a, r0, r1, y); else float_rows1<1>(w, a, r0, r1, y);
     return;
   }
-  if (float_panels_for(a.isa, w.enc, a.tokens)) {
-    if (w.enc == kF32) float_panels<0>(w, a, r0, r1, y, ldy); else float_panels<1>(w, a, r0, r1, y, ldy);
+  if (zmm_panels_for(a.isa, w.enc, a.tokens)) {
+    if (w.enc == kF32) float_panels<0>(w, a, r0, r1, y, ldy);
+    else if (w.enc == kBF16) float_panels<1>(w, a, r0, r1, y, ldy);
+    else int8_panels(w, a, r0, r1, y, ldy);
     return;
   }
   // int8 weights: the int16 activations of prepare() (see i8w_tile2)
@@ -1495,6 +1669,8 @@ void prepare_codes(Act& a, int enc, int group, int levels, const float* x, int64
     return;
   }
   a.levels = levels;
+  // int8 weights on the AVX2 family read only the int16 activations of int16_form
+  if (enc == kI8 && avx2_family(a.isa)) return;
   const int M = tokens * levels;
   std::vector<int8_t> lin;
   quantise(x, ldx, tokens, levels, cn, lin, a.scale);
@@ -1567,6 +1743,9 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
   if (!avx2_family(isa) || enc == kF32 || enc == kBF16) return;
   if (enc == kI8) {
     int16_form(a, a.avx2);  // the AVX2 int8 kernel reads only these
+#ifdef LAZYMOE_X86
+    if (zmm_panels_for(isa, enc, tokens)) int8_panel_form(a, a.avx2);
+#endif
     return;
   }
 #ifdef LAZYMOE_X86
@@ -1578,7 +1757,7 @@ void prepare(Act& a, int isa, int enc, int group, int levels, const float* x, in
 int64_t rows_align(int isa, int enc, int64_t tokens, int64_t align) {
 #ifdef LAZYMOE_X86
   // 32 rows: the activations' chunk is read from L2 once for 16 row pairs
-  if (float_panels_for(isa, enc, tokens)) return std::max<int64_t>(align, 32);
+  if (zmm_panels_for(isa, enc, tokens)) return std::max<int64_t>(align, 32);
 #endif
   return align;
 }

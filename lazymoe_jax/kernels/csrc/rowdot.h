@@ -83,6 +83,7 @@ struct Avx2Form {
   std::vector<int8_t> qx;     // mxfp4, kPanelTokens or more: [M][nb8 / 8][8][8 x 4] (rowdot.cc)
   int64_t ldx = 0;
   std::vector<float> xc;      // float weights, kPanelTokens or more: [chunk][tokens][256] (rowdot.cc)
+  std::vector<int16_t> xc16;  // int8 weights, kPanelTokens or more: [chunk][tokens][256] (rowdot.cc)
   std::vector<int16_t> q16;   // int8 weights: [tokens][ld16], step s16[t] = max|x| / 32767
   std::vector<float> s16;
   int64_t ld16 = 0;
