@@ -1073,11 +1073,14 @@ constexpr int kI8MT = 6;          // tokens a register tile (4 pairs x 6 tokens:
 constexpr int kI8TB = 24;         // tokens a block (their chunk of int16 activations: 12 KB)
 constexpr int64_t kI8K = 256;     // columns a chunk
 constexpr int64_t kI8Fold = 2048; // columns between folds of the int32 lanes
+// From 8 tokens: at 4 the panels' widening pass costs more than the 2 x 4 tiles' reuse of
+// each weight load (bench_native moe_ffn, BUILD_NOTES "session 19"); 8 runs the same.
+constexpr int kI8PanelTokens = 8;
 
 // Whether rows() takes the int8 or float panels (and prepare() builds their activation form).
 inline bool zmm_panels_for(int isa, int enc, int64_t tokens) {
   return float_panels_for(isa, enc, tokens) ||
-         (isa == kAvx2Vnni && enc == kI8 && tokens >= kPanelTokens);
+         (isa == kAvx2Vnni && enc == kI8 && tokens >= kI8PanelTokens);
 }
 
 template <int RP, int MT>
