@@ -501,13 +501,14 @@ void avx2_form(const Act& a, int M, Avx2Form& p) {
 // Rows o..o+R-1 of an mxfp4 weight over the call's blocks b0..b0+nb-1 (mx_tile2, mx_panel).
 template <int R>
 struct MxRows {
-  int64_t nbt, nb, b0, rows, ahead;
+  int64_t nbt, nb, b0, rows, ahead, sahead;
   const uint8_t* base[R];
   const uint8_t* sc[R];
   int64_t o;
   MxRows(const Weight& w, const Act& a, int64_t o_)
       : nbt(w.cols / 32), nb(a.cn / 32), b0(a.c0 / 32), rows(w.rows),
-        ahead(ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2))), o(o_) {
+        ahead(ahead_of(int64_t(R) * (w.cols / 2), int64_t(R) * (w.cols / 2))),
+        sahead(ahead / (w.cols / 2) * nbt), o(o_) {
     for (int r = 0; r < R; ++r) {
       base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * (w.cols / 2) + b0 * 16;
       sc[r] = static_cast<const uint8_t*>(w.scale) + (o + r) * nbt + b0;
@@ -529,6 +530,7 @@ struct MxRows {
     }
     pf(wp + ahead);
     pf(wp + ahead + 64);
+    if (!(b & 63)) pf(sc[r] + b + sahead);  // the scales of the rows the weights' prefetch reads
     const __m128i sperm = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i lane_blk = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     const __m128i s8 = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)), sperm);
@@ -608,12 +610,13 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 template <int R>
 struct I4Rows {
   int G;
-  int64_t N, g0, n, rowb, end, ahead, o;
+  int64_t N, g0, n, rowb, end, ahead, sahead, o;
   const uint8_t* base[R];
   const uint16_t* sc[R];
   I4Rows(const Weight& w, const Act& a, int64_t o_)
       : G(w.group), N(w.cols / G), g0(a.c0 / G), n(a.cn / G), rowb(w.cols / 2),
-        end(w.rows * rowb), ahead(ahead_of(int64_t(R) * rowb, int64_t(R) * rowb)), o(o_) {
+        end(w.rows * rowb), ahead(ahead_of(int64_t(R) * rowb, int64_t(R) * rowb)),
+        sahead(ahead / rowb * N), o(o_) {
     for (int r = 0; r < R; ++r) {
       base[r] = static_cast<const uint8_t*>(w.w) + (o + r) * rowb + g0;
       sc[r] = static_cast<const uint16_t*>(w.scale) + (o + r) * N + g0;
@@ -623,11 +626,12 @@ struct I4Rows {
   // the last chunk the scales of the groups past n read as 0 from ts (the codes there meet zero
   // activations); where reading on would pass the array's end, the codes are first copied into
   // tw ([G/2][32]).
-  const uint8_t* chunk(int r, int64_t g, std::vector<uint8_t>& tw, uint16_t* ts, int64_t* ld,
+  TGT2 const uint8_t* chunk(int r, int64_t g, std::vector<uint8_t>& tw, uint16_t* ts, int64_t* ld,
                        const uint16_t** sp) const {
     const uint8_t* wp = base[r] + g;
     *ld = N;
     *sp = sc[r] + g;
+    pf(*sp + sahead);  // the scales of the rows the weights' prefetch reads (64 B: 32 groups)
     if (g + 32 > n) {
       std::memset(ts, 0, 32 * sizeof(uint16_t));
       std::memcpy(ts, *sp, (n - g) * 2);
@@ -1214,6 +1218,166 @@ TGTZI void int8_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
   }
 }
 
+// ---- one token, int4 / mxfp4 weights: row pairs in zmm (avx2-vnni) ----------------------------
+// The ymm tiles of one token (i4_tile2<2, 1>, mx_tile2<2, 1>) need more than AVX2's 16
+// registers and spill their accumulators; and every decode op covers 64 weights. The avx2-vnni
+// variant (AVX-512 F / BW / VL / VNNI) runs 2 row pairs at a time in zmm: each pair of rows sits
+// in one register, row 2p in the low 256 bits and row 2p + 1 in the high, so one decode op
+// covers both rows, the activation vector is broadcast to both halves by its load, and the 32
+// zmm registers hold every accumulator. Every ymm operation of the tiles (the unpacks and
+// vpshufb work within 128-bit lanes) is done on each half as the tile does it on its row, in
+// the same order, so the results are the tiles' bit for bit (and avx2 / avx2-vnni stay equal).
+#define TGTZB __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+TGTZB inline __m512i pair_load(const uint8_t* lo, const uint8_t* hi) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)), 1);
+}
+
+TGTZB inline __m512i bcast256(const void* p) {
+  return _mm512_broadcast_i64x4(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+}
+
+// The two halves' hsum8, as hsum8 of each row's ymm.
+TGTZB inline void pair_hsum(__m512 v, float* lo, float* hi) {
+  *lo = hsum8(_mm512_castps512_ps256(v));
+  *hi = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+// int4, one token, rows o..o+4*PR... : PR row pairs as i4_tile2<2 PR, 1> computes them.
+template <int PR>
+TGTZB void i4_pairs(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, int m0,
+                    float* raw, int M) {
+  constexpr int R = 2 * PR;
+  const I4Rows<R> ir(w, a, o);
+  const int G = ir.G;
+  const int64_t n = ir.n, ahead = ir.ahead;
+  const __m512i nib = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
+  __m512 accf[PR];
+LAZYMOE_UNROLL
+  for (int q = 0; q < PR; ++q) accf[q] = _mm512_setzero_ps();
+  std::vector<uint8_t> tw[R];
+  const int8_t* xq = p.q.data() + m0 * p.ldq;
+  const int32_t* xi = p.init.data() + m0 * p.ldi;
+  for (int64_t g = 0; g < n; g += 32) {
+    const uint8_t* wp[R];
+    int64_t ld[R];
+    alignas(32) uint16_t ts[R][32];
+    const uint16_t* sp[R];
+    for (int r = 0; r < R; ++r) wp[r] = ir.chunk(r, g, tw[r], ts[r], &ld[r], &sp[r]);
+    __m512i acc[PR][4];
+LAZYMOE_UNROLL
+    for (int d = 0; d < 4; ++d) {
+      const __m512i init = bcast256(xi + g + 8 * d);
+LAZYMOE_UNROLL
+      for (int q = 0; q < PR; ++q) acc[q][d] = init;
+    }
+    const bool fetch = !(g & 32);  // chunks g, g + 32 share each nibble row's cache line
+    for (int jp = 0; jp < G / 4; ++jp) {
+      const int8_t* xv = xq + (jp * p.ldi + g) * 4;
+      __m512i x[4];
+LAZYMOE_UNROLL
+      for (int d = 0; d < 4; ++d) x[d] = bcast256(xv + 32 * d);
+LAZYMOE_UNROLL
+      for (int q = 0; q < PR; ++q) {
+        const uint8_t* pa = wp[2 * q] + (2 * jp) * ld[2 * q];
+        const uint8_t* pb = wp[2 * q + 1] + (2 * jp) * ld[2 * q + 1];
+        if (fetch) {
+          pf(pa + ahead);
+          pf(pa + ld[2 * q] + ahead);
+          pf(pb + ahead);
+          pf(pb + ld[2 * q + 1] + ahead);
+        }
+        const __m512i y0 = _mm512_xor_si512(pair_load(pa, pb), flip);
+        const __m512i y1 = _mm512_xor_si512(pair_load(pa + ld[2 * q], pb + ld[2 * q + 1]), flip);
+        const __m512i l0 = _mm512_and_si512(y0, nib), h0 = _mm512_and_si512(_mm512_srli_epi16(y0, 4), nib);
+        const __m512i l1 = _mm512_and_si512(y1, nib), h1 = _mm512_and_si512(_mm512_srli_epi16(y1, 4), nib);
+        const __m512i a0 = _mm512_unpacklo_epi8(l0, h0), b0 = _mm512_unpackhi_epi8(l0, h0);
+        const __m512i a1 = _mm512_unpacklo_epi8(l1, h1), b1 = _mm512_unpackhi_epi8(l1, h1);
+        acc[q][0] = _mm512_dpbusd_epi32(acc[q][0], _mm512_unpacklo_epi16(a0, a1), x[0]);
+        acc[q][1] = _mm512_dpbusd_epi32(acc[q][1], _mm512_unpackhi_epi16(a0, a1), x[1]);
+        acc[q][2] = _mm512_dpbusd_epi32(acc[q][2], _mm512_unpacklo_epi16(b0, b1), x[2]);
+        acc[q][3] = _mm512_dpbusd_epi32(acc[q][3], _mm512_unpackhi_epi16(b0, b1), x[3]);
+      }
+    }
+LAZYMOE_UNROLL
+    for (int q = 0; q < PR; ++q)
+LAZYMOE_UNROLL
+      for (int d = 0; d < 4; ++d) {  // scales of groups 4d..4d+3 and 16+4d..16+4d+3, both rows
+        const uint16_t* sa = sp[2 * q];
+        const uint16_t* sb = sp[2 * q + 1];
+        const __m128i s0 = _mm_unpacklo_epi64(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sa + 4 * d)),
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sa + 16 + 4 * d)));
+        const __m128i s1 = _mm_unpacklo_epi64(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sb + 4 * d)),
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sb + 16 + 4 * d)));
+        const __m512 sf = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(s0), s1, 1));
+        accf[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[q][d]), sf, accf[q]);
+      }
+  }
+  for (int q = 0; q < PR; ++q)
+    pair_hsum(accf[q], &raw[(2 * q) * M + m0], &raw[(2 * q + 1) * M + m0]);
+}
+
+// vphaddd of each 128-bit lane, which AVX-512 lacks: [a0+a1, a2+a3, b0+b1, b2+b3] per lane.
+TGTZB inline __m512i hadd_lanes(__m512i a, __m512i b) {
+  const __m512 fa = _mm512_castsi512_ps(a), fb = _mm512_castsi512_ps(b);
+  return _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(fa, fb, _MM_SHUFFLE(2, 0, 2, 0))),
+                          _mm512_castps_si512(_mm512_shuffle_ps(fa, fb, _MM_SHUFFLE(3, 1, 3, 1))));
+}
+
+// mxfp4, one token: PR row pairs as mx_tile2<2 PR, 1> computes them (VNNI).
+template <int PR>
+TGTZB void mx_pairs(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, int m0,
+                    float* raw, int M) {
+  constexpr int R = 2 * PR;
+  const MxRows<R> mr(w, a, o);
+  const int64_t nb = mr.nb;
+  const __m512i lut = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 accf[PR];
+LAZYMOE_UNROLL
+  for (int q = 0; q < PR; ++q) accf[q] = _mm512_setzero_ps();
+  alignas(32) uint8_t tw[R][128], ts[R][16];
+  const int8_t* xq = a.q.data() + m0 * a.ldq;
+  const int32_t* xi = p.init.data() + m0 * p.ldi;
+  for (int64_t b = 0; b < nb; b += 8) {
+    __m256 sv[R];
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) wp[r] = mr.chunk(r, b, tw[r], ts[r], &sv[r]);
+    __m512i h01[PR], h2[PR];
+LAZYMOE_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      const int64_t off = (b / 4) * 128 + (k >> 1) * 128 + (k & 1) * 32;
+      const __m512i xe = bcast256(xq + off), xo = bcast256(xq + off + 64);
+LAZYMOE_UNROLL
+      for (int q = 0; q < PR; ++q) {
+        const __m512i raw8 = pair_load(wp[2 * q] + 32 * k, wp[2 * q + 1] + 32 * k);
+        const __m512i wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(raw8, low4));
+        const __m512i wh = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(raw8, 4), low4));
+        const __m512i pk =
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, xe), wh, xo);
+        if (k == 0) h01[q] = pk;
+        else if (k == 1) h01[q] = hadd_lanes(h01[q], pk);
+        else if (k == 2) h2[q] = pk;
+        else h01[q] = hadd_lanes(h01[q], hadd_lanes(h2[q], pk));
+      }
+    }
+    const __m512i init = bcast256(xi + b);
+LAZYMOE_UNROLL
+    for (int q = 0; q < PR; ++q) {
+      const __m512 s = _mm512_castpd_ps(_mm512_insertf64x4(
+          _mm512_castpd256_pd512(_mm256_castps_pd(sv[2 * q])), _mm256_castps_pd(sv[2 * q + 1]), 1));
+      accf[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(h01[q], init)), s, accf[q]);
+    }
+  }
+  for (int q = 0; q < PR; ++q)
+    pair_hsum(accf[q], &raw[(2 * q) * M + m0], &raw[(2 * q + 1) * M + m0]);
+}
+
 #define LAZYMOE_MT_SWITCH(TILE, R, ...)       \
   switch (mt) {                               \
     case 1: TILE<R, 1>(__VA_ARGS__); break;   \
@@ -1247,6 +1411,27 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
   // int8 weights: the int16 activations of prepare() (see i8w_tile2)
   const bool i8 = w.enc == kI8;
   const int M = i8 ? a.tokens : a.tokens * a.levels;
+  if (VNNI && (w.enc == kI4 || w.enc == kMXFP4) && M == 1) {  // row pairs in zmm
+    const bool i4 = w.enc == kI4;
+    float raw[4];
+    for (int64_t o = r0; o < r1; o += 4) {
+      const int R = int(std::min<int64_t>(4, r1 - o));
+      if (R == 4) {
+        if (i4) i4_pairs<2>(w, a, a.avx2, o, 0, raw, 1); else mx_pairs<2>(w, a, a.avx2, o, 0, raw, 1);
+      } else {
+        if (R >= 2) {
+          if (i4) i4_pairs<1>(w, a, a.avx2, o, 0, raw, 1); else mx_pairs<1>(w, a, a.avx2, o, 0, raw, 1);
+        }
+        if (R != 2) {
+          const int r = R == 3 ? 2 : 0;
+          if (i4) i4_tile2<1, 1, VNNI>(w, a, a.avx2, o + r, 0, raw + r, 1);
+          else mx_tile2<1, 1, VNNI>(w, a, a.avx2, o + r, 0, raw + r, 1);
+        }
+      }
+      combine_grouped(a, raw, R, o - r0, i4 ? 1.0f : 0.5f, y, ldy);
+    }
+    return;
+  }
   if ((w.enc == kI4 || w.enc == kMXFP4) && M >= kPanelTokens) {  // decoded panels
     std::vector<float> raw(2 * size_t(M)), accf(2 * size_t(M) * 8);
     for (int64_t o = r0; o < r1; o += 2) {
@@ -1622,7 +1807,7 @@ bool isa_supported(int isa) {
   if (isa == kAvx2Vnni)
     return isa_supported(kAvx2) && __builtin_cpu_supports("f16c") &&
            __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   if (isa == kAvx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
