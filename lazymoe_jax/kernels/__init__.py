@@ -35,8 +35,10 @@ ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx2-vnni": 3}
 # Variants chosen by default when the CPU has them. The AVX-512 variant passes the kernel
 # tests on AVX-512 machines but measured no faster than AVX2 there (BUILD_NOTES, sessions 9-12):
 # it runs only when asked for (LAZYMOE_KERNELS_ISA=avx512). avx2-vnni is the AVX2 kernels with
-# vpdpbusd (int4 / mxfp4) and vpdpwssd (int8) on ymm where the CPU has AVX512-VL + VNNI: the
-# same integer sums, faster (BUILD_NOTES "session 13", "session 14").
+# vpdpbusd (int4 / mxfp4) and vpdpwssd (int8) on ymm where the CPU has AVX512-F/VL/BW + VNNI,
+# and zmm forms of the same sums in the paths that gain from them (many-token panels, one-token
+# int4 / mxfp4 row pairs): results bit for bit avx2's, faster (BUILD_NOTES "session 13", "session
+# 14", "session 17", "session 19", "session 20").
 DEFAULT_ISAS = ("portable", "avx2", "avx2-vnni")
 _ENC_IDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3, "mxfp4": 4}
 ENCODINGS = ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128", "mxfp4")

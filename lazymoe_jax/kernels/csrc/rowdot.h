@@ -21,7 +21,8 @@ namespace lazymoe {
 
 enum Enc : int { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kMXFP4 = 4 };
 // kAvx2Vnni: the AVX2 kernels with vpdpbusd (int4 / mxfp4) and vpdpwssd (int8) on ymm
-// (AVX512-VL + VNNI) in the integer loops, the same integer sums (rowdot.cc, dot_u8s8, madd16).
+// (AVX512-VL + VNNI) in the integer loops, the same integer sums (rowdot.cc, dot_u8s8, madd16),
+// and zmm forms (AVX512-F / BW) of the same arithmetic where they gain: bit for bit kAvx2.
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx2Vnni = 3 };
 // The variants that read Act::avx2 and run the AVX2 kernels (and AVX2 attention).
 inline bool avx2_family(int isa) { return isa == kAvx2 || isa == kAvx2Vnni; }
