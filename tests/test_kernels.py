@@ -94,10 +94,11 @@ def test_linear_quantised_within_bound(isa, name, o, c, t):
 @pytest.mark.parametrize("t", [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 30, 64])
 def test_linear_row_does_not_depend_on_the_tokens_beside_it(isa, name, t):
   """Each token's product equals, bit for bit, the same token alone, on both sides of the
-  many-token panels' thresholds (int4 / mxfp4 from 4 tokens, rowdot.cc kPanelTokens; int8 on
-  avx2-vnni from 8, kI8PanelTokens), with every remainder of their token steps (4; int8: 6, and
-  blocks of 24), an odd row count (a last single row), widths of whole chunks of groups /
-  blocks and a partial one, and the last rows of the array (the tails that copy)."""
+  many-token panels' thresholds (int4 / mxfp4 from 4 tokens, rowdot.cc kPanelTokens, and 4-row
+  panels on avx2-vnni from 32, kPanel4Tokens; int8 on avx2-vnni from 8, kI8PanelTokens), with
+  every remainder of their token steps (4; int8: 6, and blocks of 24), an odd row count (a
+  last single row), widths of whole chunks of groups / blocks and a partial one, and the last
+  rows of the array (the tails that copy)."""
   rng = np.random.default_rng(t + 3)
   c = {"int4-g64": 64 * 33, "int4-g128": 128 * 33}.get(name, 2880)  # whole chunks + a tail
   arrays = _encode(name, rng.standard_normal((37, c), dtype=np.float32))

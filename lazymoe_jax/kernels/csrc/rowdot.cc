@@ -239,7 +239,7 @@ TGT2 inline int32_t hsum8i(__m256i v) {
 template <bool VNNI>
 TGT2 inline __m256i dot_u8s8(__m256i acc, __m256i w, __m256i x) {
   if (VNNI) {
-    asm("vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(w), "x"(x));
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
     return acc;
   }
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
@@ -367,7 +367,7 @@ TGT2 void bf16_tile2(const Weight& w, const Act& a, int64_t o, int m0, float* ra
 template <bool VNNI>
 TGT2 inline __m256i madd16(__m256i acc, __m256i w, __m256i x) {
   if (VNNI) {
-    asm("vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(w), "x"(x));
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
     return acc;
   }
   return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
@@ -733,6 +733,12 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 // vectors of 8 groups, or the 8 blocks, one FMA each, then hsum8): results are the tiles' bit
 // for bit, so a token's product does not depend on how many tokens share the call.
 constexpr int kPanelTokens = 4;
+// Inlined into every caller, so that avx2-vnni's wrappers (i4_panel4, mx_panel4) compile the
+// panels with AVX-512VL's 32 ymm registers: 4 rows x 4 tokens of accumulators.
+#define LAZYMOE_INLINE __attribute__((always_inline)) inline
+// From 32 tokens: at 8-16 the 4-row panels ran slower than 2 rows (bench_native, BUILD_NOTES
+// "session 20"); at 32-64 faster (the activations of a token block are then read from L2).
+constexpr int kPanel4Tokens = 32;
 // tokens a step: R x 4 accumulators, R weight vectors and 1 of x, with no spills in 16 ymm
 constexpr int kPanelMT = 4;
 
@@ -772,7 +778,7 @@ TGT2 void mx_panel_form(const Act& a, int M, Avx2Form& p) {
 }
 
 template <int R, int MT, bool VNNI>
-TGT2 inline void i4_panel_step(const __m256i* pan, const __m256* sf, const Avx2Form& p,
+TGT2 LAZYMOE_INLINE void i4_panel_step(const __m256i* pan, const __m256* sf, const Avx2Form& p,
                                int G, int64_t g, int m0, float* accf, int M) {
   for (int d = 0; d < 4; ++d) {
     __m256i acc[R][MT];
@@ -802,8 +808,8 @@ TGT2 inline void i4_panel_step(const __m256i* pan, const __m256* sf, const Avx2F
 
 // int4, rows o..o+R-1, all M tokens: raw[r * M + m] as i4_tile2 leaves it. accf: R * M * 8.
 template <int R, bool VNNI>
-TGT2 void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
-                   int M, float* accf) {
+TGT2 LAZYMOE_INLINE void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o,
+                                  float* raw, int M, float* accf) {
   const I4Rows<R> ir(w, a, o);
   const int G = ir.G;
   const int64_t n = ir.n, ahead = ir.ahead;
@@ -842,7 +848,7 @@ TGT2 void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 }
 
 template <int R, int MT, bool VNNI>
-TGT2 inline void mx_panel_step(const __m256i* pan, const __m256* sv, const Avx2Form& p,
+TGT2 LAZYMOE_INLINE void mx_panel_step(const __m256i* pan, const __m256* sv, const Avx2Form& p,
                                int64_t b, int m0, float* accf, int M) {
   __m256i acc[R][MT];
   for (int m = 0; m < MT; ++m) {
@@ -868,8 +874,8 @@ TGT2 inline void mx_panel_step(const __m256i* pan, const __m256* sv, const Avx2F
 
 // mxfp4, rows o..o+R-1, all M tokens: raw[r * M + m] as mx_tile2 leaves it. accf: R * M * 8.
 template <int R, bool VNNI>
-TGT2 void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
-                   int M, float* accf) {
+TGT2 LAZYMOE_INLINE void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o,
+                                  float* raw, int M, float* accf) {
   const MxRows<R> mr(w, a, o);
   const int64_t nb = mr.nb;
   const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
@@ -1229,6 +1235,17 @@ TGTZI void int8_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
 // the same order, so the results are the tiles' bit for bit (and avx2 / avx2-vnni stay equal).
 #define TGTZB __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
+// The int4 / mxfp4 panels of 4 rows, with 32 registers (avx2-vnni): each activation load then
+// feeds 4 rows, and each token block's activations are read once for 4 rows, not 2.
+TGTZB void i4_panel4(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
+                     int M, float* accf) {
+  i4_panel<4, true>(w, a, p, o, raw, M, accf);
+}
+TGTZB void mx_panel4(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
+                     int M, float* accf) {
+  mx_panel<4, true>(w, a, p, o, raw, M, accf);
+}
+
 TGTZB inline __m512i pair_load(const uint8_t* lo, const uint8_t* hi) {
   return _mm512_inserti64x4(
       _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo))),
@@ -1433,8 +1450,15 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     return;
   }
   if ((w.enc == kI4 || w.enc == kMXFP4) && M >= kPanelTokens) {  // decoded panels
-    std::vector<float> raw(2 * size_t(M)), accf(2 * size_t(M) * 8);
+    std::vector<float> raw(4 * size_t(M)), accf(4 * size_t(M) * 8);
     for (int64_t o = r0; o < r1; o += 2) {
+      if (VNNI && M >= kPanel4Tokens && r1 - o >= 4) {  // 4 rows
+        if (w.enc == kI4) i4_panel4(w, a, a.avx2, o, raw.data(), M, accf.data());
+        else mx_panel4(w, a, a.avx2, o, raw.data(), M, accf.data());
+        combine_grouped(a, raw.data(), 4, o - r0, w.enc == kI4 ? 1.0f : 0.5f, y, ldy);
+        o += 2;
+        continue;
+      }
       const bool two = r1 - o >= 2;
       if (w.enc == kI4) {
         if (two) i4_panel<2, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
