@@ -192,12 +192,14 @@ def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
   outputs must be equal bit for bit. int8 at 2100 columns crosses the 2048-column flush (the
   panels' fold) and ends in a scalar tail (2100 = 131 x 16 + 4); 5 tokens and
   an odd row count (37) reach its tiles of two (row, token) pairs (2 accumulators). Float
-  widths 389 / 203 end in scalar tails."""
+  widths 389 / 203 end in scalar tails. 37, 38 and 39 rows end in a last call of 1, 2 and 3 rows
+  (work units are whole multiples of 4), at the array's end: the one-token row pairs' and the
+  4-row panels' remainders and the copies of the last rows' codes."""
   rng = np.random.default_rng(t + 7)
   h, i = {"int8": (2100, 200), "int4-g32": (288, 160), "mxfp4": (288, 160), "float32": (389, 203),
           "bfloat16": (389, 203)}.get(name, (384, 256))
   exs = _experts(name, h, i, 2, rng, bias=name == "mxfp4")
-  odd = _encode(name, rng.standard_normal((37, h), dtype=np.float32))
+  odd = [_encode(name, rng.standard_normal((n, h), dtype=np.float32)) for n in (37, 38, 39)]
   x = jnp.asarray(rng.standard_normal((t, h), dtype=np.float32))
   w = jnp.asarray(rng.random((t, 2), dtype=np.float32))
   act = ACTS["clamped_swiglu" if name == "mxfp4" else "silu"]
@@ -206,7 +208,8 @@ def test_avx2_vnni_is_bit_identical_to_avx2(monkeypatch, name, t):
   for variant in ("avx2", "avx2-vnni"):
     monkeypatch.setenv("LAZYMOE_KERNELS_ISA", variant)
     out[variant] = (np.asarray(_moe(name, exs, x, w, act)),
-                    _linear(name, exs[0]["w_down"], x[:, :i] * 3.0), _linear(name, odd, x))
+                    _linear(name, exs[0]["w_down"], x[:, :i] * 3.0),
+                    *(_linear(name, o, x) for o in odd))
   for a, b in zip(out["avx2"], out["avx2-vnni"]):
     np.testing.assert_array_equal(a, b)
 

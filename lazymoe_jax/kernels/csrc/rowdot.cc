@@ -498,7 +498,7 @@ void avx2_form(const Act& a, int M, Avx2Form& p) {
   }
 }
 
-// Rows o..o+R-1 of an mxfp4 weight over the call's blocks b0..b0+nb-1 (mx_tile2, mx_panel).
+// Rows o..o+R-1 of an mxfp4 weight over the call's blocks b0..b0+nb-1 (mx_tile2, mx_pairs, mx_panel).
 template <int R>
 struct MxRows {
   int64_t nbt, nb, b0, rows, ahead, sahead;
@@ -605,7 +605,7 @@ TGT2 void mx_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
     for (int m = 0; m < MT; ++m) raw[r * M + m0 + m] = hsum8(accf[r][m]);
 }
 
-// Rows o..o+R-1 of an int4 weight over the call's groups g0..g0+n-1 (i4_tile2, i4_panel): row
+// Rows o..o+R-1 of an int4 weight over the call's groups g0..g0+n-1 (i4_tile2, i4_pairs, i4_panel): row
 // starts, scale starts, and the prefetch distance.
 template <int R>
 struct I4Rows {
@@ -726,20 +726,21 @@ TGT2 void i4_tile2(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, 
 
 // ---- many tokens: decoded panels (int4, mxfp4) ----------------------------------------------
 // The tiles above decode a row's codes again for every 1-4 tokens they run. From kPanelTokens
-// tokens on, a chunk of 1-2 rows (32 groups / 8 blocks) is decoded once into vectors whose
+// tokens on, a chunk of 1, 2 or 4 rows (32 groups / 8 blocks) is decoded once into vectors whose
 // dwords each hold 4 codes of one group / block, and every token then runs over them: the
 // integer step is a load and a vpdpbusd. Each (row, token) gets the same int32 group / block
 // sums as in the tiles, and the same float operations in the same order (per chunk, the 4
 // vectors of 8 groups, or the 8 blocks, one FMA each, then hsum8): results are the tiles' bit
 // for bit, so a token's product does not depend on how many tokens share the call.
 constexpr int kPanelTokens = 4;
-// Inlined into every caller, so that avx2-vnni's wrappers (i4_panel4, mx_panel4) compile the
-// panels with AVX-512VL's 32 ymm registers: 4 rows x 4 tokens of accumulators.
+// The panel bodies are inlined into their wrappers, so that avx2-vnni's (i4_panel4, mx_panel4)
+// compile them with AVX-512VL's 32 ymm registers: 4 rows x 4 tokens of accumulators.
 #define LAZYMOE_INLINE __attribute__((always_inline)) inline
 // From 32 tokens: at 8-16 the 4-row panels ran slower than 2 rows (bench_native, BUILD_NOTES
 // "session 20"); at 32-64 faster (the activations of a token block are then read from L2).
 constexpr int kPanel4Tokens = 32;
-// tokens a step: R x 4 accumulators, R weight vectors and 1 of x, with no spills in 16 ymm
+// tokens a step: R x 4 accumulators, R weight vectors and 1 of x (R = 2: 11 ymm, no spills in
+// AVX2's 16; R = 4: 21, in AVX-512VL's 32)
 constexpr int kPanelMT = 4;
 
 // Dwords of 4 vectors, each [block 2k: dwords s0..s3 | block 2k + 1: s0..s3] (k = 0..3), to 4
@@ -808,8 +809,8 @@ TGT2 LAZYMOE_INLINE void i4_panel_step(const __m256i* pan, const __m256* sf, con
 
 // int4, rows o..o+R-1, all M tokens: raw[r * M + m] as i4_tile2 leaves it. accf: R * M * 8.
 template <int R, bool VNNI>
-TGT2 LAZYMOE_INLINE void i4_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o,
-                                  float* raw, int M, float* accf) {
+TGT2 LAZYMOE_INLINE void i4_panel_body(const Weight& w, const Act& a, const Avx2Form& p, int64_t o,
+                                       float* raw, int M, float* accf) {
   const I4Rows<R> ir(w, a, o);
   const int G = ir.G;
   const int64_t n = ir.n, ahead = ir.ahead;
@@ -874,8 +875,8 @@ TGT2 LAZYMOE_INLINE void mx_panel_step(const __m256i* pan, const __m256* sv, con
 
 // mxfp4, rows o..o+R-1, all M tokens: raw[r * M + m] as mx_tile2 leaves it. accf: R * M * 8.
 template <int R, bool VNNI>
-TGT2 LAZYMOE_INLINE void mx_panel(const Weight& w, const Act& a, const Avx2Form& p, int64_t o,
-                                  float* raw, int M, float* accf) {
+TGT2 LAZYMOE_INLINE void mx_panel_body(const Weight& w, const Act& a, const Avx2Form& p, int64_t o,
+                                       float* raw, int M, float* accf) {
   const MxRows<R> mr(w, a, o);
   const int64_t nb = mr.nb;
   const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
@@ -912,6 +913,19 @@ TGT2 LAZYMOE_INLINE void mx_panel(const Weight& w, const Act& a, const Avx2Form&
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) raw[r * M + m] = hsum8(_mm256_loadu_ps(accf + (r * M + m) * 8));
+}
+
+// The panels as calls of their own (1-2 rows; rows_avx2 would otherwise carry their buffers
+// in its own frame).
+template <int R, bool VNNI>
+TGT2 __attribute__((noinline)) void i4_panel(const Weight& w, const Act& a, const Avx2Form& p,
+                                             int64_t o, float* raw, int M, float* accf) {
+  i4_panel_body<R, VNNI>(w, a, p, o, raw, M, accf);
+}
+template <int R, bool VNNI>
+TGT2 __attribute__((noinline)) void mx_panel(const Weight& w, const Act& a, const Avx2Form& p,
+                                             int64_t o, float* raw, int M, float* accf) {
+  mx_panel_body<R, VNNI>(w, a, p, o, raw, M, accf);
 }
 
 // A panel call's buffers, kept per thread (slot: which buffer of a type): a call takes
@@ -1073,7 +1087,7 @@ TGTZ void float_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
 // row of the call is widened once to int16 row pairs, pan[pair][16 columns][row 2p: 16 | row
 // 2p + 1: 16]; the int16 activations (int16_form) come by chunk, contiguous (Avx2Form::xc16);
 // a block of kI8TB tokens' chunk (12 KB) stays in L1 while groups of 4 row pairs run over it in
-// register tiles of 4 pairs x kI8MT tokens of vpdpwssd (zmm: 16 int16 pairs of one row a
+// register tiles of 4 pairs x kI8MT tokens of vpdpwssd (zmm: 16 int16 of one row, 8 pairs, a
 // half). The int32 lanes are folded into int64 totals every kI8Fold columns, as i8w_tile2
 // folds its 2048-column blocks, so no lane can overflow (2048 / 8 = 256 products a lane, each
 // |w x| <= 127 x 32767: < 2^30). Integer sums do not depend on their order: the totals, and so
@@ -1239,11 +1253,11 @@ TGTZI void int8_panels(const Weight& w, const Act& a, int64_t r0, int64_t r1, fl
 // feeds 4 rows, and each token block's activations are read once for 4 rows, not 2.
 TGTZB void i4_panel4(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
                      int M, float* accf) {
-  i4_panel<4, true>(w, a, p, o, raw, M, accf);
+  i4_panel_body<4, true>(w, a, p, o, raw, M, accf);
 }
 TGTZB void mx_panel4(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, float* raw,
                      int M, float* accf) {
-  mx_panel<4, true>(w, a, p, o, raw, M, accf);
+  mx_panel_body<4, true>(w, a, p, o, raw, M, accf);
 }
 
 TGTZB inline __m512i pair_load(const uint8_t* lo, const uint8_t* hi) {
@@ -1262,7 +1276,7 @@ TGTZB inline void pair_hsum(__m512 v, float* lo, float* hi) {
   *hi = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-// int4, one token, rows o..o+4*PR... : PR row pairs as i4_tile2<2 PR, 1> computes them.
+// int4, one token, rows o..o+2 PR-1 (PR row pairs) as i4_tile2<2 PR, 1> computes them.
 template <int PR>
 TGTZB void i4_pairs(const Weight& w, const Act& a, const Avx2Form& p, int64_t o, int m0,
                     float* raw, int M) {

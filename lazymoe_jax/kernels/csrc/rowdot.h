@@ -84,7 +84,7 @@ struct Avx2Form {
   std::vector<int8_t> qx;     // mxfp4, kPanelTokens or more: [M][nb8 / 8][8][8 x 4] (rowdot.cc)
   int64_t ldx = 0;
   std::vector<float> xc;      // float weights, kPanelTokens or more: [chunk][tokens][256] (rowdot.cc)
-  std::vector<int16_t> xc16;  // int8 weights, kPanelTokens or more: [chunk][tokens][256] (rowdot.cc)
+  std::vector<int16_t> xc16;  // int8 weights, avx2-vnni, kI8PanelTokens or more: [chunk][tokens][256]
   std::vector<int16_t> q16;   // int8 weights: [tokens][ld16], step s16[t] = max|x| / 32767
   std::vector<float> s16;
   int64_t ld16 = 0;
@@ -98,11 +98,12 @@ struct Act {
   int64_t c0 = 0, cn = 0;
   const float* xf = nullptr;  // column c of token t at xf[t * ldf + c] (float32)
   int64_t ldf = 0;
-  std::vector<int8_t> q;       // [M][ldq], layout per encoding (rowdot.cc), zero padded
+  std::vector<int8_t> q;       // [M][ldq], layout per encoding (rowdot.cc), zero padded; not
+                               // built for int8 weights on the AVX2 family (they read int16_form)
   int64_t ldq = 0;
   std::vector<int32_t> init;  // [M][ldi]: what the biased (unsigned) weight codes add, negated
   int64_t ldi = 0;
-  std::vector<float> scale;   // [M]: the int8 step of each row
+  std::vector<float> scale;   // [M]: the int8 step of each row (as q)
   int isa = kPortable;        // the variant it was prepared for
   Avx2Form avx2;              // the AVX2 family only
 };
