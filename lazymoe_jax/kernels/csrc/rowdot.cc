@@ -1449,14 +1449,13 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
       const int R = int(std::min<int64_t>(4, r1 - o));
       if (R == 4) {
         if (i4) i4_pairs<2>(w, a, a.avx2, o, 0, raw, 1); else mx_pairs<2>(w, a, a.avx2, o, 0, raw, 1);
-      } else {
+      } else {  // 1-3 rows: a pair, then a single row
         if (R >= 2) {
           if (i4) i4_pairs<1>(w, a, a.avx2, o, 0, raw, 1); else mx_pairs<1>(w, a, a.avx2, o, 0, raw, 1);
         }
-        if (R != 2) {
-          const int r = R == 3 ? 2 : 0;
-          if (i4) i4_tile2<1, 1, VNNI>(w, a, a.avx2, o + r, 0, raw + r, 1);
-          else mx_tile2<1, 1, VNNI>(w, a, a.avx2, o + r, 0, raw + r, 1);
+        if (R & 1) {
+          if (i4) i4_tile2<1, 1, VNNI>(w, a, a.avx2, o + R - 1, 0, raw + R - 1, 1);
+          else mx_tile2<1, 1, VNNI>(w, a, a.avx2, o + R - 1, 0, raw + R - 1, 1);
         }
       }
       combine_grouped(a, raw, R, o - r0, i4 ? 1.0f : 0.5f, y, ldy);
@@ -1464,25 +1463,23 @@ TGT2 void rows_avx2(const Weight& w, const Act& a, int64_t r0, int64_t r1, float
     return;
   }
   if ((w.enc == kI4 || w.enc == kMXFP4) && M >= kPanelTokens) {  // decoded panels
+    const bool i4 = w.enc == kI4, four = VNNI && M >= kPanel4Tokens;
     std::vector<float> raw(4 * size_t(M)), accf(4 * size_t(M) * 8);
-    for (int64_t o = r0; o < r1; o += 2) {
-      if (VNNI && M >= kPanel4Tokens && r1 - o >= 4) {  // 4 rows
-        if (w.enc == kI4) i4_panel4(w, a, a.avx2, o, raw.data(), M, accf.data());
-        else mx_panel4(w, a, a.avx2, o, raw.data(), M, accf.data());
-        combine_grouped(a, raw.data(), 4, o - r0, w.enc == kI4 ? 1.0f : 0.5f, y, ldy);
-        o += 2;
-        continue;
-      }
-      const bool two = r1 - o >= 2;
-      if (w.enc == kI4) {
-        if (two) i4_panel<2, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
-        else i4_panel<1, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
-        combine_grouped(a, raw.data(), two ? 2 : 1, o - r0, 1.0f, y, ldy);
+    float* rw = raw.data();
+    float* ac = accf.data();
+    for (int64_t o = r0; o < r1;) {
+      const int R = four && r1 - o >= 4 ? 4 : (r1 - o >= 2 ? 2 : 1);
+      if (R == 4) {
+        if (i4) i4_panel4(w, a, a.avx2, o, rw, M, ac); else mx_panel4(w, a, a.avx2, o, rw, M, ac);
+      } else if (R == 2) {
+        if (i4) i4_panel<2, VNNI>(w, a, a.avx2, o, rw, M, ac);
+        else mx_panel<2, VNNI>(w, a, a.avx2, o, rw, M, ac);
       } else {
-        if (two) mx_panel<2, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
-        else mx_panel<1, VNNI>(w, a, a.avx2, o, raw.data(), M, accf.data());
-        combine_grouped(a, raw.data(), two ? 2 : 1, o - r0, 0.5f, y, ldy);
+        if (i4) i4_panel<1, VNNI>(w, a, a.avx2, o, rw, M, ac);
+        else mx_panel<1, VNNI>(w, a, a.avx2, o, rw, M, ac);
       }
+      combine_grouped(a, rw, R, o - r0, i4 ? 1.0f : 0.5f, y, ldy);
+      o += R;
     }
     return;
   }
